@@ -1,0 +1,40 @@
+//! Assembles ember's built-in guests (src/demo/*.S) with the host's GNU
+//! binutils (`as`, `ld`: Debian's binutils, present wherever gcc is), so the
+//! `ember` binary carries them and `ember demo` needs no files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn run(cmd: &mut Command) {
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install binutils)"));
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+/// Assembles and links `src` into `out/name.elf` with the shared guest linker script.
+pub fn build_guest(src: &Path, ld_script: &Path, out: &Path, name: &str) -> PathBuf {
+    let obj = out.join(format!("{name}.o"));
+    let elf = out.join(format!("{name}.elf"));
+    run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(src));
+    run(Command::new("ld")
+        .args(["-m", "elf_x86_64", "-n", "--no-warn-rwx-segments", "-T"])
+        .arg(ld_script)
+        .arg("-o")
+        .arg(&elf)
+        .arg(&obj));
+    elf
+}
+
+fn main() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let dir = Path::new("src/demo");
+    let ld = dir.join("guest.ld");
+    println!("cargo:rerun-if-changed={}", ld.display());
+    for entry in std::fs::read_dir(dir).expect("src/demo exists") {
+        let path = entry.expect("readable dir entry").path();
+        if path.extension().is_some_and(|e| e == "S") {
+            println!("cargo:rerun-if-changed={}", path.display());
+            let name = path.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name");
+            build_guest(&path, &ld, &out, name);
+        }
+    }
+}

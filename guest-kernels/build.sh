@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# build.sh: build ember's default Linux guest (kernel + initramfs).
+#
+# The kernel is Debian's linux-source-6.1, configured as `make tinyconfig`
+# plus the fragment microvm.config beside this script (merged with the
+# kernel's scripts/kconfig/merge_config.sh, then `make olddefconfig`), and
+# built as both vmlinux (ELF with a PVH entry note) and bzImage (Linux x86
+# boot protocol, Documentation/x86/boot.rst). The initramfs comes from
+# initramfs.sh beside this script.
+#
+# Cache: ${XDG_CACHE_HOME:-~/.cache}/ember/kernel-<hash>/, where <hash> covers
+# the config fragment, the installed linux-source-6.1 package version and
+# this script. It holds bzImage, vmlinux, config (the full .config),
+# kernelrelease and build.log. A build runs in a temporary directory beside
+# it and is renamed into place only when complete, so an interrupted build
+# never leaves a half-made cache entry; a cached build returns at once.
+#
+# stdout, on success, is exactly (everything else goes to stderr):
+#   EMBER_BZIMAGE=/abs/path/bzImage
+#   EMBER_VMLINUX=/abs/path/vmlinux
+#   EMBER_INITRAMFS=/abs/path/initramfs.cpio.gz
+#   EMBER_KERNEL_RELEASE=6.1.xxx
+#
+# Sibling files are found relative to this script, so the directory can be
+# copied anywhere (ember writes it to a temporary directory and runs it).
+
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+self="$here/$(basename "${BASH_SOURCE[0]}")"
+fragment="$here/microvm.config"
+tarball=/usr/src/linux-source-6.1.tar.xz
+
+usage() {
+	cat <<EOF
+usage: $(basename "$0") [--help]
+
+Builds (or reuses from the cache) ember's default guest: Linux 6.1 from
+Debian's linux-source-6.1, configured by $fragment,
+and the initramfs from initramfs.sh. Missing Debian packages are installed
+with apt-get (as root, or through sudo).
+
+On success prints on stdout:
+  EMBER_BZIMAGE=<path>  EMBER_VMLINUX=<path>  EMBER_INITRAMFS=<path>
+  EMBER_KERNEL_RELEASE=<release>        (one per line)
+Progress goes to stderr; the make output goes to build.log in the cache.
+
+Environment:
+  XDG_CACHE_HOME     cache root (default ~/.cache); entries live in \$XDG_CACHE_HOME/ember
+  EMBER_BUILD_JOBS   parallel make jobs (default: number of CPUs)
+EOF
+}
+
+case "${1:-}" in
+-h | --help) usage; exit 0 ;;
+"") ;;
+*) usage >&2; exit 2 ;;
+esac
+
+start=$SECONDS
+stage() { printf 'ember: kernel: [%3ds] %s\n' $((SECONDS - start)) "$*" >&2; }
+die() { printf 'ember: kernel: error: %s\n' "$*" >&2; exit 1; }
+
+# Install the Debian packages in "$@" that are not installed yet.
+ensure_packages() {
+	local missing=() pkg
+	for pkg in "$@"; do
+		dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+			missing+=("$pkg")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	stage "installing ${missing[*]} with apt-get"
+	local sudo=
+	if [ "$(id -u)" -ne 0 ]; then
+		command -v sudo >/dev/null || die "need root to install: ${missing[*]}"
+		sudo=sudo
+	fi
+	# Wait for another apt/dpkg to finish instead of failing on its lock.
+	local apt=($sudo apt-get -y -q -o DPkg::Lock::Timeout=600)
+	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2; then
+		DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >&2
+		DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2 ||
+			die "apt-get install ${missing[*]} failed"
+	fi
+}
+
+[ -f "$fragment" ] || die "config fragment $fragment not found"
+[ -f "$here/initramfs.sh" ] || die "$here/initramfs.sh not found"
+
+ensure_packages linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
+[ -f "$tarball" ] || die "$tarball missing although linux-source-6.1 is installed"
+
+source_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+key=$(
+	{
+		echo "linux-source-6.1 $source_version"
+		cat "$fragment" "$self"
+	} | sha256sum | cut -c1-16
+)
+cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+out="$cache_root/kernel-$key"
+mkdir -p "$cache_root"
+
+# One builder per key at a time; a second one waits and then finds the cache.
+exec 9>"$cache_root/.kernel-$key.lock"
+if ! flock -n 9; then
+	stage "waiting for another build of kernel-$key"
+	flock 9
+fi
+
+if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ] && [ -f "$out/kernelrelease" ]; then
+	stage "cached: $out"
+else
+	tmp=$(mktemp -d "$cache_root/.kernel-$key.XXXXXX")
+	trap 'rm -rf "$tmp"' EXIT
+	log="$tmp/build.log"
+	src="$tmp/linux"
+
+	# Run make in the source tree with its output in the log; on failure
+	# show the end of the log and keep a copy next to the cache.
+	kmake() {
+		if ! make -C "$src" ARCH=x86_64 "$@" >>"$log" 2>&1; then
+			printf 'ember: kernel: make %s failed; last lines of the log:\n' "$*" >&2
+			tail -n 40 "$log" >&2
+			cp "$log" "$cache_root/kernel-$key.failed.log"
+			die "full log: $cache_root/kernel-$key.failed.log"
+		fi
+	}
+
+	stage "extracting linux-source-6.1 $source_version"
+	mkdir -p "$src"
+	tar -xJf "$tarball" -C "$src" --strip-components=1
+
+	stage "configuring: tinyconfig + $(basename "$fragment")"
+	kmake tinyconfig
+	(cd "$src" && ARCH=x86_64 ./scripts/kconfig/merge_config.sh -m .config "$fragment") >>"$log" 2>&1 ||
+		die "merge_config.sh failed, see $log"
+	kmake olddefconfig
+	# olddefconfig silently drops an option whose dependencies are not met:
+	# insist that every line of the fragment made it into the final config.
+	dropped=$(grep -E '^(CONFIG_|# CONFIG_.* is not set)' "$fragment" | while IFS= read -r line; do
+		grep -qxF "$line" "$src/.config" || echo "  $line"
+	done)
+	[ -z "$dropped" ] || die "options of $(basename "$fragment") not in the final config:
+$dropped"
+
+	jobs=${EMBER_BUILD_JOBS:-$(nproc)}
+	stage "compiling vmlinux and bzImage with make -j$jobs (log: $out/build.log)"
+	kmake -j"$jobs" vmlinux bzImage &
+	make_pid=$!
+	# A heartbeat instead of make's output: objects compiled so far.
+	while kill -0 "$make_pid" 2>/dev/null; do
+		for _ in $(seq 30); do
+			sleep 1
+			kill -0 "$make_pid" 2>/dev/null || break 2
+		done
+		stage "  ... $(grep -c '^  CC ' "$log" || true) files compiled"
+	done
+	wait "$make_pid" || exit 1
+
+	release=$(make -s -C "$src" ARCH=x86_64 kernelrelease)
+	cp "$src/arch/x86/boot/bzImage" "$src/vmlinux" "$tmp/"
+	cp "$src/.config" "$tmp/config"
+	echo "$release" >"$tmp/kernelrelease"
+	rm -rf "$src"
+	mv "$tmp" "$out"
+	trap - EXIT
+	stage "built Linux $release: bzImage $(du -h "$out/bzImage" | cut -f1), vmlinux $(du -h "$out/vmlinux" | cut -f1)"
+fi
+
+initramfs=$("$here/initramfs.sh" | sed -n 's/^EMBER_INITRAMFS=//p')
+[ -n "$initramfs" ] || die "initramfs.sh printed no EMBER_INITRAMFS line"
+
+echo "EMBER_BZIMAGE=$out/bzImage"
+echo "EMBER_VMLINUX=$out/vmlinux"
+echo "EMBER_INITRAMFS=$initramfs"
+echo "EMBER_KERNEL_RELEASE=$(cat "$out/kernelrelease")"

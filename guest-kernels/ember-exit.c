@@ -1,0 +1,85 @@
+/*
+ * ember-exit STATUS: end the VM with exit code STATUS (0-255).
+ *
+ * ember's exit device is a 1-byte I/O port at 0x501: a write of byte B stops
+ * the VM and ember exits with code B. QEMU's `isa-debug-exit,iobase=0x501`
+ * is the same port, except that QEMU exits with (B << 1) | 1.
+ *
+ * This helper exists because a shell cannot execute OUT. The usual way,
+ * `dd of=/dev/port`, needs CONFIG_DEVPORT, which on x86_64 depends on
+ * CONFIG_PCI (drivers/char/Kconfig), and ember's microVM has no PCI. So we
+ * ask for the one port with ioperm(2) (needs CONFIG_X86_IOPL_IOPERM and
+ * CAP_SYS_RAWIO, i.e. root) and write it ourselves.
+ *
+ * Freestanding on purpose: no libc, so it builds with any gcc into a ~1 KiB
+ * static binary and cannot depend on the guest's libraries.
+ *   gcc -Os -static -nostdlib -ffreestanding -fno-pie -no-pie \
+ *       -fno-stack-protector -o ember-exit ember-exit.c
+ *
+ * Returns only on failure (exit code 1 after a message on stderr); the init
+ * then falls back to `reboot -f`.
+ */
+
+#define EMBER_EXIT_PORT 0x501
+
+/* x86_64 Linux system call numbers (arch/x86/entry/syscalls/syscall_64.tbl). */
+#define SYS_write 1
+#define SYS_ioperm 173
+#define SYS_exit 60
+
+static long syscall3(long nr, long a, long b, long c)
+{
+	long ret;
+
+	/* The syscall instruction clobbers rcx (return rip) and r11 (rflags). */
+	__asm__ volatile("syscall"
+			 : "=a"(ret)
+			 : "a"(nr), "D"(a), "S"(b), "d"(c)
+			 : "rcx", "r11", "memory");
+	return ret;
+}
+
+static void die(const char *msg, unsigned long len)
+{
+	syscall3(SYS_write, 2, (long)msg, (long)len);
+	syscall3(SYS_exit, 1, 0, 0);
+	__builtin_unreachable();
+}
+
+#define DIE(s) die(s, sizeof(s) - 1)
+
+/* Called from _start with the initial stack: argc, argv[0], argv[1], ... */
+__attribute__((used)) static void start_c(long *sp)
+{
+	long argc = sp[0];
+	char **argv = (char **)(sp + 1);
+	unsigned long status = 0;
+	const char *p;
+
+	if (argc != 2 || !argv[1][0])
+		DIE("usage: ember-exit STATUS (0-255)\n");
+	for (p = argv[1]; *p; p++) {
+		if (*p < '0' || *p > '9' || status > 255)
+			DIE("ember-exit: STATUS must be a number from 0 to 255\n");
+		status = status * 10 + (unsigned long)(*p - '0');
+	}
+	if (status > 255)
+		DIE("ember-exit: STATUS must be a number from 0 to 255\n");
+
+	if (syscall3(SYS_ioperm, EMBER_EXIT_PORT, 1, 1) != 0)
+		DIE("ember-exit: ioperm(0x501) failed (not root, or kernel without CONFIG_X86_IOPL_IOPERM)\n");
+
+	__asm__ volatile("outb %b0, %w1" : : "a"((unsigned char)status), "Nd"(EMBER_EXIT_PORT));
+
+	/* The VMM stopped us in the OUT above; reaching here means no exit device. */
+	DIE("ember-exit: port 0x501 did not stop the VM (no exit device?)\n");
+}
+
+/* The ELF entry point: pass the initial stack pointer to start_c, with the
+ * stack aligned to 16 bytes as the SysV ABI requires at a call. */
+__asm__(".globl _start\n"
+	"_start:\n"
+	"	mov %rsp, %rdi\n"
+	"	and $-16, %rsp\n"
+	"	call start_c\n"
+	"	hlt\n");

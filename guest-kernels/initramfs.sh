@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# initramfs.sh: build the root file system of ember's default guest.
+#
+# A gzip-compressed newc cpio archive (the format of the kernel's
+# Documentation/driver-api/early-userspace/buffer-format.rst) holding:
+#   /bin/busybox       Debian's busybox-static, with a symlink per applet
+#   /init              ember-init (the `init` script beside this file)
+#   /sbin/ember-exit   the exit-port helper, compiled from ember-exit.c
+#   /etc/...           passwd, group, profile: enough for a root shell
+#   /dev/console       a char device node 5:1, so the kernel can open the
+#                      console for PID 1 (it runs before devtmpfs is mounted)
+#
+# The result is cached in ${XDG_CACHE_HOME:-~/.cache}/ember/initramfs-<hash>/
+# where <hash> covers every input: the busybox-static package version, gcc's
+# version, init, ember-exit.c and this script. A cached build is reused
+# as is; a new one is made in a temporary directory and renamed into place,
+# so an interrupted build leaves no half-made cache entry.
+#
+# On success, prints one line on stdout (everything else goes to stderr):
+#   EMBER_INITRAMFS=/abs/path/initramfs.cpio.gz
+#
+# Sibling files are found relative to this script, so the directory can be
+# copied anywhere (ember writes it to a temporary directory and runs it).
+
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+self="$here/$(basename "${BASH_SOURCE[0]}")"
+
+usage() {
+	cat <<EOF
+usage: $(basename "$0") [--help]
+
+Builds (or reuses from the cache) the initramfs of ember's default guest and
+prints EMBER_INITRAMFS=<path> on stdout.
+
+Inputs: $here/init, $here/ember-exit.c, /bin/busybox from busybox-static
+(installed with apt-get when missing). Cache: \${XDG_CACHE_HOME:-~/.cache}/ember.
+EOF
+}
+
+case "${1:-}" in
+-h | --help) usage; exit 0 ;;
+"") ;;
+*) usage >&2; exit 2 ;;
+esac
+
+stage() { printf 'ember: initramfs: %s\n' "$*" >&2; }
+die() { printf 'ember: initramfs: error: %s\n' "$*" >&2; exit 1; }
+
+# Install the Debian packages in "$@" that are not installed yet.
+ensure_packages() {
+	local missing=() pkg
+	for pkg in "$@"; do
+		dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+			missing+=("$pkg")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	stage "installing ${missing[*]} with apt-get"
+	local sudo=
+	if [ "$(id -u)" -ne 0 ]; then
+		command -v sudo >/dev/null || die "need root to install: ${missing[*]}"
+		sudo=sudo
+	fi
+	# Wait for another apt/dpkg to finish instead of failing on its lock.
+	local apt=($sudo apt-get -y -q -o DPkg::Lock::Timeout=600)
+	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2; then
+		DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >&2
+		DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2 ||
+			die "apt-get install ${missing[*]} failed"
+	fi
+}
+
+ensure_packages busybox-static gcc libc6-dev cpio gzip
+[ -x /bin/busybox ] || die "/bin/busybox missing although busybox-static is installed"
+
+busybox_version=$(dpkg-query -W -f='${Version}' busybox-static)
+key=$(
+	{
+		echo "busybox-static $busybox_version"
+		gcc -dumpfullversion
+		cat "$here/init" "$here/ember-exit.c" "$self"
+	} | sha256sum | cut -c1-16
+)
+cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+out="$cache_root/initramfs-$key"
+image="$out/initramfs.cpio.gz"
+
+mkdir -p "$cache_root"
+# One builder per key at a time; a second one waits and then finds the cache.
+exec 9>"$cache_root/.initramfs-$key.lock"
+flock 9
+
+if [ -f "$image" ]; then
+	stage "cached: $out"
+	echo "EMBER_INITRAMFS=$image"
+	exit 0
+fi
+
+tmp=$(mktemp -d "$cache_root/.initramfs-$key.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+root="$tmp/root"
+mkdir -p "$root"
+
+stage "building with busybox-static $busybox_version"
+
+# busybox and its applets. --list-full names each applet with its usual
+# directory (bin/sh, sbin/reboot, usr/bin/awk, ...).
+mkdir -p "$root/bin"
+cp /bin/busybox "$root/bin/busybox"
+/bin/busybox --list-full | while IFS= read -r applet; do
+	[ "$applet" = bin/busybox ] && continue
+	mkdir -p "$root/$(dirname "$applet")"
+	ln -sf /bin/busybox "$root/$applet"
+done
+
+mkdir -p "$root/sbin"
+gcc -Os -static -nostdlib -ffreestanding -fno-pie -no-pie -fno-stack-protector \
+	-fno-asynchronous-unwind-tables -Wall -Wextra -Werror -Wl,--build-id=none -s \
+	-o "$root/sbin/ember-exit" "$here/ember-exit.c"
+
+install -m 0755 "$here/init" "$root/init"
+
+# Mount points (init mounts onto them) and the usual skeleton.
+for d in dev proc sys tmp run root etc mnt; do mkdir -p "$root/$d"; done
+chmod 1777 "$root/tmp"
+chmod 0700 "$root/root"
+printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+printf 'root:x:0:\ntty:x:5:\n' >"$root/etc/group"
+echo ember >"$root/etc/hostname"
+cat >"$root/etc/profile" <<'EOF'
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+PS1='\u@\h:\w\$ '
+EOF
+
+# A fixed date and sorted names make the archive depend only on its inputs.
+find "$root" -exec touch -h -d @0 {} +
+
+# newc header of one file without data (c_filesize 0), then its NUL-ended name
+# padded so that header + name is a multiple of 4 bytes (buffer-format.rst).
+newc_entry() { # name mode(octal) nlink rdevmajor rdevminor
+	local name=$1 namesize=$((${#1} + 1))
+	printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+		0 "$((8#$2))" 0 0 "$3" 0 0 0 0 "$4" "$5" "$namesize" 0
+	printf '%s\0' "$name"
+	local pad=$(((4 - (110 + namesize) % 4) % 4))
+	head -c "$pad" /dev/zero
+}
+
+# The kernel opens /dev/console for PID 1 before anything mounts devtmpfs,
+# and creating the node with mknod would need root here: so it is written
+# as a first, tiny archive by hand. The kernel unpacks concatenated archives
+# in order, and cpio's own archive of the tree follows.
+{
+	newc_entry dev 040755 2 0 0
+	newc_entry dev/console 020600 1 5 1
+	newc_entry 'TRAILER!!!' 0 1 0 0
+	(cd "$root" && find . -mindepth 1 | LC_ALL=C sort |
+		cpio --quiet -o -H newc --owner=0:0 --reproducible)
+} | gzip -9 -n >"$tmp/initramfs.cpio.gz"
+
+rm -rf "$root"
+mv "$tmp" "$out"
+trap - EXIT
+stage "built $(du -h "$image" | cut -f1) in $out"
+echo "EMBER_INITRAMFS=$image"

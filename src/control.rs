@@ -1,0 +1,108 @@
+//! How a running VM comes to an end.
+//!
+//! Any thread may decide the VM is over: a vCPU that sees a triple fault, the
+//! exit device, the i8042 reset line, the console's `Ctrl-a x`, a signal. Each
+//! calls [`VmControl::stop`] with a [`StopReason`]; the first reason wins, the
+//! event loop wakes on `stop_evt`, kicks every vCPU out of KVM_RUN and joins them.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest wrote this status to the exit device.
+    GuestExit(u8),
+    /// The guest reset the machine (i8042 reset, KVM system event): a reboot.
+    Reset,
+    /// The guest crashed: triple fault, KVM internal error, kernel panic, a
+    /// bus fault on unmapped MMIO. The text says what happened.
+    GuestCrash(String),
+    /// The user asked to quit (Ctrl-a x, SIGINT, SIGTERM, SIGHUP): the signal number,
+    /// or 0 for the console escape.
+    UserQuit(i32),
+    /// The VMM itself failed while running.
+    VmmError(String),
+}
+
+/// Shared stop flag, reason and wake-up event.
+#[derive(Debug)]
+pub struct VmControl {
+    stopped: AtomicBool,
+    reason: Mutex<Option<StopReason>>,
+    /// Becomes readable when the VM should stop.
+    pub stop_evt: EventFd,
+    /// Set when the serial stream showed a kernel panic: the reset that
+    /// follows (`panic=-1 reboot=k`) is then a crash, not a reboot.
+    panicked: AtomicBool,
+}
+
+impl VmControl {
+    /// A fresh control block.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(VmControl {
+            stopped: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            stop_evt: EventFd::new(EFD_NONBLOCK)?,
+            panicked: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks the VM to stop; only the first reason is kept.
+    pub fn stop(&self, reason: StopReason) {
+        let reason = match reason {
+            StopReason::Reset if self.panicked.load(Ordering::Relaxed) => {
+                StopReason::GuestCrash("the guest kernel panicked".into())
+            }
+            r => r,
+        };
+        let mut slot = self.reason.lock().expect("stop reason lock");
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        self.stopped.store(true, Ordering::Release);
+        // A full eventfd counter (2^64-2) is the only failure; one wake-up is enough.
+        let _ = self.stop_evt.write(1);
+    }
+
+    /// True once `stop` was called.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Why the VM stopped (None while it runs).
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().expect("stop reason lock").clone()
+    }
+
+    /// Records that the guest kernel printed a panic.
+    pub fn note_panic(&self) {
+        self.panicked.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let c = VmControl::new().unwrap();
+        assert!(!c.is_stopped());
+        c.stop(StopReason::GuestExit(3));
+        c.stop(StopReason::Reset);
+        assert!(c.is_stopped());
+        assert_eq!(c.reason(), Some(StopReason::GuestExit(3)));
+        assert_eq!(c.stop_evt.read().unwrap(), 2);
+    }
+
+    #[test]
+    fn reset_after_panic_is_a_crash() {
+        let c = VmControl::new().unwrap();
+        c.note_panic();
+        c.stop(StopReason::Reset);
+        assert!(matches!(c.reason(), Some(StopReason::GuestCrash(_))));
+    }
+}

@@ -1,0 +1,54 @@
+//! ember's exit device: how a guest reports a status that becomes ember's exit code.
+//!
+//! Protocol (also in README, "The exit device"): a write of 1, 2 or 4 bytes to
+//! I/O port `layout::EXIT_PORT` (0x501) ends the VM; the low byte of the value
+//! is ember's exit status. Reads return 0. From a Linux guest's user space the
+//! init writes one byte to /dev/port at offset 0x501; a freestanding guest does
+//! `mov al, STATUS; out 0x501, al` (via DX, the port is above 0xff).
+//!
+//! It is modelled on QEMU's isa-debug-exit, minus its `(value << 1) | 1`
+//! encoding: a guest can report 0 and get 0.
+
+use std::sync::Arc;
+
+use crate::bus::BusDevice;
+use crate::control::{StopReason, VmControl};
+
+/// The exit port.
+pub struct ExitDevice {
+    control: Arc<VmControl>,
+}
+
+impl ExitDevice {
+    /// An exit device that stops `control`'s VM.
+    pub fn new(control: Arc<VmControl>) -> Self {
+        ExitDevice { control }
+    }
+}
+
+impl BusDevice for ExitDevice {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == 0 {
+            if let Some(&status) = data.first() {
+                self.control.stop(StopReason::GuestExit(status));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_byte_is_the_status() {
+        let c = Arc::new(VmControl::new().unwrap());
+        let mut d = ExitDevice::new(c.clone());
+        d.write(0, &[0x07, 0x01, 0, 0]);
+        assert_eq!(c.reason(), Some(StopReason::GuestExit(7)));
+    }
+}

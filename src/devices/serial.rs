@@ -1,0 +1,298 @@
+//! COM1: a 16550A UART (TI PC16550D datasheet; Linux drivers/tty/serial/8250).
+//!
+//! The register file is rust-vmm's `vm-superio` `Serial`, which Firecracker and
+//! Cloud Hypervisor share; it passes the probe Linux's 8250 driver runs (IER
+//! read-back, MCR loopback -> MSR, FIFO bits in IIR; see the tests below).
+//! ember adds what sits around the chip:
+//!
+//! - the interrupt line: an irqfd on IRQ 4 when the in-kernel irqchip exists;
+//! - the output side ([`SerialOutput`]): bytes the guest writes to THR go to
+//!   stdout or a file, and are watched for the boot timeline (first byte,
+//!   "Run /init") and for "Kernel panic" (so the reset that follows counts
+//!   as a crash);
+//! - the input side: the event loop pushes host bytes into the receive FIFO
+//!   and is told (through `input_drained`) when the guest has emptied it.
+//!
+//! Data path of one byte the guest prints: vCPU `OUT 0x3f8` -> `vcpu.rs`
+//! (IoOut) -> `bus.rs` (COM1 range) -> `Serial::write` (THR) -> `SerialOutput`.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial as Uart16550, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+use crate::control::VmControl;
+use crate::timeline::Timeline;
+
+/// The guest's interrupt line for the UART.
+pub enum IrqLine {
+    /// An eventfd registered as a KVM irqfd.
+    Irqfd(EventFd),
+    /// No interrupt controller: the guest polls LSR.
+    None,
+}
+
+impl Trigger for IrqLine {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        match self {
+            IrqLine::Irqfd(fd) => fd.write(1),
+            IrqLine::None => Ok(()),
+        }
+    }
+}
+
+/// Tells the event loop that the receive FIFO has been drained.
+pub struct InputEvents {
+    drained: Option<Arc<EventFd>>,
+}
+
+impl SerialEvents for InputEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Some(evt) = &self.drained {
+            let _ = evt.write(1);
+        }
+    }
+}
+
+/// Marker lines looked for in the guest's output.
+const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
+const RUN_INIT_MARKER: &[u8] = b"Run /init";
+const INIT_MARKER: &[u8] = b"ember-init: ready";
+const LINE_MAX: usize = 256;
+
+/// Where the guest's serial output goes, and what ember learns from it.
+pub struct SerialOutput {
+    sink: Box<dyn Write + Send>,
+    control: Arc<VmControl>,
+    timeline: Arc<Timeline>,
+    seen_first: bool,
+    line: Vec<u8>,
+}
+
+impl SerialOutput {
+    /// Output to `sink`, watched for the timeline and panics.
+    pub fn new(sink: Box<dyn Write + Send>, control: Arc<VmControl>, timeline: Arc<Timeline>) -> Self {
+        SerialOutput { sink, control, timeline, seen_first: false, line: Vec::with_capacity(LINE_MAX) }
+    }
+
+    fn watch(&mut self, byte: u8) {
+        if !self.seen_first {
+            self.seen_first = true;
+            self.timeline.mark("guest: first serial byte");
+        }
+        if byte == b'\n' || self.line.len() == LINE_MAX {
+            let line = &self.line;
+            let has = |m: &[u8]| line.windows(m.len()).any(|w| w == m);
+            if has(PANIC_MARKER) {
+                self.control.note_panic();
+                self.timeline.mark_once("guest: kernel panic");
+            } else if has(RUN_INIT_MARKER) {
+                self.timeline.mark_once("guest: kernel runs /init");
+            } else if has(INIT_MARKER) {
+                self.timeline.mark_once("guest: init ready");
+            }
+            self.line.clear();
+        } else {
+            self.line.push(byte);
+        }
+    }
+}
+
+impl Write for SerialOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            self.watch(b);
+        }
+        // A closed stdout (e.g. `ember run | head -1`) must not stop the VM.
+        match self.sink.write_all(buf) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(buf.len()),
+            r => r.map(|_| buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.flush()
+    }
+}
+
+/// COM1 as a bus device.
+pub struct Serial {
+    uart: Uart16550<IrqLine, InputEvents, SerialOutput>,
+}
+
+impl Serial {
+    /// A UART raising `irq`, writing to `out`, signalling `drained` when the
+    /// guest has read every queued input byte.
+    pub fn new(irq: IrqLine, out: SerialOutput, drained: Option<Arc<EventFd>>) -> Self {
+        Serial { uart: Uart16550::with_events(irq, InputEvents { drained }, out) }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.uart.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return 0;
+        }
+        match self.uart.enqueue_raw_bytes(&bytes[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial: cannot queue input: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.uart.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&b), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            if let Err(e) = self.uart.write(off, b) {
+                log::warn!("serial: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    // Register offsets and bits as Linux's include/uapi/linux/serial_reg.h spells them.
+    const UART_TX: u64 = 0;
+    const UART_RX: u64 = 0;
+    const UART_IER: u64 = 1;
+    const UART_IIR: u64 = 2;
+    const UART_FCR: u64 = 2;
+    const UART_LCR: u64 = 3;
+    const UART_MCR: u64 = 4;
+    const UART_LSR: u64 = 5;
+    const UART_MSR: u64 = 6;
+    const UART_SCR: u64 = 7;
+    const UART_LCR_DLAB: u8 = 0x80;
+    const UART_MCR_LOOP: u8 = 0x10;
+    const UART_LSR_DR: u8 = 0x01;
+    const UART_LSR_THRE: u8 = 0x20;
+    const UART_FCR_ENABLE_FIFO: u8 = 0x01;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn uart() -> (Serial, Shared, Arc<VmControl>, Arc<Timeline>) {
+        let out = Shared::default();
+        let control = Arc::new(VmControl::new().unwrap());
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let so = SerialOutput::new(Box::new(out.clone()), control.clone(), timeline.clone());
+        (Serial::new(IrqLine::None, so, None), out, control, timeline)
+    }
+
+    fn rd(s: &mut Serial, off: u64) -> u8 {
+        let mut b = [0u8];
+        s.read(off, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn linux_8250_autoconfig_probe() {
+        let (mut s, ..) = uart();
+        // autoconfig(): IER read-back test.
+        s.write(UART_IER, &[0]);
+        assert_eq!(rd(&mut s, UART_IER) & 0x0f, 0);
+        s.write(UART_IER, &[0x0f]);
+        assert_eq!(rd(&mut s, UART_IER) & 0x0f, 0x0f);
+        s.write(UART_IER, &[0]);
+        // Loopback test: MCR loop + RTS|OUT2 must show CTS|DCD in MSR (0x90).
+        s.write(UART_MCR, &[UART_MCR_LOOP | 0x0a]);
+        assert_eq!(rd(&mut s, UART_MSR) & 0xf0, 0x90);
+        s.write(UART_MCR, &[0]);
+        // Scratch register holds a value.
+        s.write(UART_SCR, &[0xa5]);
+        assert_eq!(rd(&mut s, UART_SCR), 0xa5);
+        // FIFO enabled: IIR bits 7:6 = 11 means a 16550A.
+        s.write(UART_FCR, &[UART_FCR_ENABLE_FIFO]);
+        assert_eq!(rd(&mut s, UART_IIR) >> 6, 3);
+        // Divisor latch access.
+        s.write(UART_LCR, &[UART_LCR_DLAB]);
+        s.write(0, &[0x01]);
+        s.write(1, &[0x00]);
+        assert_eq!(rd(&mut s, 0), 0x01);
+        s.write(UART_LCR, &[0x03]);
+        // Transmitter is always ready.
+        assert_ne!(rd(&mut s, UART_LSR) & UART_LSR_THRE, 0);
+    }
+
+    #[test]
+    fn bytes_flow_both_ways() {
+        let (mut s, out, ..) = uart();
+        for b in b"hi\n" {
+            s.write(UART_TX, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"hi\n");
+        assert_eq!(rd(&mut s, UART_LSR) & UART_LSR_DR, 0);
+        assert_eq!(s.enqueue_input(b"ok"), 2);
+        assert_ne!(rd(&mut s, UART_LSR) & UART_LSR_DR, 0);
+        assert_eq!(rd(&mut s, UART_RX), b'o');
+        assert_eq!(rd(&mut s, UART_RX), b'k');
+        assert_eq!(rd(&mut s, UART_LSR) & UART_LSR_DR, 0);
+    }
+
+    #[test]
+    fn input_respects_fifo_room() {
+        let (mut s, ..) = uart();
+        let big = vec![b'x'; 100];
+        let n = s.enqueue_input(&big);
+        assert_eq!(n, 64);
+        assert_eq!(s.input_room(), 0);
+        assert_eq!(s.enqueue_input(&big), 0);
+    }
+
+    #[test]
+    fn watches_for_markers() {
+        let (mut s, _out, control, timeline) = uart();
+        for b in b"[    0.5] Run /init as init process\nKernel panic - not syncing: Attempted to kill init!\n" {
+            s.write(UART_TX, &[*b]);
+        }
+        assert!(timeline.at("guest: first serial byte").is_some());
+        assert!(timeline.at("guest: kernel runs /init").is_some());
+        control.stop(crate::control::StopReason::Reset);
+        assert!(matches!(control.reason(), Some(crate::control::StopReason::GuestCrash(_))));
+    }
+
+    #[test]
+    fn odd_offsets_and_sizes_do_not_panic() {
+        let (mut s, ..) = uart();
+        let mut buf = [0u8; 8];
+        s.read(0x1_0000, &mut buf);
+        s.write(0x1_0000, &buf);
+        s.read(3, &mut []);
+        s.write(3, &[]);
+    }
+}

@@ -1,0 +1,243 @@
+//! The VMM's one event loop, on the main thread: epoll over every file
+//! descriptor that can wake ember while the vCPUs run (KVM api.rst says nothing
+//! here; this is plain Linux epoll(7)).
+//!
+//! Sources, named by [`Token`]: the stop eventfd (some thread ended the VM),
+//! stdin (bytes for the guest's UART), the UART's "input drained" eventfd
+//! (room in the receive FIFO again), and a signalfd for SIGINT/SIGTERM/SIGHUP.
+//!
+//! Input flow control: host bytes are pushed into the 64-byte receive FIFO; what
+//! does not fit waits in `pending`, and stdin is taken out of the epoll set
+//! until the guest drains the FIFO, so a fast producer (`cat big | ember run`)
+//! never loses a byte and never makes ember spin.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::console::Escape;
+use crate::control::{StopReason, VmControl};
+use crate::devices::serial::Serial;
+
+/// Every event source the loop knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Token {
+    /// `VmControl::stop_evt`.
+    Stop = 0,
+    /// Host input for the UART.
+    Stdin = 1,
+    /// The UART's receive FIFO was emptied.
+    InputDrained = 2,
+    /// SIGINT, SIGTERM or SIGHUP arrived.
+    Signal = 3,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Token> {
+        [Token::Stop, Token::Stdin, Token::InputDrained, Token::Signal].into_iter().find(|t| *t as u64 == v)
+    }
+}
+
+/// Errors of the event loop itself (host failures).
+#[derive(Debug, Error)]
+pub enum EventLoopError {
+    /// An epoll call failed.
+    #[error("epoll failed")]
+    Epoll(#[source] std::io::Error),
+    /// The signalfd could not be created.
+    #[error("cannot create a signalfd")]
+    Signalfd(#[source] std::io::Error),
+}
+
+/// Console input wiring for the loop.
+pub struct ConsoleInput {
+    /// The UART that receives the bytes.
+    pub serial: Arc<Mutex<Serial>>,
+    /// The descriptor to read host input from.
+    pub fd: RawFd,
+    /// Interpret `Ctrl-a x` (only on a terminal).
+    pub escape: bool,
+    /// The UART's drained eventfd.
+    pub drained: Arc<EventFd>,
+}
+
+/// The signals the loop turns into a clean stop. Block them in every thread
+/// (call before spawning vCPUs) so they are only ever read from the signalfd.
+pub fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, then pthread_sigmask on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn signalfd(set: &libc::sigset_t) -> Result<OwnedFd, EventLoopError> {
+    // SAFETY: creates a new descriptor from a valid sigset.
+    let fd = unsafe { libc::signalfd(-1, set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(EventLoopError::Signalfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal number from a signalfd.
+fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`.
+    let n = unsafe { libc::read(fd.as_raw_fd(), &mut info as *mut _ as *mut libc::c_void, size) };
+    (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+/// If `fd` cannot be polled (a regular file, /dev/null), copy it through a pipe
+/// from a helper thread, so the loop sees one kind of input.
+fn pollable(epoll: &Epoll, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>), EventLoopError> {
+    let probe = EpollEvent::new(EventSet::IN, Token::Stdin as u64);
+    match epoll.ctl(ControlOperation::Add, fd, probe) {
+        Ok(()) => Ok((fd, None)),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let mut fds = [0; 2];
+            // SAFETY: pipe2 fills two new descriptors.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                return Err(EventLoopError::Epoll(std::io::Error::last_os_error()));
+            }
+            // SAFETY: both descriptors are fresh and owned here.
+            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            let src = fd;
+            std::thread::spawn(move || {
+                let mut w = std::fs::File::from(w);
+                // SAFETY: `src` is stdin (or the caller's fd), valid for the process lifetime;
+                // ManuallyDrop keeps us from closing it.
+                let mut input = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(src) });
+                let _ = std::io::copy(&mut *input, &mut w);
+            });
+            epoll.ctl(ControlOperation::Add, r.as_raw_fd(), probe).map_err(EventLoopError::Epoll)?;
+            Ok((r.as_raw_fd(), Some(r)))
+        }
+        Err(e) => Err(EventLoopError::Epoll(e)),
+    }
+}
+
+/// Runs until the VM is asked to stop; returns why.
+pub fn run(control: &VmControl, console: Option<ConsoleInput>, signals: &libc::sigset_t) -> Result<StopReason, EventLoopError> {
+    let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
+    let add = |fd: RawFd, t: Token| {
+        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t as u64)).map_err(EventLoopError::Epoll)
+    };
+    add(control.stop_evt.as_raw_fd(), Token::Stop)?;
+    let sigfd = signalfd(signals)?;
+    add(sigfd.as_raw_fd(), Token::Signal)?;
+
+    let mut input_fd = None;
+    let mut _pipe_keepalive = None;
+    if let Some(c) = &console {
+        add(c.drained.as_raw_fd(), Token::InputDrained)?;
+        let (fd, pipe) = pollable(&epoll, c.fd)?;
+        input_fd = Some(fd);
+        _pipe_keepalive = pipe;
+    }
+    let mut stdin_polled = input_fd.is_some();
+    let mut pending: VecDeque<u8> = VecDeque::new();
+    let mut escape = Escape::default();
+    let mut events = vec![EpollEvent::default(); 8];
+    let mut buf = [0u8; 4096];
+    let mut filtered = Vec::with_capacity(4096);
+
+    loop {
+        if control.is_stopped() {
+            break;
+        }
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(EventLoopError::Epoll(e)),
+        };
+        for ev in &events[..n] {
+            match Token::from_u64(ev.data()) {
+                Some(Token::Stop) => {
+                    let _ = control.stop_evt.read();
+                }
+                Some(Token::Signal) => {
+                    if let Some(sig) = read_signal(&sigfd) {
+                        control.stop(StopReason::UserQuit(sig));
+                    }
+                }
+                Some(Token::InputDrained) => {
+                    if let Some(c) = &console {
+                        let _ = c.drained.read();
+                        feed(c, &mut pending);
+                        if pending.is_empty() && !stdin_polled {
+                            if let Some(fd) = input_fd {
+                                add(fd, Token::Stdin)?;
+                                stdin_polled = true;
+                            }
+                        }
+                    }
+                }
+                Some(Token::Stdin) => {
+                    let (Some(c), Some(fd)) = (&console, input_fd) else { continue };
+                    // SAFETY: reads into our buffer from a readable descriptor.
+                    let got = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+                    if got < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if got <= 0 {
+                        // EOF (or an error) on input: the guest keeps running without it.
+                        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        stdin_polled = false;
+                        input_fd = None;
+                        continue;
+                    }
+                    let got = &buf[..got as usize];
+                    filtered.clear();
+                    if c.escape {
+                        if escape.filter(got, &mut filtered) {
+                            control.stop(StopReason::UserQuit(0));
+                        }
+                    } else {
+                        filtered.extend_from_slice(got);
+                    }
+                    pending.extend(filtered.iter());
+                    feed(c, &mut pending);
+                    if !pending.is_empty() {
+                        // Wait for the guest to drain the FIFO before reading more.
+                        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        stdin_polled = false;
+                    }
+                }
+                None => log::warn!("event loop: unknown token {}", ev.data()),
+            }
+        }
+    }
+    Ok(control.reason().unwrap_or(StopReason::VmmError("the VM stopped without a reason".into())))
+}
+
+/// Moves as many pending bytes as fit into the UART.
+fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) {
+    if pending.is_empty() {
+        return;
+    }
+    let mut serial = c.serial.lock().expect("serial lock");
+    let room = serial.input_room().min(pending.len());
+    if room == 0 {
+        return;
+    }
+    let chunk: Vec<u8> = pending.drain(..room).collect();
+    let taken = serial.enqueue_input(&chunk);
+    // Put back what the UART refused, in order.
+    for b in chunk[taken..].iter().rev() {
+        pending.push_front(*b);
+    }
+}

@@ -1,0 +1,422 @@
+//! The Linux lane: run ember invocations on a machine that can run Linux guests.
+//!
+//! On a host with hardware virtualization (`kvm_intel`, `kvm_amd`) that machine is the host itself and
+//! an invocation is a plain child process. On a host whose KVM is software (`kvm_pvm`) or missing,
+//! Linux guests cannot run directly, so the lane boots an *outer machine* once — QEMU TCG with an
+//! emulated AMD SVM CPU running Debian's stock kernel with `kvm_amd npt=1` — and runs each invocation
+//! inside it, where `/dev/kvm` is real KVM. The outer machine sees the host's files at the same paths
+//! (read-only root over 9p, writable `/tmp`), so arguments need no translation.
+//!
+//! Code map:
+//! - [`flavour`]: which KVM the host has, and whether Linux guests need the nested lane.
+//! - [`nested`]: the outer machine: artifacts (`guest-kernels/lane/build-outer.sh`), QEMU, the agent.
+//! - [`wire`]: the formats between host and agent, unit-tested without a machine.
+//!
+//! Tests start the lane once per test binary and run many invocations through it:
+//!
+//! ```no_run
+//! use std::sync::{Mutex, OnceLock};
+//! use ember::lane::{Invocation, LinuxLane};
+//!
+//! static LANE: OnceLock<Mutex<LinuxLane>> = OnceLock::new();
+//!
+//! fn lane() -> std::sync::MutexGuard<'static, LinuxLane> {
+//!     LANE.get_or_init(|| {
+//!         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_ember"));
+//!         Mutex::new(LinuxLane::start(bin).unwrap_or_else(|e| panic!("Linux lane: {e}")))
+//!     })
+//!     .lock()
+//!     // A test that panicked while holding the lane leaves it usable.
+//!     .unwrap_or_else(|poisoned| poisoned.into_inner())
+//! }
+//!
+//! #[test]
+//! fn boots_to_init() {
+//!     let out = lane().run(&Invocation::new(["run", "--memory", "512M", "--", "echo", "hi"])).unwrap();
+//!     assert_eq!(out.status, 0, "{}", out.stderr_lossy());
+//! }
+//! ```
+//! A lane held in a `static` is never dropped; its QEMU still dies with the test process
+//! (PR_SET_PDEATHSIG) and its work dir is removed by the next lane that starts.
+
+pub mod flavour;
+pub mod nested;
+pub mod wire;
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use flavour::KvmFlavour;
+use nested::OuterMachine;
+
+/// Errors of the Linux lane.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    /// The lane cannot start on this host; the message says why and what fixes it.
+    #[error("the Linux lane is unavailable: {0}")]
+    Unavailable(String),
+    /// The outer machine failed to boot or died.
+    #[error("the Linux lane's outer machine failed: {reason}\n{log}")]
+    OuterMachine {
+        /// What went wrong.
+        reason: String,
+        /// The tail of the outer console and of QEMU's messages.
+        log: String,
+    },
+    /// A program could not be started.
+    #[error("cannot start {what}")]
+    Spawn {
+        /// Which program.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Host-side I/O failed.
+    #[error("Linux lane: {what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The invocation ran longer than its timeout and was killed; the lane stays usable.
+    #[error("the invocation was killed after its timeout of {after:?}")]
+    Timeout {
+        /// The timeout.
+        after: Duration,
+        /// What it printed on stdout before it was killed.
+        stdout: Vec<u8>,
+        /// What it printed on stderr before it was killed.
+        stderr: Vec<u8>,
+    },
+    /// The outer machine stopped answering; it was killed and the next `run` boots a new one.
+    #[error("the outer machine stopped answering after {after:?}; it was killed (the next run restarts it)\n{log}")]
+    Wedged {
+        /// How long the invocation had been running.
+        after: Duration,
+        /// The tail of the outer console.
+        log: String,
+    },
+}
+
+/// One run of the ember binary.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    /// Arguments to the ember binary.
+    pub args: Vec<OsString>,
+    /// Bytes fed to its stdin (then EOF).
+    pub stdin: Vec<u8>,
+    /// Environment variables, on top of a clean `PATH` and `HOME`.
+    pub env: Vec<(String, String)>,
+}
+
+impl Invocation {
+    /// An invocation with these arguments, empty stdin and no extra environment.
+    pub fn new<I: IntoIterator<Item = S>, S: Into<OsString>>(args: I) -> Invocation {
+        Invocation { args: args.into_iter().map(Into::into).collect(), ..Default::default() }
+    }
+}
+
+/// What an invocation did.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// ember's exit code (128+N when it was killed by signal N).
+    pub status: i32,
+    /// Everything it wrote on stdout.
+    pub stdout: Vec<u8>,
+    /// Everything it wrote on stderr.
+    pub stderr: Vec<u8>,
+    /// From sending the invocation to having its results.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// stdout as text (invalid UTF-8 replaced).
+    pub fn stdout_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// stderr as text (invalid UTF-8 replaced).
+    pub fn stderr_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// How the lane is set up. `Default` reads the `EMBER_LANE*` environment variables.
+#[derive(Debug, Clone)]
+pub struct LaneConfig {
+    /// Force a lane: `Some(true)` nested, `Some(false)` direct, `None` by host flavour
+    /// (`EMBER_LANE=nested|direct`).
+    pub force_nested: Option<bool>,
+    /// Per-invocation timeout (`EMBER_LANE_TIMEOUT`, seconds; default 120).
+    pub timeout: Duration,
+    /// Time allowed for the outer machine to boot (default 180 s).
+    pub boot_timeout: Duration,
+    /// Outer machine memory; an inner guest with `--memory 3584M` must fit (default 6144; TCG
+    /// allocates lazily).
+    pub memory_mib: u32,
+    /// Outer machine vCPUs (default 2).
+    pub cpus: u32,
+    /// QEMU `-cpu` model; it must offer SVM (default `EPYC,+svm`).
+    pub cpu_model: String,
+    /// Host directories the outer machine may write, at the same paths (default: the temp dir, plus
+    /// `EMBER_LANE_WRITABLE`, colon-separated). Everything else is read-only inside.
+    pub writable: Vec<PathBuf>,
+}
+
+impl Default for LaneConfig {
+    fn default() -> LaneConfig {
+        let force_nested = match std::env::var("EMBER_LANE").as_deref() {
+            Ok("nested") => Some(true),
+            Ok("direct") => Some(false),
+            _ => None,
+        };
+        let timeout = std::env::var("EMBER_LANE_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(Duration::from_secs(120), Duration::from_secs);
+        let mut writable = vec![std::env::temp_dir()];
+        if let Ok(extra) = std::env::var("EMBER_LANE_WRITABLE") {
+            writable.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
+        }
+        LaneConfig {
+            force_nested,
+            timeout,
+            boot_timeout: Duration::from_secs(180),
+            memory_mib: 6144,
+            cpus: 2,
+            cpu_model: "EPYC,+svm".into(),
+            writable,
+        }
+    }
+}
+
+enum Kind {
+    Direct,
+    Nested { machine: Option<Box<OuterMachine>>, boots: u32, last_boot: Duration },
+}
+
+/// A machine that can run Linux guests, and the way to run ember invocations on it.
+pub struct LinuxLane {
+    ember_bin: PathBuf,
+    config: LaneConfig,
+    flavour: KvmFlavour,
+    kind: Kind,
+}
+
+impl LinuxLane {
+    /// Starts the lane for `ember_bin` with [`LaneConfig::default`]: direct on VMX/SVM hosts; otherwise
+    /// boots the outer machine (once; later [`run`](Self::run)s reuse it).
+    pub fn start(ember_bin: &Path) -> Result<LinuxLane, LaneError> {
+        Self::start_with(ember_bin, LaneConfig::default())
+    }
+
+    /// Like [`start`](Self::start) with an explicit configuration.
+    pub fn start_with(ember_bin: &Path, config: LaneConfig) -> Result<LinuxLane, LaneError> {
+        let ember_bin = std::path::absolute(ember_bin).map_err(|source| LaneError::Io {
+            what: format!("resolving {}", ember_bin.display()),
+            source,
+        })?;
+        if !ember_bin.is_file() {
+            return Err(LaneError::Unavailable(format!("no ember binary at {}", ember_bin.display())));
+        }
+        let flavour = KvmFlavour::detect();
+        let nested = config.force_nested.unwrap_or(flavour.needs_nested_lane());
+        let kind = if nested {
+            let machine = OuterMachine::boot(&config, false)?;
+            let last_boot = machine.boot_time;
+            log::info!("lane: outer machine ready in {last_boot:?} (kernel {})", machine.release);
+            Kind::Nested { machine: Some(Box::new(machine)), boots: 1, last_boot }
+        } else {
+            Kind::Direct
+        };
+        Ok(LinuxLane { ember_bin, config, flavour, kind })
+    }
+
+    /// Sets the per-invocation timeout for later runs.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.config.timeout = timeout;
+    }
+
+    /// How long the outer machine took to boot (zero for the direct lane).
+    pub fn boot_time(&self) -> Duration {
+        match &self.kind {
+            Kind::Direct => Duration::ZERO,
+            Kind::Nested { last_boot, .. } => *last_boot,
+        }
+    }
+
+    /// Runs ember with `inv` under the configured timeout.
+    pub fn run(&mut self, inv: &Invocation) -> Result<Outcome, LaneError> {
+        let timeout = self.config.timeout;
+        self.run_with_timeout(inv, timeout)
+    }
+
+    /// Runs ember with `inv`, killing it after `timeout` ([`LaneError::Timeout`]; the lane stays
+    /// usable). If the outer machine itself stops answering it is killed ([`LaneError::Wedged`]) and
+    /// the next run boots a fresh one.
+    pub fn run_with_timeout(&mut self, inv: &Invocation, timeout: Duration) -> Result<Outcome, LaneError> {
+        match &mut self.kind {
+            Kind::Direct => run_direct(&self.ember_bin, inv, timeout),
+            Kind::Nested { machine, boots, last_boot } => {
+                if machine.is_none() {
+                    let m = OuterMachine::boot(&self.config, false)?;
+                    *boots += 1;
+                    *last_boot = m.boot_time;
+                    *machine = Some(Box::new(m));
+                }
+                let Some(m) = machine.as_mut() else { unreachable!("booted above") };
+                let result = m.run(&self.ember_bin, inv, timeout);
+                if matches!(result, Err(LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) {
+                    *machine = None; // dropping kills it
+                }
+                result
+            }
+        }
+    }
+
+    /// Which lane this is, in one line.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            Kind::Direct => format!("direct: {}", self.flavour),
+            Kind::Nested { machine, boots, last_boot } => {
+                let release = machine.as_ref().map_or("(stopped)", |m| m.release.as_str());
+                format!(
+                    "nested: QEMU TCG {}, kvm_amd npt=1, {} GiB, {} vCPUs, outer kernel {release}, booted in {:.1} s{}; host: {}",
+                    self.config.cpu_model,
+                    f64::from(self.config.memory_mib) / 1024.0,
+                    self.config.cpus,
+                    last_boot.as_secs_f64(),
+                    if *boots > 1 { format!(" ({boots} boots)") } else { String::new() },
+                    self.flavour,
+                )
+            }
+        }
+    }
+}
+
+fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome, LaneError> {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut child = Command::new(bin)
+        .args(&inv.args)
+        .env_clear()
+        .env("PATH", wire::INNER_PATH)
+        .env("HOME", std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+        .envs(inv.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LaneError::Spawn { what: bin.display().to_string(), source })?;
+    let mut stdin = child.stdin.take();
+    let data = inv.stdin.clone();
+    let feeder = std::thread::spawn(move || {
+        if let Some(s) = stdin.as_mut() {
+            let _ = s.write_all(&data);
+        }
+    });
+    let reader = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = reader(Box::new(child.stdout.take().expect("piped")));
+    let err = reader(Box::new(child.stderr.take().expect("piped")));
+    let (status, timed_out) = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break (s, false),
+            Ok(None) if start.elapsed() >= timeout => {
+                let _ = child.kill();
+                break (child.wait().map_err(|source| LaneError::Io { what: "waiting for ember".into(), source })?, true);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(source) => return Err(LaneError::Io { what: "waiting for ember".into(), source }),
+        }
+    };
+    let _ = feeder.join();
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if timed_out {
+        return Err(LaneError::Timeout { after: timeout, stdout, stderr });
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let status = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(Outcome { status, stdout, stderr, elapsed: start.elapsed() })
+}
+
+/// `ember run`'s fallback where Linux guests need the nested lane: boots the outer machine, runs
+/// `ember <args>` inside with this process's stdin, stdout and stderr, and returns its exit status.
+/// Silent itself: the outer kernel's console goes to a log file that is only shown if the machine fails.
+/// When stdin is a terminal it is put in raw mode for the run (as ember does for a guest console), so
+/// keys such as Ctrl-C reach the guest. On hosts that run Linux directly, runs `ember_bin` here.
+pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32, LaneError> {
+    let config = LaneConfig::default();
+    if !config.force_nested.unwrap_or(KvmFlavour::detect().needs_nested_lane()) {
+        use std::os::unix::process::ExitStatusExt;
+        let status = Command::new(ember_bin)
+            .args(ember_args)
+            .status()
+            .map_err(|source| LaneError::Spawn { what: ember_bin.display().to_string(), source })?;
+        return Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+    }
+    let ember_bin = std::path::absolute(ember_bin)
+        .map_err(|source| LaneError::Io { what: format!("resolving {}", ember_bin.display()), source })?;
+    let mut machine = OuterMachine::boot(&config, true)?;
+    let mut env = Vec::new();
+    for key in ["TERM", "RUST_LOG", "RUST_BACKTRACE"] {
+        if let Ok(v) = std::env::var(key) {
+            env.push((key.to_string(), v));
+        }
+    }
+    let inv = Invocation { args: ember_args.to_vec(), stdin: Vec::new(), env };
+    let raw = RawTerminal::enter();
+    let status = machine.stream(&ember_bin, &inv);
+    drop(raw);
+    machine.shutdown();
+    status
+}
+
+/// Raw mode on stdin while it lives, if stdin is a terminal; restores the settings on drop. Output
+/// post-processing stays on so `\n` still starts a new line.
+struct RawTerminal {
+    saved: Option<libc::termios>,
+}
+
+impl RawTerminal {
+    fn enter() -> RawTerminal {
+        // SAFETY: isatty only inspects the fd.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+            return RawTerminal { saved: None };
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it and we check the result.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is a valid termios to fill.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+            return RawTerminal { saved: None };
+        }
+        let saved = t;
+        // SAFETY: `t` is a valid termios.
+        unsafe { libc::cfmakeraw(&mut t) };
+        t.c_oflag |= libc::OPOST | libc::ONLCR;
+        // SAFETY: `t` is a valid termios for stdin.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        RawTerminal { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(t) = self.saved {
+            // SAFETY: restores the settings read in `enter`.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The Linux lane's wire formats, kept free of I/O so they can be tested without a machine.
+//!
+//! - `KEY=value` lines printed by `guest-kernels/lane/build-outer.sh` ([`parse_kv`]).
+//! - The per-invocation shell script the outer agent runs chrooted into the host root
+//!   ([`render_run_script`]): single-quoted, so arguments are passed byte for byte.
+//! - Control-port lines from the agent: `ready <release>`, `fail <reason>`, `done <id> <status>`
+//!   ([`AgentMessage::parse`]).
+//! - The end marker that closes a streamed stdout/stderr ([`MarkerStripper`]): the agent writes a random
+//!   marker on each output port after the program exits, so the host knows it has every byte
+//!   (virtio-serial ports are FIFO) and strips the marker before passing bytes on.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// `PATH` given to programs run inside the outer machine (the host's root, chrooted).
+pub const INNER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Parses `KEY=value` lines; other lines are ignored. Later keys win.
+pub fn parse_kv(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else { continue };
+        let key = key.trim();
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            continue;
+        }
+        out.retain(|(k, _)| k != key);
+        out.push((key.to_string(), value.to_string()));
+    }
+    out
+}
+
+/// Appends `s` single-quoted for a POSIX shell: every byte is literal inside `'...'`, and `'` itself
+/// becomes `'\''`.
+pub fn shell_quote_into(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'\'');
+    for &b in s {
+        if b == b'\'' {
+            out.extend_from_slice(b"'\\''");
+        } else {
+            out.push(b);
+        }
+    }
+    out.push(b'\'');
+}
+
+/// Where the script's standard streams go.
+pub enum Redirect<'a> {
+    /// To files `stdin`, `stdout`, `stderr` in this directory (batch runs).
+    Files(&'a Path),
+    /// Inherited from the agent (streamed runs: the agent connects them to virtio-serial ports).
+    Inherit,
+}
+
+/// Renders the script `/bin/sh` runs inside the outer machine for one invocation: change to `cwd`
+/// (falling back to `/`), clear the environment except `PATH`, `HOME` and `env`, then `exec` the
+/// program so a timeout's SIGKILL reaches it directly.
+pub fn render_run_script(
+    cwd: &Path,
+    env: &[(String, String)],
+    program: &Path,
+    args: &[impl AsRef<OsStr>],
+    redirect: Redirect<'_>,
+) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(b"cd ");
+    shell_quote_into(&mut s, cwd.as_os_str().as_bytes());
+    s.extend_from_slice(b" 2>/dev/null || cd /\nexec /usr/bin/env -i ");
+    shell_quote_into(&mut s, format!("PATH={INNER_PATH}").as_bytes());
+    s.extend_from_slice(b" HOME=/root");
+    for (key, value) in env {
+        s.push(b' ');
+        shell_quote_into(&mut s, format!("{key}={value}").as_bytes());
+    }
+    s.push(b' ');
+    shell_quote_into(&mut s, program.as_os_str().as_bytes());
+    for arg in args {
+        s.push(b' ');
+        shell_quote_into(&mut s, arg.as_ref().as_bytes());
+    }
+    if let Redirect::Files(dir) = redirect {
+        for (op, name) in [(&b" <"[..], "stdin"), (b" >", "stdout"), (b" 2>", "stderr")] {
+            s.extend_from_slice(op);
+            shell_quote_into(&mut s, dir.join(name).as_os_str().as_bytes());
+        }
+    }
+    s.push(b'\n');
+    s
+}
+
+/// A line the agent sends on the control port.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AgentMessage {
+    /// The outer machine is up: modules loaded, /dev/kvm present, host root mounted.
+    Ready {
+        /// `uname -r` of the outer kernel.
+        release: String,
+    },
+    /// The outer machine cannot serve: why.
+    Fail(String),
+    /// Invocation `id` finished with shell exit status `status` (128+N when killed by signal N).
+    Done {
+        /// The invocation id the host sent.
+        id: u64,
+        /// The exit status.
+        status: i32,
+    },
+}
+
+impl AgentMessage {
+    /// Parses one control line (without its newline); `None` for anything else.
+    pub fn parse(line: &str) -> Option<AgentMessage> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "ready" => Some(AgentMessage::Ready { release: rest.to_string() }),
+            "fail" => Some(AgentMessage::Fail(rest.to_string())),
+            "done" => {
+                let mut it = rest.split(' ');
+                let id = it.next()?.parse().ok()?;
+                let status = it.next()?.parse().ok()?;
+                it.next().is_none().then_some(AgentMessage::Done { id, status })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Splits a byte stream into complete `\n`-terminated lines.
+#[derive(Default)]
+pub struct LineBuffer {
+    pending: Vec<u8>,
+}
+
+impl LineBuffer {
+    /// Adds bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Takes the next complete line, without its `\n`.
+    pub fn next_line(&mut self) -> Option<String> {
+        let end = self.pending.iter().position(|&b| b == b'\n')?;
+        let line: Vec<u8> = self.pending.drain(..=end).take(end).collect();
+        Some(String::from_utf8_lossy(&line).into_owned())
+    }
+}
+
+/// Passes a stream through until `marker`, which ends it. Bytes that could be the start of the marker
+/// are held back until the next chunk shows whether they are.
+pub struct MarkerStripper {
+    marker: Vec<u8>,
+    held: Vec<u8>,
+    done: bool,
+}
+
+impl MarkerStripper {
+    /// A stripper for `marker` (non-empty).
+    pub fn new(marker: &[u8]) -> MarkerStripper {
+        assert!(!marker.is_empty(), "empty end marker");
+        MarkerStripper { marker: marker.to_vec(), held: Vec::new(), done: false }
+    }
+
+    /// Feeds a chunk; returns the bytes safe to pass on. After the marker, everything is dropped.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if self.done {
+            return Vec::new();
+        }
+        self.held.extend_from_slice(chunk);
+        if let Some(pos) = find(&self.held, &self.marker) {
+            self.done = true;
+            let out = self.held[..pos].to_vec();
+            self.held.clear();
+            return out;
+        }
+        // Keep the longest suffix that is a proper prefix of the marker.
+        let max = self.held.len().min(self.marker.len() - 1);
+        let keep = (1..=max).rev().find(|&n| self.held.ends_with(&self.marker[..n])).unwrap_or(0);
+        let out = self.held[..self.held.len() - keep].to_vec();
+        self.held.drain(..self.held.len() - keep);
+        out
+    }
+
+    /// Whether the marker has been seen.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    use std::process::Command;
+
+    #[test]
+    fn kv_lines() {
+        let kv = parse_kv("noise\nLANE_KERNEL=/boot/vmlinuz\nA=b=c\n=x\nbad key=1\nA=d\n");
+        assert_eq!(
+            kv,
+            vec![("LANE_KERNEL".into(), "/boot/vmlinuz".into()), ("A".into(), "d".into())]
+        );
+    }
+
+    #[test]
+    fn quoting_survives_a_real_shell() {
+        let nasty: Vec<OsString> = vec![
+            "plain".into(),
+            "it's".into(),
+            "".into(),
+            "$HOME `id` \"q\" \\ \n newline".into(),
+            OsString::from_vec(vec![0xff, b'\'', 0x80, b' ']),
+        ];
+        let script = render_run_script(
+            Path::new("/"),
+            &[("X".into(), "a'b c".into())],
+            Path::new("/usr/bin/printf"),
+            &[&["%s\\0".into()][..], &nasty[..]].concat(),
+            Redirect::Inherit,
+        );
+        let out = Command::new("/bin/sh").arg("-c").arg(OsString::from_vec(script)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut expected = Vec::new();
+        for a in &nasty {
+            expected.extend_from_slice(a.as_bytes());
+            expected.push(0);
+        }
+        assert_eq!(out.stdout, expected);
+    }
+
+    #[test]
+    fn script_sets_env_and_redirects() {
+        let script = render_run_script(
+            Path::new("/no such dir"),
+            &[("K".into(), "v".into())],
+            Path::new("/bin/sh"),
+            &["-c", "pwd; echo $K; echo $HOME"],
+            Redirect::Files(Path::new("/r/7")),
+        );
+        let text = String::from_utf8(script).unwrap();
+        assert!(text.starts_with("cd '/no such dir' 2>/dev/null || cd /\nexec /usr/bin/env -i "));
+        assert!(text.ends_with(" <'/r/7/stdin' >'/r/7/stdout' 2>'/r/7/stderr'\n"), "{text}");
+        let inherit = render_run_script(
+            Path::new("/no such dir"),
+            &[("K".into(), "v".into())],
+            Path::new("/bin/sh"),
+            &["-c", "pwd; echo $K; echo $HOME"],
+            Redirect::Inherit,
+        );
+        let out = Command::new("/bin/sh").arg("-c").arg(OsString::from_vec(inherit)).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/\nv\n/root\n");
+    }
+
+    #[test]
+    fn agent_messages() {
+        assert_eq!(
+            AgentMessage::parse("ready 6.1.0-56-amd64"),
+            Some(AgentMessage::Ready { release: "6.1.0-56-amd64".into() })
+        );
+        assert_eq!(AgentMessage::parse("done 12 3\n"), Some(AgentMessage::Done { id: 12, status: 3 }));
+        assert_eq!(AgentMessage::parse("fail no /dev/kvm"), Some(AgentMessage::Fail("no /dev/kvm".into())));
+        assert_eq!(AgentMessage::parse("done x 3"), None);
+        assert_eq!(AgentMessage::parse("done 1 2 3"), None);
+        assert_eq!(AgentMessage::parse("hello"), None);
+    }
+
+    #[test]
+    fn lines_split_across_reads() {
+        let mut lb = LineBuffer::default();
+        lb.push(b"rea");
+        assert_eq!(lb.next_line(), None);
+        lb.push(b"dy 6.1\ndone 1 0\ndo");
+        assert_eq!(lb.next_line().as_deref(), Some("ready 6.1"));
+        assert_eq!(lb.next_line().as_deref(), Some("done 1 0"));
+        assert_eq!(lb.next_line(), None);
+    }
+
+    #[test]
+    fn marker_stripped_across_chunk_boundaries() {
+        let marker = b"#END-1234#";
+        let data = b"binary \x00\xff #END-12 not yet #E";
+        let mut stream = data.to_vec();
+        stream.extend_from_slice(marker);
+        stream.extend_from_slice(b"after");
+        for split in 1..8 {
+            let mut s = MarkerStripper::new(marker);
+            let mut out = Vec::new();
+            for chunk in stream.chunks(split) {
+                out.extend(s.feed(chunk));
+            }
+            assert!(s.is_done());
+            assert_eq!(out, data, "chunk size {split}");
+        }
+    }
+
+    #[test]
+    fn marker_prefix_is_released_when_it_turns_out_not_to_be() {
+        let mut s = MarkerStripper::new(b"ABC");
+        assert_eq!(s.feed(b"xA"), b"x");
+        assert_eq!(s.feed(b"B"), b"");
+        assert_eq!(s.feed(b"x"), b"ABx");
+        assert!(!s.is_done());
+    }
+}

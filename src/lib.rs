@@ -1,0 +1,41 @@
+//! ember: a small KVM virtual machine monitor.
+//!
+//! # Code map
+//! The boot sequence, in the order `Vmm::new` runs it:
+//! - [`config`]: what the user asked for, validated before any KVM call.
+//! - [`vmm`]: the recipe: /dev/kvm -> VM -> memory -> kernel -> devices -> vCPUs.
+//! - [`memory`]: guest RAM (vm-memory) and KVM memory slots; the MMIO gap.
+//! - [`boot`]: ELF/PVH and bzImage loading (linux-loader), initrd, cmdline, e820.
+//! - [`x86`]: CPUID, MSRs, GDT/page tables/registers, LAPIC pins, MP table.
+//! - [`layout`]: every guest address, port and IRQ.
+//!
+//! Running:
+//! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
+//! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
+//! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device.
+//! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
+//! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
+//! - [`control`]: how a VM comes to an end, and why.
+//! - [`timeline`]: timestamps of the boot, for `--timeline` and benchmarks.
+//!
+//! Data path of one byte the guest prints: `vcpu.rs` (IoOut) -> `bus.rs` ->
+//! `devices/serial.rs` (THR) -> stdout.
+//!
+//! Around the core: [`demo`] (built-in guests).
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod console;
+pub mod control;
+pub mod demo;
+pub mod devices;
+pub mod event_loop;
+pub mod layout;
+pub mod memory;
+pub mod timeline;
+pub mod vcpu;
+pub mod vmm;
+pub mod x86;

@@ -1,0 +1,180 @@
+//! The `ember` command line: parse, build a `VmConfig`, run, turn the outcome
+//! into an exit code (see README, "Exit codes").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use ember::config::{self, IrqchipMode, KernelSource, VmConfig};
+use ember::control::StopReason;
+use ember::timeline::Timeline;
+use ember::vmm::{Vmm, VmmError};
+
+/// Exit code: ember itself failed (bad input, host error).
+const EXIT_VMM_ERROR: u8 = 125;
+/// Exit code: /dev/kvm is missing or not usable.
+const EXIT_KVM_UNUSABLE: u8 = 126;
+/// Exit code: the guest crashed (triple fault, KVM internal error, kernel panic, bus fault).
+const EXIT_GUEST_CRASH: u8 = 123;
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "A small KVM hypervisor: boot a lightweight VM from the command line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM.
+    Run(RunArgs),
+    /// Boot a tiny guest built into ember and show what each layer did.
+    Demo {
+        /// Only the guest's own output.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IrqchipArg {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum TimelineFormat {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: an ELF vmlinux (64-bit or PVH entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    cpus: u32,
+    /// Guest RAM, e.g. 256M, 2G.
+    #[arg(long, default_value = "256M", value_name = "SIZE")]
+    memory: String,
+    /// Serial console: stdio, none or file:PATH.
+    #[arg(long, default_value = "stdio", value_name = "MODE")]
+    serial: String,
+    /// In-kernel interrupt controllers: auto (for Linux or SMP), on, off.
+    #[arg(long, value_enum, default_value_t = IrqchipArg::Auto)]
+    irqchip: IrqchipArg,
+    /// Print the boot timeline at exit (table, or json).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "table", require_equals = true)]
+    timeline: Option<TimelineFormat>,
+}
+
+/// The kernel command line a Linux guest gets unless --cmdline says otherwise.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
+    let Some(kernel) = &a.kernel else {
+        return Err("no --kernel given: pass a vmlinux or bzImage (e.g. --kernel /path/to/bzImage)".into());
+    };
+    let mut cfg = VmConfig::new(KernelSource::Path(kernel.clone()));
+    cfg.initrd = a.initrd.clone();
+    cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    cfg.cpus = match u8::try_from(a.cpus) {
+        Ok(n) => n,
+        Err(_) => return Err(config::ConfigError::TooManyCpus(a.cpus).to_string()),
+    };
+    cfg.mem_size_bytes = config::parse_size(&a.memory).map_err(|e| format!("--memory: {e}"))?;
+    cfg.serial = config::parse_serial(&a.serial).map_err(|e| e.to_string())?;
+    cfg.irqchip = match a.irqchip {
+        IrqchipArg::Auto => IrqchipMode::Auto,
+        IrqchipArg::On => IrqchipMode::On,
+        IrqchipArg::Off => IrqchipMode::Off,
+    };
+    Ok(cfg)
+}
+
+/// Prints an error with its chain of causes.
+fn report(e: &VmmError) {
+    let mut msg = format!("ember: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg += &format!(": {s}");
+        src = s.source();
+    }
+    eprintln!("{msg}");
+}
+
+fn exit_code_for(reason: &StopReason) -> u8 {
+    match reason {
+        StopReason::GuestExit(s) => *s,
+        StopReason::Reset => 0,
+        StopReason::GuestCrash(what) => {
+            eprintln!("ember: the guest crashed: {what}");
+            EXIT_GUEST_CRASH
+        }
+        StopReason::UserQuit(0) => {
+            eprintln!("\r\nember: quit (Ctrl-a x)");
+            130
+        }
+        StopReason::UserQuit(sig) => 128u8.wrapping_add(*sig as u8),
+        StopReason::VmmError(what) => {
+            eprintln!("ember: {what}");
+            EXIT_VMM_ERROR
+        }
+    }
+}
+
+fn error_code(e: &VmmError) -> u8 {
+    report(e);
+    if e.is_kvm_unusable() { EXIT_KVM_UNUSABLE } else { EXIT_VMM_ERROR }
+}
+
+fn run(args: RunArgs, start: Instant) -> u8 {
+    let cfg = match build_config(&args) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("ember: {msg}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let timeline = Arc::new(Timeline::new(start));
+    let outcome = Vmm::new(&cfg, timeline.clone()).and_then(|vmm| vmm.run());
+    timeline.mark("ember: VM torn down");
+    let code = match outcome {
+        Ok(o) => exit_code_for(&o.reason),
+        Err(e) => error_code(&e),
+    };
+    match args.timeline {
+        Some(TimelineFormat::Table) => eprint!("{}", timeline.render_table()),
+        Some(TimelineFormat::Json) => eprintln!("{}", timeline.render_json()),
+        None => {}
+    }
+    code
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run(args, start),
+        Command::Demo { quiet } => match ember::demo::run_demo(start, quiet) {
+            Ok(o) => exit_code_for(&o.reason),
+            Err(e) => error_code(&e),
+        },
+    };
+    ExitCode::from(code)
+}

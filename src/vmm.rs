@@ -1,0 +1,336 @@
+//! The boot recipe, top to bottom (`Vmm::new`), and the run (`Vmm::run`).
+//!
+//! ```text
+//! 1. open /dev/kvm, check the API version          KVM api.rst 4.1
+//! 2. KVM_CREATE_VM; in-kernel PIC/IOAPIC/PIT       api.rst 4.2, 4.24, 4.68
+//! 3. map guest RAM, KVM_SET_USER_MEMORY_REGION     memory.rs
+//! 4. load kernel, initrd, cmdline, boot_params     boot.rs (Linux boot.rst / PVH)
+//! 5. GDT, page tables, MP table                    x86/regs.rs, x86/mptable.rs
+//! 6. devices on the PIO bus: COM1, i8042, exit     devices/
+//! 7. vCPUs: CPUID, MSRs, registers, LAPIC          vcpu.rs, x86/
+//! 8. one thread per vCPU, the event loop on main   vcpu.rs, event_loop.rs
+//! ```
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::boot::{self, BootError, BootInfo, KernelFormat};
+use crate::bus::{Bus, BusError};
+use crate::config::{ConfigError, IrqchipMode, SerialMode, VmConfig};
+use crate::console::{self, RawTerminal};
+use crate::control::{StopReason, VmControl};
+use crate::devices::exit::ExitDevice;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{IrqLine, Serial, SerialOutput};
+use crate::event_loop::{self, ConsoleInput, EventLoopError};
+use crate::layout;
+use crate::memory::{self, MemoryError};
+use crate::timeline::Timeline;
+use crate::vcpu::{self, ExitCounts, Vcpu, VcpuError, VcpuShared};
+use crate::x86::{mptable, regs};
+
+/// Where KVM may put the TSS it needs for real-mode emulation on Intel
+/// (api.rst 4.43 KVM_SET_TSS_ADDR): three pages just below the BIOS area, in the MMIO gap.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Everything that can go wrong building or running a VM.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// /dev/kvm cannot be used.
+    #[error("{0}")]
+    KvmUnusable(String),
+    /// A KVM VM-level ioctl failed.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        /// What we tried.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel/initrd loading.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Boot structures in guest memory.
+    #[error("cannot write boot structures into guest memory")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// Device wiring.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// vCPU setup.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The event loop.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// The serial output file.
+    #[error("cannot open serial output file {path}")]
+    SerialFile {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A host resource (eventfd, thread) could not be created.
+    #[error("cannot create {0}")]
+    Host(&'static str, #[source] std::io::Error),
+}
+
+impl VmmError {
+    /// True when the problem is /dev/kvm itself.
+    pub fn is_kvm_unusable(&self) -> bool {
+        matches!(self, VmmError::KvmUnusable(_))
+    }
+}
+
+/// How a run ended, with what ember saw on the way.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why the VM stopped.
+    pub reason: StopReason,
+    /// Exits per vCPU.
+    pub exits: Vec<ExitCounts>,
+}
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    // Field order is drop order: vCPUs and the VM before guest memory.
+    vcpus: Vec<Vcpu>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemoryMmap,
+    control: Arc<VmControl>,
+    serial: Arc<Mutex<Serial>>,
+    input_drained: Arc<EventFd>,
+    serial_mode: SerialMode,
+    timeline: Arc<Timeline>,
+    /// What was loaded, for `ember demo`'s narration.
+    pub boot: BootInfo,
+    /// Whether the in-kernel irqchip was created.
+    pub irqchip: bool,
+}
+
+/// Opens /dev/kvm, turning the usual failures into advice.
+pub fn open_kvm() -> Result<Kvm, VmmError> {
+    match Kvm::new() {
+        Ok(kvm) => {
+            let v = kvm.get_api_version();
+            if v != 12 {
+                return Err(VmmError::KvmUnusable(format!(
+                    "/dev/kvm speaks KVM API version {v}, ember needs version 12"
+                )));
+            }
+            Ok(kvm)
+        }
+        Err(e) => Err(VmmError::KvmUnusable(match e.errno() {
+            libc::ENOENT => "/dev/kvm does not exist: this host has no KVM. Load the module \
+                 (modprobe kvm_intel or kvm_amd), or enable virtualization in the firmware / \
+                 nested virtualization in the cloud VM"
+                .into(),
+            libc::EACCES | libc::EPERM => "permission denied opening /dev/kvm: add yourself to the \
+                 `kvm` group (sudo usermod -aG kvm $USER, then log in again) or run as root"
+                .into(),
+            _ => format!("cannot open /dev/kvm: {e}"),
+        })),
+    }
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`, recording each step on `timeline`.
+    pub fn new(cfg: &VmConfig, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
+        cfg.validate()?;
+        // Check the files before touching KVM: a typo should not cost a VM.
+        let format = boot::probe_kernel(&cfg.kernel)?;
+        if let Some(initrd) = &cfg.initrd {
+            std::fs::File::open(initrd)
+                .map_err(|source| BootError::OpenInitrd { path: initrd.clone(), source })?;
+        }
+
+        // 1. /dev/kvm
+        let kvm = open_kvm()?;
+        timeline.mark("ember: /dev/kvm opened");
+
+        // 2. The VM and, when needed, the in-kernel interrupt controllers.
+        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create a VM", source })?;
+        let irqchip = match cfg.irqchip {
+            IrqchipMode::On => true,
+            IrqchipMode::Off => false,
+            // A Linux kernel needs its timer and interrupts; a tiny one-vCPU
+            // guest does not, and skipping them makes VM teardown much cheaper.
+            IrqchipMode::Auto => cfg.cpus > 1 || !matches!(format, KernelFormat::Elf { linux_note: false }),
+        };
+        if irqchip {
+            vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
+            vm.create_irq_chip().map_err(|source| VmmError::Kvm { what: "create the in-kernel irqchip", source })?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+            vm.create_pit2(pit).map_err(|source| VmmError::Kvm { what: "create the in-kernel PIT", source })?;
+        }
+        timeline.mark("ember: VM created");
+
+        // 3. Guest RAM.
+        let mem = memory::create_guest_memory(cfg.mem_size_bytes)?;
+        memory::register_guest_memory(&vm, &mem)?;
+        timeline.mark("ember: guest memory registered");
+
+        // 4-5. Kernel and boot structures.
+        let boot = boot::load_kernel(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        regs::setup_gdt_idt(&mem)?;
+        if boot.mode == regs::EntryMode::Long64 {
+            regs::setup_page_tables(&mem)?;
+        }
+        if irqchip {
+            mptable::setup_mptable(&mem, cfg.cpus)?;
+        }
+        timeline.mark("ember: kernel loaded");
+
+        // 6. Devices.
+        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
+        let input_drained =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
+        let sink: Box<dyn Write + Send> = match &cfg.serial {
+            SerialMode::Stdio => Box::new(std::fs::File::from(dup_stdout()?)),
+            SerialMode::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmmError::SerialFile { path: path.clone(), source })?,
+            ),
+            SerialMode::None => Box::new(std::io::sink()),
+        };
+        let irq = if irqchip {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
+            vm.register_irqfd(&evt, layout::COM1_IRQ)
+                .map_err(|source| VmmError::Kvm { what: "register the serial irqfd", source })?;
+            IrqLine::Irqfd(evt)
+        } else {
+            IrqLine::None
+        };
+        let out = SerialOutput::new(sink, control.clone(), timeline.clone());
+        let serial = Arc::new(Mutex::new(Serial::new(irq, out, Some(input_drained.clone()))));
+        let mut pio = Bus::new();
+        pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
+        pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", Arc::new(Mutex::new(I8042::new(control.clone()))))?;
+        pio.insert(u64::from(layout::EXIT_PORT), 1, "exit device", Arc::new(Mutex::new(ExitDevice::new(control.clone()))))?;
+        let mmio = Bus::new();
+
+        // 7. vCPUs.
+        let base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmmError::Kvm { what: "report its supported CPUID", source })?;
+        let shared = VcpuShared {
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            control: control.clone(),
+            timeline: timeline.clone(),
+            base_cpuid,
+            count: cfg.cpus,
+            irqchip,
+        };
+        let vcpus = (0..cfg.cpus).map(|id| Vcpu::new(&vm, id, &shared, &boot)).collect::<Result<Vec<_>, _>>()?;
+        timeline.mark("ember: vCPUs configured");
+
+        Ok(Vmm {
+            vcpus,
+            _vm: vm,
+            _kvm: kvm,
+            _mem: mem,
+            control,
+            serial,
+            input_drained,
+            serial_mode: cfg.serial.clone(),
+            timeline,
+            boot,
+            irqchip,
+        })
+    }
+
+    /// Runs the VM until it stops; returns why and what the vCPUs saw.
+    pub fn run(mut self) -> Result<RunOutcome, VmmError> {
+        // Signals that end the VM are read from a signalfd by the event loop;
+        // block them before spawning so no vCPU thread receives them.
+        let signals = event_loop::block_stop_signals();
+        vcpu::install_kick_handler()?;
+
+        let stdin_fd = std::io::stdin().as_raw_fd();
+        let _raw = match self.serial_mode {
+            SerialMode::Stdio => RawTerminal::enable(stdin_fd),
+            _ => None,
+        };
+        let console = (self.serial_mode == SerialMode::Stdio).then(|| ConsoleInput {
+            serial: self.serial.clone(),
+            fd: stdin_fd,
+            escape: console::is_tty(stdin_fd),
+            drained: self.input_drained.clone(),
+        });
+
+        let mut handles: Vec<JoinHandle<ExitCounts>> = Vec::new();
+        for (i, v) in self.vcpus.drain(..).enumerate() {
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || v.run())
+                .map_err(|e| VmmError::Host("a vCPU thread", e))?;
+            handles.push(h);
+        }
+
+        let result = event_loop::run(&self.control, console, &signals);
+        if result.is_err() {
+            self.control.stop(StopReason::VmmError("the event loop failed".into()));
+        }
+        self.timeline.mark("ember: stop requested");
+        let exits = stop_vcpus(handles);
+        self.timeline.mark("ember: vCPUs joined");
+        let reason = result?;
+        Ok(RunOutcome { reason, exits })
+    }
+
+    /// The shared stop control (for tests and tools that stop a VM from outside).
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+}
+
+/// Kicks every vCPU thread out of KVM_RUN until it returns, then joins it.
+fn stop_vcpus(handles: Vec<JoinHandle<ExitCounts>>) -> Vec<ExitCounts> {
+    let mut exits = Vec::with_capacity(handles.len());
+    for h in handles {
+        while !h.is_finished() {
+            // SAFETY: the thread is alive (not finished), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), vcpu::kick_signal()) };
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        exits.push(h.join().unwrap_or_default());
+    }
+    exits
+}
+
+fn dup_stdout() -> Result<OwnedFd, VmmError> {
+    // SAFETY: dup of fd 1 returns a new descriptor (or -1) that we then own.
+    let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    if fd < 0 {
+        return Err(VmmError::Host("a copy of stdout", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is fresh and owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
