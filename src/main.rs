@@ -36,6 +36,10 @@ enum Command {
         /// Only the guest's own output.
         #[arg(long)]
         quiet: bool,
+        /// Write the built-in guest's ELF image to PATH instead of booting it
+        /// (it also boots under `qemu-system-x86_64 -M microvm -kernel PATH`).
+        #[arg(long, value_name = "PATH")]
+        save_guest: Option<PathBuf>,
     },
 }
 
@@ -171,7 +175,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args, start),
-        Command::Demo { quiet } => match ember::demo::run_demo(start, quiet) {
+        Command::Demo { save_guest: Some(path), .. } => match std::fs::write(&path, ember::demo::HELLO_GUEST) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("ember: cannot write {}: {e}", path.display());
+                EXIT_VMM_ERROR
+            }
+        },
+        Command::Demo { quiet, save_guest: None } => match ember::demo::run_demo(start, quiet) {
             Ok(o) => exit_code_for(&o.reason),
             Err(e) => error_code(&e),
         },

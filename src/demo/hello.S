@@ -6,9 +6,10 @@
  *     PVH note (XEN_ELFNOTE_PHYS32_ENTRY, xen docs/misc/pvh.pandoc): it starts
  *     the vCPU at `_start` in 32-bit protected mode, paging off, EBX pointing
  *     at the hvm_start_info structure.
- *  2. The guest builds page tables (1 GiB identity map, 2 MiB pages), enables
- *     PAE, sets EFER.LME, turns paging on and far-jumps into a 64-bit code
- *     segment: it is now in long mode (Intel SDM vol. 3, 9.8.5).
+ *  2. It points CR3 at page tables prebuilt in the image (an identity map of
+ *     the first 2 MiB, one large page), enables PAE, sets EFER.LME, turns
+ *     paging on and far-jumps into a 64-bit code segment: it is now in long
+ *     mode (Intel SDM vol. 3, 9.8.5).
  *  3. It talks to the 16550 UART at 0x3f8 with IN/OUT: every access is a VM
  *     exit that KVM hands to the VMM, which emulates the UART.
  *  4. It prints the command line the VMM passed (start_info.cmdline_paddr) and
@@ -42,20 +43,8 @@
 _start:
     mov esi, ebx                /* keep the start_info pointer */
 
-    /* PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] -> i * 2 MiB (present, RW, PS). */
-    lea eax, [pdpt + 3]
-    mov [pml4], eax
-    lea eax, [pd + 3]
-    mov [pdpt], eax
-    xor ecx, ecx
-1:  mov eax, ecx
-    shl eax, 21
-    or eax, 0x83
-    mov [pd + ecx * 8], eax
-    inc ecx
-    cmp ecx, 512
-    jne 1b
-
+    /* The page tables are prebuilt in .data (PVH loads the image at its link
+     * address, so their absolute pointers are right): no loop to run. */
     mov eax, cr4
     or eax, CR4_PAE
     mov cr4, eax
@@ -96,20 +85,23 @@ long_mode:
 3:  hlt                         /* not reached under ember */
     jmp 3b
 
-/* puts: print the NUL-terminated string at RBX on COM1. */
+/* puts: print the NUL-terminated string at RBX on COM1. Waits for "transmitter
+ * holding register empty" (LSR bit 5), then writes up to 16 bytes: the depth of
+ * the 16550A's transmit FIFO (datasheet, "FIFO mode"). */
 puts:
-    mov al, [rbx]
-    test al, al
-    jz 5f
-    mov ah, al
     mov dx, COM1_LSR
-4:  in al, dx                   /* wait for "transmitter holding register empty" */
+4:  in al, dx
     test al, UART_LSR_THRE
     jz 4b
-    mov al, ah
+    mov ecx, 16
     mov dx, COM1_THR
+6:  mov al, [rbx]
+    test al, al
+    jz 5f
     out dx, al
     inc rbx
+    dec ecx
+    jnz 6b
     jmp puts
 5:  ret
 
@@ -129,10 +121,16 @@ msg_cmdline:
 msg_bye:
     .asciz "\nWriting status 0 to the exit port 0x501. Bye.\n"
 
-    .section .bss
+    .section .data
     .balign 4096
-pml4:   .skip 4096
-pdpt:   .skip 4096
-pd:     .skip 4096
-stack:  .skip 4096
+pml4:   .quad pdpt + 3                  /* present, writable */
+        .fill 511, 8, 0
+pdpt:   .quad pd + 3
+        .fill 511, 8, 0
+pd:     .quad 0x83                      /* 0..2 MiB: present, writable, 2 MiB page */
+        .fill 511, 8, 0
+
+    .section .bss
+    .balign 16
+stack:  .skip 1024
 stack_top:

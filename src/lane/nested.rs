@@ -140,7 +140,9 @@ impl OuterMachine {
     }
 
     fn boot_in(config: &LaneConfig, interactive: bool, dir: PathBuf) -> Result<OuterMachine, LaneError> {
+        let t = Instant::now();
         let artifacts = build_artifacts(&dir)?;
+        log::debug!("lane: artifacts ready in {:?}: {artifacts:?}", t.elapsed());
         for p in config.writable.iter().chain([&dir]) {
             check_share_path(p)?;
         }
@@ -206,6 +208,7 @@ impl OuterMachine {
         };
         match machine.wait(Some(deadline)) {
             Wait::Message(AgentMessage::Ready { release }) => {
+                log::debug!("lane: agent ready {:?} after QEMU started", start.elapsed());
                 machine.release = release;
                 machine.boot_time = start.elapsed();
                 Ok(machine)
@@ -326,9 +329,13 @@ impl OuterMachine {
         let input = thread::spawn(move || pump_input(streams.input, stop_rx));
 
         self.send(&format!("stream {id} {marker}"))?;
+        log::debug!("lane: stream {id} sent");
         let result = loop {
             match self.wait(None) {
-                Wait::Message(AgentMessage::Done { id: got, status }) if got == id => break Ok(status),
+                Wait::Message(AgentMessage::Done { id: got, status }) if got == id => {
+                    log::debug!("lane: stream {id} done, status {status}");
+                    break Ok(status);
+                }
                 Wait::Message(other) => log::warn!("lane: unexpected agent message {other:?}"),
                 Wait::Deadline | Wait::Gone => break Err(self.fail("the outer machine died during the run")),
             }
@@ -358,6 +365,7 @@ impl OuterMachine {
             }
             stop_child(&mut self.child, keeper);
             let _ = fs::remove_dir_all(&self.dir);
+            log::debug!("lane: outer machine stopped");
         }
     }
 }

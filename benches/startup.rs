@@ -1,0 +1,169 @@
+//! Start-up, exit and memory of ember against QEMU `-M microvm`, on the same
+//! tiny guest (ember's built-in demo guest, a PVH ELF both VMMs boot), with the
+//! same `-m`. Runs are interleaved (ember, qemu, ember, qemu, ...) so drift on a
+//! noisy machine hits both; we report medians, min, max, p95 and ratios.
+//!
+//! Then: where ember's own time goes (its `--timeline=json` events, medians).
+//!
+//! `cargo bench --bench startup -- [RUNS]` (default 15 runs after 2 warm-ups).
+//! Absolute times depend heavily on the host's KVM (hardware VMX/SVM or
+//! software like kvm_pvm); compare the ratios.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const EMBER: &str = env!("CARGO_BIN_EXE_ember");
+
+/// One measured run.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    first_byte: Duration,
+    exit: Duration,
+    max_rss_kib: u64,
+}
+
+/// Runs `cmd`, timing its first stdout byte and its exit; peak RSS from wait4.
+fn measure(cmd: &mut Command) -> Sample {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut byte = [0u8; 1];
+    let first_byte = match out.read(&mut byte) {
+        Ok(1) => start.elapsed(),
+        _ => panic!("{cmd:?} printed nothing"),
+    };
+    let mut rest = Vec::new();
+    let _ = out.read_to_end(&mut rest);
+    let mut status = 0;
+    // SAFETY: rusage is plain data filled by wait4 for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for the child we spawned.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let exit = start.elapsed();
+    assert_eq!(pid, child.id() as i32);
+    let st = std::process::ExitStatus::from_raw(status);
+    assert!(st.code().is_some(), "{cmd:?} died: {st:?}");
+    Sample { first_byte, exit, max_rss_kib: usage.ru_maxrss as u64 }
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let pick = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (pick(0.5), v[0], v[v.len() - 1], pick(0.95))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn qemu_cmd(guest: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-M", "microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=on"])
+        .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", "16M", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(guest)
+        .args(["-append", "bench", "-device", "isa-debug-exit,iobase=0x501,iosize=1"]);
+    c
+}
+
+fn ember_cmd(guest: &Path) -> Command {
+    let mut c = Command::new(EMBER);
+    c.args(["run", "--memory", "16M", "--cmdline", "bench", "--kernel"]).arg(guest);
+    c
+}
+
+fn main() {
+    let runs: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(15);
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm absent — nothing to measure");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let guest: PathBuf = dir.join("hello.elf");
+    let ok = Command::new(EMBER).args(["demo", "--save-guest"]).arg(&guest).status().expect("ember");
+    assert!(ok.success());
+    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    for i in 0..runs + 2 {
+        let e = measure(&mut ember_cmd(&guest));
+        let q = have_qemu.then(|| measure(&mut qemu_cmd(&guest)));
+        if i >= 2 {
+            samples.entry("ember").or_default().push(e);
+            if let Some(q) = q {
+                samples.entry("qemu-microvm").or_default().push(q);
+            }
+        }
+    }
+
+    println!("\n## Tiny guest: ember vs QEMU microvm ({runs} interleaved runs, 16 MiB, 1 vCPU)\n");
+    println!("| VMM | first byte ms (median) | min | max | p95 | exit ms (median) | min | max | p95 | peak RSS MiB (median) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut medians = BTreeMap::new();
+    for (name, s) in &samples {
+        let fb = stats(s.iter().map(|x| ms(x.first_byte)).collect());
+        let ex = stats(s.iter().map(|x| ms(x.exit)).collect());
+        let rss = stats(s.iter().map(|x| x.max_rss_kib as f64 / 1024.0).collect());
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            fb.0, fb.1, fb.2, fb.3, ex.0, ex.1, ex.2, ex.3, rss.0
+        );
+        medians.insert(*name, (fb.0, ex.0, rss.0));
+    }
+    if let (Some(e), Some(q)) = (medians.get("ember"), medians.get("qemu-microvm")) {
+        // Pairwise ratios (run i of ember against run i of qemu), then their median.
+        let (es, qs) = (&samples["ember"], &samples["qemu-microvm"]);
+        let pair = |f: fn(&Sample) -> f64| stats(es.iter().zip(qs).map(|(a, b)| f(a) / f(b)).collect()).0;
+        println!(
+            "\nember / qemu-microvm (median of pairwise ratios): first byte {:.2}, exit {:.2}, peak RSS {:.2}",
+            pair(|s| ms(s.first_byte)),
+            pair(|s| ms(s.exit)),
+            pair(|s| s.max_rss_kib as f64)
+        );
+        println!(
+            "medians: ember {:.2} / {:.2} ms, {:.2} MiB; qemu-microvm {:.2} / {:.2} ms, {:.2} MiB",
+            e.0, e.1, e.2, q.0, q.1, q.2
+        );
+    } else {
+        println!("\n(qemu-system-x86_64 not found: install qemu-system-x86 to compare)");
+    }
+
+    // Where ember's time goes, from its own timeline.
+    let mut events: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for _ in 0..runs {
+        let out = Command::new(EMBER)
+            .args(["run", "--memory", "16M", "--serial", "none", "--timeline=json", "--kernel"])
+            .arg(&guest)
+            .output()
+            .expect("ember");
+        let text = String::from_utf8_lossy(&out.stderr);
+        for item in text.trim().trim_start_matches('[').trim_end_matches(']').split("},{") {
+            let name = item.split("\"event\":\"").nth(1).and_then(|r| r.split('"').next());
+            let at = item.split("\"ms\":").nth(1).and_then(|r| r.trim_end_matches('}').parse::<f64>().ok());
+            if let (Some(n), Some(a)) = (name, at) {
+                if !order.iter().any(|o| o == n) {
+                    order.push(n.to_string());
+                }
+                events.entry(n.to_string()).or_default().push(a);
+            }
+        }
+    }
+    println!("\n## Inside ember (median ms since ember's main(), {runs} runs)\n");
+    println!("| event | at ms | step ms |");
+    println!("|---|---|---|");
+    let mut prev = 0.0;
+    for n in &order {
+        let m = stats(events[n].clone()).0;
+        println!("| {n} | {m:.3} | {:.3} |", m - prev);
+        prev = m;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,47 @@
+/*
+ * exit: end the VM the way the command line says.
+ *   status=N   print "status N", write N to the exit device (port 0x501)
+ *   reset      print "reset", pulse the reset line through the i8042 (0xfe to 0x64)
+ * Anything else: status 0.
+ */
+    .intel_syntax noprefix
+    .section .text.entry, "ax"
+    .globl _start
+_start:
+    mov r15, rsi
+    lea rdi, [key_reset]
+    call after
+    test rax, rax
+    jnz do_reset
+
+    xor ebx, ebx
+    lea rdi, [key_status]
+    call after
+    test rax, rax
+    jz 1f
+    mov rdi, rax
+    call parse_dec
+    mov rbx, rax
+1:  lea rdi, [msg_status]
+    call puts
+    mov rdi, rbx
+    call putdec
+    mov al, '\n'
+    call putc
+    mov eax, ebx
+    jmp exit
+
+do_reset:
+    lea rdi, [msg_reset]
+    call puts
+    mov al, I8042_CMD_RESET
+    out I8042_COMMAND_PORT, al
+2:  jmp 2b                      /* not reached: the VM is gone */
+
+    .include "lib.inc"
+
+    .section .rodata
+key_reset:  .asciz "reset"
+key_status: .asciz "status="
+msg_status: .asciz "status "
+msg_reset:  .asciz "reset\n"
