@@ -21,7 +21,8 @@
 //! Data path of one byte the guest prints: `vcpu.rs` (IoOut) -> `bus.rs` ->
 //! `devices/serial.rs` (THR) -> stdout.
 //!
-//! Around the core: [`demo`] (built-in guests).
+//! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
+//! guest: build, cache, passing a command to its init).
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
@@ -33,6 +34,7 @@ pub mod control;
 pub mod demo;
 pub mod devices;
 pub mod event_loop;
+pub mod guest;
 pub mod layout;
 pub mod memory;
 pub mod timeline;

@@ -82,18 +82,33 @@ struct RunArgs {
     /// Print the boot timeline at exit (table, or json).
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "table", require_equals = true)]
     timeline: Option<TimelineFormat>,
+    /// Command for the default guest's init to run (after `--`); none: a shell.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
 }
 
-/// The kernel command line a Linux guest gets unless --cmdline says otherwise.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// The kernel command line a Linux guest gets unless --cmdline says otherwise:
+/// console on COM1 only, reboot through the i8042 (ember exits 0), a panic
+/// resets at once (ember reports a crash), no boot chatter.
+const DEFAULT_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet";
 
 fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
-    let Some(kernel) = &a.kernel else {
-        return Err("no --kernel given: pass a vmlinux or bzImage (e.g. --kernel /path/to/bzImage)".into());
+    let (kernel, initrd) = match &a.kernel {
+        Some(k) => (k.clone(), a.initrd.clone()),
+        None => {
+            let g = ember::guest::default_guest(false).map_err(|e| format!("{e}"))?;
+            (g.vmlinux, Some(a.initrd.clone().unwrap_or(g.initramfs)))
+        }
     };
-    let mut cfg = VmConfig::new(KernelSource::Path(kernel.clone()));
-    cfg.initrd = a.initrd.clone();
+    let mut cfg = VmConfig::new(KernelSource::Path(kernel));
+    cfg.initrd = initrd;
     cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if !a.command.is_empty() {
+        use std::os::unix::ffi::OsStrExt;
+        let args: Vec<&[u8]> = a.command.iter().map(|s| s.as_bytes()).collect();
+        let argv = ember::guest::encode_argv(&args).map_err(|e| e.to_string())?;
+        cfg.cmdline = format!("{} {argv}", cfg.cmdline);
+    }
     cfg.cpus = match u8::try_from(a.cpus) {
         Ok(n) => n,
         Err(_) => return Err(config::ConfigError::TooManyCpus(a.cpus).to_string()),

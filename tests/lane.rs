@@ -138,3 +138,21 @@ fn real_ember_demo() {
     eprintln!("ember demo in the lane: status {} in {:?}", out.status, out.elapsed);
     assert_eq!(out.status, 0, "stdout: {}\nstderr: {}", out.stdout_lossy(), out.stderr_lossy());
 }
+
+/// A lane that cannot start says why instead of passing silently: an outer CPU without SVM.
+#[test]
+fn outer_machine_without_svm_fails_clearly() {
+    if !nested() {
+        return;
+    }
+    let config = ember::lane::LaneConfig {
+        force_nested: Some(true),
+        cpu_model: "qemu64,-svm".into(),
+        ..Default::default()
+    };
+    let err = match LinuxLane::start_with(Path::new("/bin/sh"), config) {
+        Ok(lane) => panic!("started without SVM: {}", lane.describe()),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("no SVM"), "{err}");
+}

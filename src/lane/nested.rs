@@ -225,8 +225,15 @@ impl OuterMachine {
         &self.dir
     }
 
+    /// An error for `reason`, preferring the agent's own `FAIL:` line on the console (it cannot use the
+    /// control port before the virtio modules are loaded).
     fn fail(&self, reason: &str) -> LaneError {
-        LaneError::OuterMachine { reason: reason.to_string(), log: console_tail(&self.dir) }
+        let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let reason = console
+            .lines()
+            .find_map(|l| l.split_once("ember-lane-init: FAIL: ").map(|(_, r)| r.to_string()))
+            .unwrap_or_else(|| reason.to_string());
+        LaneError::OuterMachine { reason, log: console_tail(&self.dir) }
     }
 
     /// Waits for the next control message, until `deadline` or until QEMU goes away.

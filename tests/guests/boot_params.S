@@ -9,6 +9,7 @@
  * then exit with status 0.
  */
     .intel_syntax noprefix
+    .include "lib.inc"
     .section .text.entry, "ax"
     .globl _start
 _start:
@@ -58,7 +59,6 @@ _start:
 2:  xor eax, eax
     jmp exit
 
-    .include "lib.inc"
 
     .section .rodata
 msg_size:    .asciz "cmdline_size="

@@ -9,6 +9,7 @@
  * Each prints "crashing: <how>" first.
  */
     .intel_syntax noprefix
+    .include "lib.inc"
     .set UNMAPPED_MMIO, 0xd0000000
 
     .section .text.entry, "ax"
@@ -52,7 +53,6 @@ halt:
     mov al, 3                   /* not reached */
     jmp exit
 
-    .include "lib.inc"
 
     .section .rodata
     .balign 8

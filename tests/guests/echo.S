@@ -4,6 +4,7 @@
  * ember's stdin meanwhile), print "bye" and exit with status 0.
  */
     .intel_syntax noprefix
+    .include "lib.inc"
     .section .text.entry, "ax"
     .globl _start
 _start:
@@ -25,7 +26,6 @@ _start:
     xor eax, eax
     jmp exit
 
-    .include "lib.inc"
 
     .section .rodata
 msg_prompt: .asciz "echo> "

@@ -5,6 +5,7 @@
  * Anything else: status 0.
  */
     .intel_syntax noprefix
+    .include "lib.inc"
     .section .text.entry, "ax"
     .globl _start
 _start:
@@ -38,7 +39,6 @@ do_reset:
     out I8042_COMMAND_PORT, al
 2:  jmp 2b                      /* not reached: the VM is gone */
 
-    .include "lib.inc"
 
     .section .rodata
 key_reset:  .asciz "reset"

@@ -1,0 +1,184 @@
+//! The default guest: ember's own microVM Linux kernel and initramfs, built
+//! from Debian packages by the scripts in `guest-kernels/` and cached in
+//! `${XDG_CACHE_HOME:-~/.cache}/ember/`.
+//!
+//! The scripts are compiled into the binary, so `ember run` works from any
+//! directory: they are written to a content-addressed folder in the cache and
+//! run from there. `build.sh` prints `KEY=value` lines on stdout (progress goes
+//! to stderr, i.e. straight to the user); ember remembers the last answer in
+//! `default-guest.env` beside them, so a cached boot costs no script at all.
+//!
+//! Also here: how a command given after `--` reaches the guest's init
+//! (`ember.argv=`, see guest-kernels/init).
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use thiserror::Error;
+
+/// The guest-kernels/ files the build needs, embedded at compile time.
+const SCRIPTS: &[(&str, &str)] = &[
+    ("build.sh", include_str!("../../guest-kernels/build.sh")),
+    ("initramfs.sh", include_str!("../../guest-kernels/initramfs.sh")),
+    ("init", include_str!("../../guest-kernels/init")),
+    ("microvm.config", include_str!("../../guest-kernels/microvm.config")),
+    ("ember-exit.c", include_str!("../../guest-kernels/ember-exit.c")),
+];
+
+/// Errors building or finding the default guest.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// The cache directory cannot be written.
+    #[error("cannot write the guest build scripts to {path}")]
+    Scripts {
+        /// Where.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// bash could not be started.
+    #[error("cannot run bash to build the default guest")]
+    Spawn(#[source] std::io::Error),
+    /// The build failed.
+    #[error("building the default guest failed (exit status {0}); its log is named above")]
+    Build(i32),
+    /// The build printed no artifact paths.
+    #[error("the guest build did not report {0}")]
+    Missing(&'static str),
+    /// An argument cannot be passed (NUL byte).
+    #[error("argument {0} of the command contains a NUL byte")]
+    NulInArgument(usize),
+}
+
+/// Paths of a built default guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestArtifacts {
+    /// Compressed kernel (64-bit boot protocol).
+    pub bzimage: PathBuf,
+    /// Uncompressed ELF kernel (PVH entry).
+    pub vmlinux: PathBuf,
+    /// busybox + ember's init.
+    pub initramfs: PathBuf,
+    /// `make kernelrelease` of the kernel.
+    pub kernel_release: String,
+}
+
+/// ember's cache root.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(x) => PathBuf::from(x).join("ember"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/ember"),
+    }
+}
+
+fn scripts_hash() -> u64 {
+    let mut h = DefaultHasher::new();
+    SCRIPTS.hash(&mut h);
+    h.finish()
+}
+
+fn parse_artifacts(text: &str) -> Result<GuestArtifacts, GuestError> {
+    let get = |key: &'static str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .last()
+            .map(str::to_string)
+            .ok_or(GuestError::Missing(key))
+    };
+    Ok(GuestArtifacts {
+        bzimage: get("EMBER_BZIMAGE")?.into(),
+        vmlinux: get("EMBER_VMLINUX")?.into(),
+        initramfs: get("EMBER_INITRAMFS")?.into(),
+        kernel_release: get("EMBER_KERNEL_RELEASE")?,
+    })
+}
+
+fn exists(a: &GuestArtifacts) -> bool {
+    [&a.bzimage, &a.vmlinux, &a.initramfs].iter().all(|p| p.is_file())
+}
+
+/// The default guest, from the cache when it is there, built otherwise
+/// (progress on stderr). `force` rebuilds the answer by running the script.
+pub fn default_guest(force: bool) -> Result<GuestArtifacts, GuestError> {
+    let dir = cache_dir().join(format!("scripts-{:016x}", scripts_hash()));
+    let remembered = dir.join("default-guest.env");
+    if !force {
+        if let Ok(text) = std::fs::read_to_string(&remembered) {
+            if let Ok(a) = parse_artifacts(&text) {
+                if exists(&a) {
+                    return Ok(a);
+                }
+            }
+        }
+    }
+    write_scripts(&dir)?;
+    eprintln!("ember: preparing the default guest (cached in {})", cache_dir().display());
+    let out = Command::new("bash")
+        .arg(dir.join("build.sh"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(GuestError::Spawn)?;
+    if !out.status.success() {
+        return Err(GuestError::Build(out.status.code().unwrap_or(-1)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let a = parse_artifacts(&text)?;
+    let _ = std::fs::write(&remembered, text.as_bytes());
+    Ok(a)
+}
+
+fn write_scripts(dir: &Path) -> Result<(), GuestError> {
+    let err = |source| GuestError::Scripts { path: dir.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    for (name, text) in SCRIPTS {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
+            std::fs::write(&path, text).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a command for the guest's init: `ember.argv=x<hex>,x<hex>,...`
+/// (one field per argument: `x` + lowercase hex of its bytes; see guest-kernels/init).
+pub fn encode_argv(args: &[impl AsRef<[u8]>]) -> Result<String, GuestError> {
+    let mut fields = Vec::with_capacity(args.len());
+    for (i, a) in args.iter().enumerate() {
+        let a = a.as_ref();
+        if a.contains(&0) {
+            return Err(GuestError::NulInArgument(i));
+        }
+        let mut f = String::with_capacity(1 + 2 * a.len());
+        f.push('x');
+        for b in a {
+            f += &format!("{b:02x}");
+        }
+        fields.push(f);
+    }
+    Ok(format!("ember.argv={}", fields.join(",")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_encoding_matches_the_init() {
+        assert_eq!(encode_argv(&["echo", "hi", ""]).unwrap(), "ember.argv=x6563686f,x6869,x");
+        assert_eq!(encode_argv(&["a b'\"$\\"]).unwrap(), "ember.argv=x6120622722245c");
+        assert!(encode_argv(&[b"a\0b".as_slice()]).is_err());
+    }
+
+    #[test]
+    fn artifacts_parse() {
+        let t = "noise\nEMBER_BZIMAGE=/c/bz\nEMBER_VMLINUX=/c/vm\nEMBER_INITRAMFS=/c/i.gz\nEMBER_KERNEL_RELEASE=6.1.1\n";
+        let a = parse_artifacts(t).unwrap();
+        assert_eq!(a.bzimage, PathBuf::from("/c/bz"));
+        assert_eq!(a.kernel_release, "6.1.1");
+        assert!(matches!(parse_artifacts("EMBER_BZIMAGE=x"), Err(GuestError::Missing(_))));
+    }
+}

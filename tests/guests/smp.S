@@ -1,0 +1,251 @@
+/*
+ * smp: the boot vCPU starts every other vCPU the way Linux does (Intel SDM
+ * vol. 3, 9.4.4 "MP Initialization Example"; MultiProcessor Spec B.4):
+ *
+ *  1. copy a real-mode trampoline to TRAMPOLINE (0x10000: free RAM in ember's
+ *     layout, page aligned, below 1 MiB);
+ *  2. software-enable the local APIC (SVR), send INIT, then SIPI twice with
+ *     vector TRAMPOLINE >> 12, to "all excluding self" through the xAPIC ICR;
+ *  3. each AP wakes in real mode at CS:IP = 0x1000:0000, loads ember's GDT
+ *     (0x500: 0x08 code32, 0x10 code64, 0x18 data), enters protected mode,
+ *     turns on PAE + EFER.LME + paging with ember's page tables (CR3 = 0x9000)
+ *     and far-jumps to 64-bit code; there it reads its APIC id (LAPIC ID
+ *     register >> 24), stores it in a slot it takes with `lock xadd`, counts
+ *     itself online with `lock inc` and halts (the in-kernel LAPIC parks it);
+ *  4. the BSP waits for `cpus=N` - 1 APs, a bounded wait: each round reads
+ *     port 0x80 (an exit, ~1-10 us: a clock that needs no timer).
+ *
+ * Output: "cpus online: N" and one "apic id: X" line per vCPU, then status 0.
+ * On timeout: "FAIL: ..." with how many APs reached each stage (real mode,
+ * protected mode, long mode), so a hang says where it stopped; status 1.
+ */
+    .intel_syntax noprefix
+    .include "lib.inc"
+    .set TRAMPOLINE, 0x10000
+    .set APIC_BASE, 0xfee00000              /* kept in R14: above 2 GiB, no disp32 reaches it */
+    .set APIC_ID, 0x20
+    .set APIC_SVR, 0xf0
+    .set APIC_ICR_LOW, 0x300
+    .set APIC_ICR_HIGH, 0x310
+    .set APIC_SVR_ENABLE, 0x100
+    .set APIC_ICR_BUSY, 0x1000              /* delivery status: send pending */
+    .set ICR_ALL_BUT_SELF, 0xc0000          /* destination shorthand 11 */
+    .set ICR_LEVEL_ASSERT, 0x4000
+    .set ICR_INIT, 0x500
+    .set ICR_STARTUP, 0x600
+    .set BOOT_GDT, 0x500
+    .set BOOT_GDT_LIMIT, 5 * 8 - 1
+    .set PML4, 0x9000
+    .set MSR_EFER, 0xc0000080
+    .set EFER_LME, 0x100
+    .set WAIT_ROUNDS, 400000                /* port reads before giving up */
+
+    .section .text.entry, "ax"
+    .globl _start
+_start:
+    mov r15, rsi
+    mov r14d, APIC_BASE
+    mov ebx, 2                  /* expected vCPUs: cpus=N, default 2 */
+    lea rdi, [key_cpus]
+    call after
+    test rax, rax
+    jz 1f
+    mov rdi, rax
+    call parse_dec
+    mov rbx, rax
+1:
+    /* 1. The trampoline, to where the SIPI vector points. */
+    lea rsi, [trampoline]
+    mov edi, TRAMPOLINE
+    mov ecx, trampoline_end - trampoline
+2:  mov al, [rsi]
+    mov [rdi], al
+    inc rsi
+    inc rdi
+    dec ecx
+    jnz 2b
+
+    /* The BSP's own APIC id is slot 0. */
+    mov eax, [r14 + APIC_ID]
+    shr eax, 24
+    mov [apic_ids], eax
+    mov dword ptr [next_slot], 1
+
+    /* 2. INIT, then SIPI twice, to all the others. */
+    mov eax, [r14 + APIC_SVR]
+    or eax, APIC_SVR_ENABLE
+    mov [r14 + APIC_SVR], eax
+    mov dword ptr [r14 + APIC_ICR_HIGH], 0
+    mov dword ptr [r14 + APIC_ICR_LOW], ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | ICR_INIT
+    call icr_wait
+    mov ecx, 100                /* ~10 ms on real hardware, by port reads */
+    call delay
+    mov dword ptr [r14 + APIC_ICR_LOW], ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | ICR_STARTUP | (TRAMPOLINE >> 12)
+    call icr_wait
+    mov ecx, 10
+    call delay
+    mov dword ptr [r14 + APIC_ICR_LOW], ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | ICR_STARTUP | (TRAMPOLINE >> 12)
+    call icr_wait
+
+    /* 4. Wait for N - 1 APs. */
+    lea r12, [rbx - 1]
+    mov ecx, WAIT_ROUNDS
+3:  mov eax, [aps_online]
+    cmp rax, r12
+    jae 4f
+    in al, 0x80
+    dec ecx
+    jnz 3b
+
+    lea rdi, [msg_fail]
+    call puts
+    mov edi, [aps_online]
+    call putdec
+    lea rdi, [msg_of]
+    call puts
+    lea rdi, [r12]
+    call putdec
+    lea rdi, [msg_stages]
+    call puts
+    mov edi, [TRAMPOLINE + stage_real - trampoline]
+    call putdec
+    lea rdi, [msg_prot]
+    call puts
+    mov edi, [TRAMPOLINE + stage_prot - trampoline]
+    call putdec
+    lea rdi, [msg_long]
+    call puts
+    mov edi, [TRAMPOLINE + stage_long - trampoline]
+    call putdec
+    mov al, '\n'
+    call putc
+    mov al, 1
+    jmp exit
+
+4:  lea rdi, [msg_online]
+    call puts
+    mov edi, [aps_online]
+    inc edi
+    call putdec
+    mov al, '\n'
+    call putc
+    xor ebx, ebx
+5:  lea rdi, [msg_apic]
+    call puts
+    mov edi, [apic_ids + rbx * 4]
+    call putdec
+    mov al, '\n'
+    call putc
+    inc ebx
+    cmp ebx, [next_slot]
+    jb 5b
+    xor eax, eax
+    jmp exit
+
+/* icr_wait: spin until the ICR's delivery-status bit clears. */
+icr_wait:
+1:  mov eax, [r14 + APIC_ICR_LOW]
+    test eax, APIC_ICR_BUSY
+    jnz 1b
+    ret
+
+/* delay: ECX port reads. */
+delay:
+1:  in al, 0x80
+    dec ecx
+    jnz 1b
+    ret
+
+/* 3. The AP, in long mode (jumped to from the trampoline). */
+ap_main:
+    mov ax, 0x18
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    lock inc dword ptr [TRAMPOLINE + stage_long - trampoline]
+    mov r14d, APIC_BASE
+    mov edx, [r14 + APIC_ID]
+    shr edx, 24
+    mov ecx, 1
+    lock xadd [next_slot], ecx
+    mov [apic_ids + rcx * 4], edx
+    lock inc dword ptr [aps_online]
+1:  cli
+    hlt
+    jmp 1b
+
+/*
+ * The trampoline: copied to TRAMPOLINE and entered there by SIPI in real mode,
+ * CS = TRAMPOLINE >> 4, IP = 0. Position independent: it addresses itself
+ * through DS = CS with offsets from `trampoline`, and jumps to absolute
+ * addresses computed from TRAMPOLINE.
+ */
+    .balign 16
+trampoline:
+    .code16
+    cli
+    mov ax, cs
+    mov ds, ax
+    lock inc dword ptr [stage_real - trampoline]
+    lgdt [gdtr - trampoline]
+    mov eax, cr0
+    or eax, 1                   /* CR0.PE */
+    mov cr0, eax
+    /* ljmpl 0x08:TRAMPOLINE + (tramp32 - trampoline): 32-bit offset far jump. */
+    .byte 0x66, 0xea
+    .long TRAMPOLINE + tramp32 - trampoline
+    .word 0x08
+
+    .code32
+tramp32:
+    mov ax, 0x18
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    lock inc dword ptr [TRAMPOLINE + stage_prot - trampoline]
+    mov eax, cr4
+    or eax, 0x20                /* CR4.PAE */
+    mov cr4, eax
+    mov eax, PML4
+    mov cr3, eax
+    mov ecx, MSR_EFER
+    rdmsr
+    or eax, EFER_LME
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80000000          /* CR0.PG: long mode is now active */
+    mov cr0, eax
+    .byte 0xea                  /* ljmp 0x10:TRAMPOLINE + (tramp64 - trampoline) */
+    .long TRAMPOLINE + tramp64 - trampoline
+    .word 0x10
+
+    .code64
+tramp64:
+    movabs rax, offset ap_main
+    jmp rax
+
+    .balign 4
+gdtr:
+    .word BOOT_GDT_LIMIT
+    .long BOOT_GDT
+stage_real: .long 0             /* APs that reached real mode */
+stage_prot: .long 0             /* ... protected mode */
+stage_long: .long 0             /* ... long mode */
+trampoline_end:
+
+
+    .section .rodata
+key_cpus:   .asciz "cpus="
+msg_fail:   .asciz "FAIL: APs online "
+msg_of:     .asciz " of "
+msg_stages: .asciz "; stages: real "
+msg_prot:   .asciz ", protected "
+msg_long:   .asciz ", long "
+msg_online: .asciz "cpus online: "
+msg_apic:   .asciz "apic id: "
+
+    .section .data
+    .balign 8
+next_slot:  .long 0
+aps_online: .long 0
+apic_ids:   .fill 256, 4, 0
