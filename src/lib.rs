@@ -41,3 +41,4 @@ pub mod timeline;
 pub mod vcpu;
 pub mod vmm;
 pub mod x86;
+pub mod lane;

@@ -20,7 +20,9 @@ pub const INNER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 pub fn parse_kv(text: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     for line in text.lines() {
-        let Some((key, value)) = line.split_once('=') else { continue };
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
         let key = key.trim();
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             continue;
@@ -114,13 +116,17 @@ impl AgentMessage {
         let line = line.trim_end_matches(['\r', '\n']);
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
-            "ready" => Some(AgentMessage::Ready { release: rest.to_string() }),
+            "ready" => Some(AgentMessage::Ready {
+                release: rest.to_string(),
+            }),
             "fail" => Some(AgentMessage::Fail(rest.to_string())),
             "done" => {
                 let mut it = rest.split(' ');
                 let id = it.next()?.parse().ok()?;
                 let status = it.next()?.parse().ok()?;
-                it.next().is_none().then_some(AgentMessage::Done { id, status })
+                it.next()
+                    .is_none()
+                    .then_some(AgentMessage::Done { id, status })
             }
             _ => None,
         }
@@ -159,7 +165,11 @@ impl MarkerStripper {
     /// A stripper for `marker` (non-empty).
     pub fn new(marker: &[u8]) -> MarkerStripper {
         assert!(!marker.is_empty(), "empty end marker");
-        MarkerStripper { marker: marker.to_vec(), held: Vec::new(), done: false }
+        MarkerStripper {
+            marker: marker.to_vec(),
+            held: Vec::new(),
+            done: false,
+        }
     }
 
     /// Feeds a chunk; returns the bytes safe to pass on. After the marker, everything is dropped.
@@ -176,7 +186,10 @@ impl MarkerStripper {
         }
         // Keep the longest suffix that is a proper prefix of the marker.
         let max = self.held.len().min(self.marker.len() - 1);
-        let keep = (1..=max).rev().find(|&n| self.held.ends_with(&self.marker[..n])).unwrap_or(0);
+        let keep = (1..=max)
+            .rev()
+            .find(|&n| self.held.ends_with(&self.marker[..n]))
+            .unwrap_or(0);
         let out = self.held[..self.held.len() - keep].to_vec();
         self.held.drain(..self.held.len() - keep);
         out
@@ -204,7 +217,10 @@ mod tests {
         let kv = parse_kv("noise\nLANE_KERNEL=/boot/vmlinuz\nA=b=c\n=x\nbad key=1\nA=d\n");
         assert_eq!(
             kv,
-            vec![("LANE_KERNEL".into(), "/boot/vmlinuz".into()), ("A".into(), "d".into())]
+            vec![
+                ("LANE_KERNEL".into(), "/boot/vmlinuz".into()),
+                ("A".into(), "d".into())
+            ]
         );
     }
 
@@ -224,8 +240,16 @@ mod tests {
             &[&["%s\\0".into()][..], &nasty[..]].concat(),
             Redirect::Inherit,
         );
-        let out = Command::new("/bin/sh").arg("-c").arg(OsString::from_vec(script)).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(OsString::from_vec(script))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut expected = Vec::new();
         for a in &nasty {
             expected.extend_from_slice(a.as_bytes());
@@ -245,7 +269,10 @@ mod tests {
         );
         let text = String::from_utf8(script).unwrap();
         assert!(text.starts_with("cd '/no such dir' 2>/dev/null || cd /\nexec /usr/bin/env -i "));
-        assert!(text.ends_with(" <'/r/7/stdin' >'/r/7/stdout' 2>'/r/7/stderr'\n"), "{text}");
+        assert!(
+            text.ends_with(" <'/r/7/stdin' >'/r/7/stdout' 2>'/r/7/stderr'\n"),
+            "{text}"
+        );
         let inherit = render_run_script(
             Path::new("/no such dir"),
             &[("K".into(), "v".into())],
@@ -253,7 +280,11 @@ mod tests {
             &["-c", "pwd; echo $K; echo $HOME"],
             Redirect::Inherit,
         );
-        let out = Command::new("/bin/sh").arg("-c").arg(OsString::from_vec(inherit)).output().unwrap();
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(OsString::from_vec(inherit))
+            .output()
+            .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "/\nv\n/root\n");
     }
 
@@ -261,10 +292,18 @@ mod tests {
     fn agent_messages() {
         assert_eq!(
             AgentMessage::parse("ready 6.1.0-56-amd64"),
-            Some(AgentMessage::Ready { release: "6.1.0-56-amd64".into() })
+            Some(AgentMessage::Ready {
+                release: "6.1.0-56-amd64".into()
+            })
         );
-        assert_eq!(AgentMessage::parse("done 12 3\n"), Some(AgentMessage::Done { id: 12, status: 3 }));
-        assert_eq!(AgentMessage::parse("fail no /dev/kvm"), Some(AgentMessage::Fail("no /dev/kvm".into())));
+        assert_eq!(
+            AgentMessage::parse("done 12 3\n"),
+            Some(AgentMessage::Done { id: 12, status: 3 })
+        );
+        assert_eq!(
+            AgentMessage::parse("fail no /dev/kvm"),
+            Some(AgentMessage::Fail("no /dev/kvm".into()))
+        );
         assert_eq!(AgentMessage::parse("done x 3"), None);
         assert_eq!(AgentMessage::parse("done 1 2 3"), None);
         assert_eq!(AgentMessage::parse("hello"), None);

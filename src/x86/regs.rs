@@ -198,7 +198,7 @@ pub fn setup_lint(regs: &mut [std::os::raw::c_char; 1024]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemory;
+    use vm_memory::GuestMemoryBackend;
 
     #[test]
     fn gdt_entries_decode_to_flat_segments() {

@@ -1,0 +1,144 @@
+//! Linux lane: the default guest (ember's microVM Linux + busybox init) booted
+//! by the real ember binary on a machine whose KVM can run Linux: the host
+//! itself with hardware VMX/SVM, otherwise the nested QEMU SVM machine
+//! (`ember::lane`), started once for this whole test binary.
+//!
+//! Every test checks what the guest saw (its own output) and ember's exit code.
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use ember::guest::{GuestArtifacts, default_guest};
+use ember::lane::{Invocation, LinuxLane, Outcome};
+
+static LANE: OnceLock<Option<Mutex<LinuxLane>>> = OnceLock::new();
+static GUEST: OnceLock<GuestArtifacts> = OnceLock::new();
+
+/// The default guest's artifacts (built on first use; cached across runs).
+fn guest() -> &'static GuestArtifacts {
+    GUEST.get_or_init(|| default_guest(false).unwrap_or_else(|e| panic!("building the default guest: {e}")))
+}
+
+/// The lane, or None when the host has no /dev/kvm at all (then we skip, loudly).
+fn lane() -> Option<MutexGuard<'static, LinuxLane>> {
+    LANE.get_or_init(|| {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("SKIPPED: /dev/kvm absent — Linux lane tests not run");
+            return None;
+        }
+        guest();
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_ember"));
+        let lane = LinuxLane::start(bin).unwrap_or_else(|e| panic!("the Linux lane cannot start: {e}"));
+        eprintln!("Linux lane: {}", lane.describe());
+        Some(Mutex::new(lane))
+    })
+    .as_ref()
+    .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Runs `ember ARGS...` in the lane.
+fn ember(args: &[&str]) -> Option<Outcome> {
+    let mut l = lane()?;
+    Some(l.run(&Invocation::new(args.iter().copied())).unwrap_or_else(|e| panic!("ember {args:?}: {e}")))
+}
+
+/// Runs `ember ARGS...` with `stdin` in the lane.
+fn ember_stdin(args: &[&str], stdin: &[u8]) -> Option<Outcome> {
+    let mut l = lane()?;
+    let mut inv = Invocation::new(args.iter().copied());
+    inv.stdin = stdin.to_vec();
+    Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?}: {e}")))
+}
+
+fn show(o: &Outcome) -> String {
+    format!("status {}\n--- stdout\n{}\n--- stderr\n{}", o.status, o.stdout_lossy(), o.stderr_lossy())
+}
+
+#[test]
+fn default_guest_runs_a_command_and_returns_its_status() {
+    let Some(o) = ember(&["run", "--", "uname", "-r"]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    assert_eq!(o.stdout_lossy().trim(), guest().kernel_release, "{}", show(&o));
+
+    for (cmd, want) in [("exit 7", 7), ("exit 255", 255), ("exit 0", 0), ("kill -9 $$", 128 + 9)] {
+        let Some(o) = ember(&["run", "--", "sh", "-c", cmd]) else { return };
+        assert_eq!(o.status, want, "sh -c '{cmd}': {}", show(&o));
+    }
+}
+
+#[test]
+fn bzimage_and_vmlinux_both_boot_through_kernel_and_initrd() {
+    let g = guest();
+    for kernel in [&g.bzimage, &g.vmlinux] {
+        let k = kernel.to_str().expect("UTF-8 path");
+        let i = g.initramfs.to_str().expect("UTF-8 path");
+        let Some(o) = ember(&["run", "--kernel", k, "--initrd", i, "--", "uname", "-r"]) else { return };
+        assert_eq!(o.status, 0, "{k}: {}", show(&o));
+        assert_eq!(o.stdout_lossy().trim(), g.kernel_release, "{k}");
+    }
+}
+
+#[test]
+fn arguments_survive_the_trip_unchanged() {
+    let args = ["a b", "it's", "\"quoted\"", "$HOME", "back\\slash", "", "tab\there", "trailing\n"];
+    let mut cmd = vec!["run", "--", "printf", "[%s]\\n"];
+    cmd.extend(args);
+    let Some(o) = ember(&cmd) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    let want: String = args.iter().map(|a| format!("[{a}]\n")).collect();
+    assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), want, "{}", show(&o));
+}
+
+#[test]
+fn cpus_are_all_online() {
+    for n in [1, 2, 4] {
+        let ns = n.to_string();
+        let Some(o) = ember(&["run", "--cpus", &ns, "--", "grep", "-c", "^processor", "/proc/cpuinfo"]) else {
+            return;
+        };
+        assert_eq!(o.status, 0, "{}", show(&o));
+        assert_eq!(o.stdout_lossy().trim(), ns, "--cpus {n}: {}", show(&o));
+    }
+}
+
+#[test]
+fn memory_size_matches_memtotal() {
+    for (flag, mib) in [("128M", 128u64), ("1G", 1024), ("3584M", 3584)] {
+        let Some(o) = ember(&["run", "--memory", flag, "--", "grep", "MemTotal", "/proc/meminfo"]) else {
+            return;
+        };
+        assert_eq!(o.status, 0, "{}", show(&o));
+        let kib: u64 = o
+            .stdout_lossy()
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no MemTotal: {}", show(&o)));
+        let total = mib * 1024;
+        // The kernel keeps its own image, page tables and the low 1 MiB: MemTotal is
+        // a little below the RAM ember mapped, never above it.
+        assert!(kib <= total && kib > total * 85 / 100, "--memory {flag}: MemTotal {kib} KiB of {total} KiB");
+    }
+}
+
+#[test]
+fn interactive_console_takes_commands_and_reboot_exits_zero() {
+    let Some(o) = ember_stdin(&["run"], b"echo hello-$((6*7))\nreboot\n") else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    assert!(o.stdout_lossy().contains("hello-42"), "{}", show(&o));
+}
+
+#[test]
+fn kernel_panic_is_a_guest_crash() {
+    let Some(o) = ember(&["run", "--", "sh", "-c", "echo c > /proc/sysrq-trigger"]) else { return };
+    assert_eq!(o.status, 123, "{}", show(&o));
+    assert!(o.stderr_lossy().contains("crashed"), "{}", show(&o));
+}
+
+#[test]
+fn missing_init_panics_and_ends_with_the_crash_code() {
+    let g = guest();
+    let k = g.bzimage.to_str().expect("UTF-8 path");
+    // No initrd and no root disk: the kernel cannot find init and panics.
+    let Some(o) = ember(&["run", "--kernel", k]) else { return };
+    assert_eq!(o.status, 123, "{}", show(&o));
+}
