@@ -82,6 +82,10 @@ struct RunArgs {
     /// Print the boot timeline at exit (table, or json).
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "table", require_equals = true)]
     timeline: Option<TimelineFormat>,
+    /// Never run a Linux guest in the emulated SVM machine: fail instead when
+    /// this host's KVM cannot run Linux itself (e.g. kvm_pvm).
+    #[arg(long)]
+    no_fallback: bool,
     /// Command for the default guest's init to run (after `--`); none: a shell.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -159,6 +163,56 @@ fn error_code(e: &VmmError) -> u8 {
     if e.is_kvm_unusable() { EXIT_KVM_UNUSABLE } else { EXIT_VMM_ERROR }
 }
 
+/// On hosts whose KVM cannot run an unmodified Linux guest (software
+/// virtualization such as kvm_pvm), a Linux kernel is booted inside the Linux
+/// lane's emulated SVM machine instead (`ember::lane`). Returns the exit code
+/// when that path was taken.
+fn maybe_fallback(args: &RunArgs, cfg: &VmConfig) -> Option<u8> {
+    use ember::boot::{KernelFormat, probe_kernel};
+    use ember::lane::flavour::KvmFlavour;
+    let linux = matches!(probe_kernel(&cfg.kernel), Ok(KernelFormat::BzImage | KernelFormat::Elf { linux_note: true }));
+    let flavour = KvmFlavour::detect();
+    if !linux || !matches!(flavour, KvmFlavour::Pvm | KvmFlavour::Other) {
+        return None;
+    }
+    if args.no_fallback {
+        eprintln!(
+            "ember: this host's KVM is {flavour}; it cannot run a Linux guest, and --no-fallback forbids the emulated machine"
+        );
+        return Some(EXIT_KVM_UNUSABLE);
+    }
+    eprintln!(
+        "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
+         emulated SVM machine instead (QEMU TCG; ~10 s more to start, slower guest; --no-fallback to refuse)"
+    );
+    // The inner ember gets the resolved kernel and initrd, so it never has to
+    // build or look up the default guest inside the machine.
+    let mut inner: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.kernel.is_none() {
+        let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
+        let KernelSource::Path(k) = &cfg.kernel else { return None };
+        let mut extra = vec!["--kernel".into(), k.clone().into_os_string()];
+        if let (None, Some(i)) = (&args.initrd, &cfg.initrd) {
+            extra.extend(["--initrd".into(), i.clone().into_os_string()]);
+        }
+        inner.splice(at..at, extra);
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ember: cannot find my own binary: {e}");
+            return Some(EXIT_VMM_ERROR);
+        }
+    };
+    match ember::lane::run_interactive(&exe, &inner) {
+        Ok(code) => Some(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("ember: the emulated SVM machine failed: {e}");
+            Some(EXIT_VMM_ERROR)
+        }
+    }
+}
+
 fn run(args: RunArgs, start: Instant) -> u8 {
     let cfg = match build_config(&args) {
         Ok(c) => c,
@@ -167,6 +221,13 @@ fn run(args: RunArgs, start: Instant) -> u8 {
             return EXIT_VMM_ERROR;
         }
     };
+    if let Err(e) = cfg.validate() {
+        eprintln!("ember: {e}");
+        return EXIT_VMM_ERROR;
+    }
+    if let Some(code) = maybe_fallback(&args, &cfg) {
+        return code;
+    }
     let timeline = Arc::new(Timeline::new(start));
     let outcome = Vmm::new(&cfg, timeline.clone()).and_then(|vmm| vmm.run());
     timeline.mark("ember: VM torn down");

@@ -26,9 +26,15 @@ pub fn kvm_available() -> bool {
     if Path::new("/dev/kvm").exists() {
         true
     } else {
-        eprintln!("SKIPPED: /dev/kvm absent — KVM tests not run");
+        skipped("/dev/kvm absent — KVM tests not run");
         false
     }
+}
+
+/// Prints `SKIPPED: why` straight to the process's stderr: `eprintln!` would be
+/// captured by the test harness and shown only for failing tests.
+pub fn skipped(why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
 
 fn guests_src() -> PathBuf {
