@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! 0x0000_0000  real-mode IVT / BDA (left zero)
-//! 0x0000_0500  GDT (4 entries), then an empty IDT at 0x520
+//! 0x0000_0500  GDT (5 entries, to 0x527), then an empty IDT at 0x530
 //! 0x0000_6000  PVH hvm_start_info + its memory map (PVH boot only)
 //! 0x0000_7000  boot_params, the "zero page" (Linux boot protocol, x86/boot.rst)
 //! 0x0000_8ff0  initial stack top for the boot vCPU (64-bit entry)
@@ -21,8 +21,8 @@
 
 /// Start of the GDT the VMM builds for 64-bit and PVH entry.
 pub const BOOT_GDT_START: u64 = 0x500;
-/// Start of the (empty) IDT; Linux installs its own very early.
-pub const BOOT_IDT_START: u64 = 0x520;
+/// Start of the (empty) IDT, after the GDT's five entries; Linux installs its own very early.
+pub const BOOT_IDT_START: u64 = 0x530;
 /// PVH `hvm_start_info` structure (xen/arch-x86/hvm/start_info.h).
 pub const PVH_INFO_START: u64 = 0x6000;
 /// The PVH memory map follows the start info (`hvm_memmap_table_entry[]`).

@@ -148,7 +148,11 @@ fn kvm_not_permitted() {
     // The ELF (and the path to it, and the binary) must be readable by nobody.
     let kernel = guest("exit");
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(ember_bin()).arg("run").arg("--kernel").arg(&kernel);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(ember_bin())
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel);
     let run = ember_with(&mut cmd, Input::Null);
     assert_one_clear_line(&run, EXIT_KVM_UNUSABLE, &["/dev/kvm", "permission denied", "`kvm` group"]);
 }

@@ -236,6 +236,12 @@ mod tests {
     }
 
     #[test]
+    fn gdt_and_idt_do_not_overlap() {
+        let gdt_end = BOOT_GDT_START + std::mem::size_of_val(&BOOT_GDT) as u64;
+        assert!(BOOT_IDT_START >= gdt_end);
+    }
+
+    #[test]
     fn entry_registers() {
         let r = boot_regs(EntryMode::Long64, GuestAddress(0x100_0000), GuestAddress(0x7000), 0x8ff0);
         assert_eq!((r.rip, r.rsi, r.rsp, r.rflags), (0x100_0000, 0x7000, 0x8ff0, 2));

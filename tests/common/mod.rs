@@ -70,7 +70,15 @@ pub fn guest(name: &str) -> PathBuf {
     let obj = out.join(format!("{name}.{pid}.o"));
     let tmp_elf = out.join(format!("{name}.{pid}.elf"));
     let elf = out.join(format!("{name}.elf"));
-    run_tool(Command::new("as").arg("--64").arg("-I").arg(&src_dir).arg("-o").arg(&obj).arg(src_dir.join(format!("{name}.S"))));
+    run_tool(
+        Command::new("as")
+            .arg("--64")
+            .arg("-I")
+            .arg(&src_dir)
+            .arg("-o")
+            .arg(&obj)
+            .arg(src_dir.join(format!("{name}.S"))),
+    );
     run_tool(
         Command::new("ld")
             .args(["-m", "elf_x86_64", "-n", "--no-warn-rwx-segments", "-T"])

@@ -5,7 +5,9 @@
  *  1. copy a real-mode trampoline to TRAMPOLINE (0x10000: free RAM in ember's
  *     layout, page aligned, below 1 MiB);
  *  2. software-enable the local APIC (SVR), send INIT, then SIPI twice with
- *     vector TRAMPOLINE >> 12, to "all excluding self" through the xAPIC ICR;
+ *     vector TRAMPOLINE >> 12 through the xAPIC ICR: to "all excluding self",
+ *     or with `targeted` on the command line to each APIC id 1..N-1 in turn
+ *     (INIT assert, INIT deassert, SIPI, SIPI: Linux's sequence);
  *  3. each AP wakes in real mode at CS:IP = 0x1000:0000, loads ember's GDT
  *     (0x500: 0x08 code32, 0x10 code64, 0x18 data), enters protected mode,
  *     turns on PAE + EFER.LME + paging with ember's page tables (CR3 = 0x9000)
@@ -13,7 +15,8 @@
  *     register >> 24), stores it in a slot it takes with `lock xadd`, counts
  *     itself online with `lock inc` and halts (the in-kernel LAPIC parks it);
  *  4. the BSP waits for `cpus=N` - 1 APs, a bounded wait: each round reads
- *     port 0x80 (an exit, ~1-10 us: a clock that needs no timer).
+ *     port 0x80 (an exit to ember, ~1-20 us: a clock that needs no timer);
+ *     `wait=R` sets the number of rounds.
  *
  * Output: "cpus online: N" and one "apic id: X" line per vCPU, then status 0.
  * On timeout: "FAIL: ..." with how many APs reached each stage (real mode,
@@ -31,6 +34,7 @@
     .set APIC_ICR_BUSY, 0x1000              /* delivery status: send pending */
     .set ICR_ALL_BUT_SELF, 0xc0000          /* destination shorthand 11 */
     .set ICR_LEVEL_ASSERT, 0x4000
+    .set ICR_LEVEL_TRIGGER, 0x8000
     .set ICR_INIT, 0x500
     .set ICR_STARTUP, 0x600
     .set BOOT_GDT, 0x500
@@ -38,7 +42,8 @@
     .set PML4, 0x9000
     .set MSR_EFER, 0xc0000080
     .set EFER_LME, 0x100
-    .set WAIT_ROUNDS, 400000                /* port reads before giving up */
+    .set WAIT_ROUNDS, 400000                /* port reads before giving up: ~7 s under
+                                               kvm_pvm (~18 us each), ~1 s on hardware */
 
     .section .text.entry, "ax"
     .globl _start
@@ -53,6 +58,14 @@ _start:
     mov rdi, rax
     call parse_dec
     mov rbx, rax
+1:  mov dword ptr [wait_rounds], WAIT_ROUNDS
+    lea rdi, [key_wait]         /* wait=N overrides the default wait */
+    call after
+    test rax, rax
+    jz 1f
+    mov rdi, rax
+    call parse_dec
+    mov [wait_rounds], eax
 1:
     /* 1. The trampoline, to where the SIPI vector points. */
     lea rsi, [trampoline]
@@ -71,25 +84,48 @@ _start:
     mov [apic_ids], eax
     mov dword ptr [next_slot], 1
 
-    /* 2. INIT, then SIPI twice, to all the others. */
+    /* 2. INIT, then SIPI twice: to all the others at once, or (cmdline
+     * `targeted`) one AP at a time by APIC id, INIT asserted then deasserted,
+     * as Linux's wakeup_secondary_cpu_via_init() does. */
     mov eax, [r14 + APIC_SVR]
     or eax, APIC_SVR_ENABLE
     mov [r14 + APIC_SVR], eax
+    lea rdi, [key_targeted]
+    call after
+    test rax, rax
+    jnz targeted
+
     mov dword ptr [r14 + APIC_ICR_HIGH], 0
     mov dword ptr [r14 + APIC_ICR_LOW], ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | ICR_INIT
     call icr_wait
-    mov ecx, 100                /* ~10 ms on real hardware, by port reads */
+    mov ecx, 100                /* ~1 ms (10 us per port read under kvm_pvm) */
     call delay
-    mov dword ptr [r14 + APIC_ICR_LOW], ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | ICR_STARTUP | (TRAMPOLINE >> 12)
-    call icr_wait
-    mov ecx, 10
-    call delay
-    mov dword ptr [r14 + APIC_ICR_LOW], ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | ICR_STARTUP | (TRAMPOLINE >> 12)
-    call icr_wait
+    mov eax, ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | ICR_STARTUP | (TRAMPOLINE >> 12)
+    call sipi_twice
+    jmp wait_aps
 
+targeted:
+    mov r13d, 1                 /* APIC ids 1 .. N-1 (ember: APIC id = vCPU index) */
+1:  cmp r13, rbx
+    jae wait_aps
+    mov eax, r13d
+    shl eax, 24
+    mov [r14 + APIC_ICR_HIGH], eax
+    mov dword ptr [r14 + APIC_ICR_LOW], ICR_LEVEL_TRIGGER | ICR_LEVEL_ASSERT | ICR_INIT
+    call icr_wait
+    mov dword ptr [r14 + APIC_ICR_LOW], ICR_LEVEL_TRIGGER | ICR_INIT
+    call icr_wait
+    mov ecx, 100
+    call delay
+    mov eax, ICR_STARTUP | (TRAMPOLINE >> 12)
+    call sipi_twice
+    inc r13
+    jmp 1b
+
+wait_aps:
     /* 4. Wait for N - 1 APs. */
     lea r12, [rbx - 1]
-    mov ecx, WAIT_ROUNDS
+    mov ecx, [wait_rounds]
 3:  mov eax, [aps_online]
     cmp rax, r12
     jae 4f
@@ -148,6 +184,17 @@ icr_wait:
     test eax, APIC_ICR_BUSY
     jnz 1b
     ret
+
+/* sipi_twice: write EAX to the ICR twice, 200 us apart (MP spec B.4). */
+sipi_twice:
+    mov [r14 + APIC_ICR_LOW], eax
+    push rax
+    call icr_wait
+    mov ecx, 20
+    call delay
+    pop rax
+    mov [r14 + APIC_ICR_LOW], eax
+    jmp icr_wait
 
 /* delay: ECX port reads. */
 delay:
@@ -236,6 +283,8 @@ trampoline_end:
 
     .section .rodata
 key_cpus:   .asciz "cpus="
+key_targeted: .asciz "targeted"
+key_wait:   .asciz "wait="
 msg_fail:   .asciz "FAIL: APs online "
 msg_of:     .asciz " of "
 msg_stages: .asciz "; stages: real "
@@ -246,6 +295,7 @@ msg_apic:   .asciz "apic id: "
 
     .section .data
     .balign 8
+wait_rounds: .long 0
 next_slot:  .long 0
 aps_online: .long 0
 apic_ids:   .fill 256, 4, 0

@@ -1,0 +1,137 @@
+//! virtio devices (virtio 1.2) on the virtio-mmio transport (section 4.2).
+//!
+//! Split in two, as in the spec: the transport ([`mmio::MmioTransport`],
+//! the register file the guest's virtio_mmio driver programs) owns the
+//! virtqueues and the interrupt; a device ([`block::Block`], [`rng::Rng`])
+//! only says who it is and serves its queues, through [`VirtioDevice`].
+//!
+//! Data path of one request: the guest writes VIRTIO_MMIO_QUEUE_NOTIFY, KVM
+//! signals that queue's ioeventfd -> `event_loop.rs` (`Token::Queue`) ->
+//! [`mmio::MmioTransport::notify`] -> [`VirtioDevice::process_queue`] (pops
+//! chains, does the I/O, `add_used`) -> the transport sets INTERRUPT_STATUS
+//! and signals the device's irqfd. A notify that KVM did not match (another
+//! width or value) arrives as a trapped MMIO write and takes the same path.
+//!
+//! Everything read from the guest (descriptors, addresses, lengths, indices,
+//! register values) is untrusted: memory goes through vm-memory's
+//! bounds-checked accessors, chains through virtio-queue's walker (bounded by
+//! the queue size), and a mistake is answered as the spec says; it never
+//! panics or stops ember.
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// A device asks the transport for this after serving a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueOutcome {
+    /// Nothing to tell the driver (nothing used, or it asked for no interrupt).
+    Quiet,
+    /// Buffers were used and the driver wants to hear about it.
+    Interrupt,
+    /// The queue is broken beyond a per-request answer (a looping or
+    /// out-of-memory descriptor table, an unwritable used ring, an avail index
+    /// that runs ahead by more than the queue size): the device stops serving
+    /// it and sets DEVICE_NEEDS_RESET (virtio 1.2, 2.1.2).
+    NeedsReset,
+}
+
+/// One virtio device type, as the transport sees it (virtio 1.2, section 5).
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (5 "Device Types"): 2 block, 4 entropy.
+    fn device_type(&self) -> u32;
+    /// The feature bits the device offers, VIRTIO_F_VERSION_1 included.
+    fn features(&self) -> u64;
+    /// The maximum size of each of its virtqueues (QueueNumMax).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The guest reads `data.len()` bytes of the device configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The guest writes the configuration space (ignored by read-only configs).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK with these negotiated features.
+    fn activate(&mut self, acked_features: u64);
+    /// Serves the available buffers of queue `index`.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome;
+    /// The driver reset the device (status 0): forget negotiated state.
+    fn reset(&mut self);
+}
+
+/// How many guest-caused warnings were logged so far (all devices).
+static GUEST_WARNINGS: AtomicU64 = AtomicU64::new(0);
+
+/// Logs a mistake of the guest's driver at warn level: the first 20, then one
+/// in every 1000, so a hostile guest cannot flood the host's log.
+pub(crate) fn guest_warn(args: std::fmt::Arguments) {
+    let n = GUEST_WARNINGS.fetch_add(1, Ordering::Relaxed);
+    if n < 20 || n % 1000 == 0 {
+        log::warn!("{args} (guest warning #{})", n + 1);
+    }
+}
+
+/// `guest_warn!("fmt", args)`: a rate-limited warning about the guest.
+macro_rules! guest_warn {
+    ($($t:tt)*) => { $crate::devices::virtio::guest_warn(format_args!($($t)*)) };
+}
+pub(crate) use guest_warn;
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Hand-built split virtqueues in a `GuestMemoryMmap`, for the device tests.
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    /// Descriptor table, avail ring and used ring addresses of the test queue.
+    pub const DESC: u64 = 0x1000;
+    /// Available ring.
+    pub const AVAIL: u64 = 0x2000;
+    /// Used ring.
+    pub const USED: u64 = 0x3000;
+    /// Where test data buffers start.
+    pub const DATA: u64 = 0x10000;
+
+    /// 1 MiB of guest RAM.
+    pub fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    /// A ready queue of `size` at the addresses above.
+    pub fn queue(size: u16) -> Queue {
+        let mut q = Queue::new(size).unwrap();
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        q
+    }
+
+    /// Writes descriptor `i`.
+    pub fn desc(mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        mem.write_obj(Descriptor::new(addr, len, flags, next), GuestAddress(DESC + 16 * u64::from(i))).unwrap();
+    }
+
+    /// Publishes `heads` in the avail ring (starting at entry 0) and sets avail.idx.
+    pub fn publish(mem: &GuestMemoryMmap, heads: &[u16]) {
+        for (n, h) in heads.iter().enumerate() {
+            mem.write_obj(*h, GuestAddress(AVAIL + 4 + 2 * n as u64)).unwrap();
+        }
+        mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// used.idx and the used elements (id, len).
+    pub fn used(mem: &GuestMemoryMmap) -> (u16, Vec<(u32, u32)>) {
+        let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        let elems = (0..idx)
+            .map(|n| {
+                let a = USED + 4 + 8 * u64::from(n);
+                (mem.read_obj(GuestAddress(a)).unwrap(), mem.read_obj(GuestAddress(a + 4)).unwrap())
+            })
+            .collect();
+        (idx, elems)
+    }
+}
