@@ -29,6 +29,8 @@ fn main() {
     let dir = Path::new("src/demo");
     let ld = dir.join("guest.ld");
     println!("cargo:rerun-if-changed={}", ld.display());
+    // The directory itself: a new chapter's .S file must rebuild the guests.
+    println!("cargo:rerun-if-changed={}", dir.display());
     for entry in std::fs::read_dir(dir).expect("src/demo exists") {
         let path = entry.expect("readable dir entry").path();
         if path.extension().is_some_and(|e| e == "S") {

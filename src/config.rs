@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::bus::BusDevice;
 use crate::layout;
+use crate::stats::ExitObservation;
 
 /// Where the guest's COM1 output goes and where its input comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +33,34 @@ pub enum IrqchipMode {
     /// Never create them: no interrupts, no APs, cheaper VM teardown.
     Off,
 }
+
+/// One virtio-blk disk: `--disk PATH[,ro][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image on the host.
+    pub path: PathBuf,
+    /// The guest sees a read-only disk (VIRTIO_BLK_F_RO); writes fail with IOERR.
+    pub read_only: bool,
+    /// The serial the guest reads with VIRTIO_BLK_T_GET_ID (at most 20 bytes);
+    /// None: the image's file name.
+    pub id: Option<String>,
+}
+
+/// Whether the VM gets a virtio-rng device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RngMode {
+    /// For Linux kernels (bzImage, or an ELF with Linux's notes); freestanding
+    /// guests get none, so their machine stays as small as they expect.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+/// Most virtio-mmio devices one VM can have: one IOAPIC pin each, from
+/// `layout::VIRTIO_IRQ_START` to the last pin.
+pub const MAX_VIRTIO_DEVICES: usize = (layout::IOAPIC_PINS - layout::VIRTIO_IRQ_START) as usize;
 
 /// A kernel image as ember will load it.
 #[derive(Clone, Debug)]
@@ -58,6 +88,33 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// In-kernel irqchip choice.
     pub irqchip: IrqchipMode,
+    /// What to record about VM exits (`--stats`, `--trace-exits`, `ember demo`).
+    pub observe: ExitObservation,
+    /// Extra port-I/O devices (`ember demo`'s hypercall chapter); empty for `ember run`.
+    pub extra_pio: Vec<ExtraPioDevice>,
+    /// virtio-blk disks, in order: the first is /dev/vda in Linux.
+    pub disks: Vec<DiskConfig>,
+    /// The virtio-rng device.
+    pub rng: RngMode,
+}
+
+/// A device a tool adds to the port-I/O bus next to ember's own.
+#[derive(Clone)]
+pub struct ExtraPioDevice {
+    /// First port.
+    pub port: u16,
+    /// Number of ports.
+    pub len: u16,
+    /// Name in statistics and traces.
+    pub name: &'static str,
+    /// The device.
+    pub device: std::sync::Arc<std::sync::Mutex<dyn BusDevice>>,
+}
+
+impl std::fmt::Debug for ExtraPioDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at port {:#x}+{}", self.name, self.port, self.len)
+    }
 }
 
 /// Largest vCPU count we offer: the MP table and our APIC ids are 8-bit, and KVM's
@@ -99,6 +156,34 @@ pub enum ConfigError {
     /// A `--serial` value we do not know.
     #[error("--serial `{0}` is not understood: use stdio, none or file:PATH")]
     BadSerial(String),
+    /// A `--disk` value we do not understand.
+    #[error("--disk `{0}` is not understood: write PATH[,ro][,id=NAME] (NAME: at most 20 bytes)")]
+    BadDisk(String),
+    /// More virtio devices than interrupt lines.
+    #[error("{0} virtio devices asked for; ember has interrupt lines for at most {max}", max = MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
+    /// virtio devices without the in-kernel irqchip.
+    #[error("virtio devices (--disk, --rng) need the in-kernel irqchip: drop --irqchip off")]
+    VirtioWithoutIrqchip,
+}
+
+/// Parses `PATH[,ro][,id=NAME]` (options in any order after the path).
+pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
+    let bad = || ConfigError::BadDisk(text.to_string());
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+    let mut disk = DiskConfig { path: PathBuf::from(path), read_only: false, id: None };
+    for opt in parts {
+        match opt {
+            "ro" => disk.read_only = true,
+            "rw" => disk.read_only = false,
+            _ => match opt.strip_prefix("id=") {
+                Some(id) if !id.is_empty() && id.len() <= 20 => disk.id = Some(id.to_string()),
+                _ => return Err(bad()),
+            },
+        }
+    }
+    Ok(disk)
 }
 
 /// Parses `512M`, `2G`, `1048576`, `64k` into bytes (binary units).
@@ -149,6 +234,10 @@ impl VmConfig {
             mem_size_bytes: 256 << 20,
             serial: SerialMode::Stdio,
             irqchip: IrqchipMode::Auto,
+            observe: ExitObservation::default(),
+            extra_pio: Vec::new(),
+            disks: Vec::new(),
+            rng: RngMode::Auto,
         }
     }
 
@@ -174,6 +263,14 @@ impl VmConfig {
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
+        }
+        // The rng may come on top in Auto mode: count it.
+        let devices = self.disks.len() + usize::from(self.rng != RngMode::Off);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        if self.irqchip == IrqchipMode::Off && (!self.disks.is_empty() || self.rng == RngMode::On) {
+            return Err(ConfigError::VirtioWithoutIrqchip);
         }
         Ok(())
     }
@@ -229,6 +326,26 @@ mod tests {
         c.mem_size_bytes = 256 << 20;
         c.cmdline = "x".repeat(layout::CMDLINE_MAX_SIZE);
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })));
+    }
+
+    #[test]
+    fn disks_parse() {
+        let d = parse_disk("/a/b.img").unwrap();
+        assert_eq!(d, DiskConfig { path: "/a/b.img".into(), read_only: false, id: None });
+        let d = parse_disk("x.img,ro,id=root").unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("root"));
+        assert!(parse_disk("x.img,id=abcdefghijklmnopqrstu").is_err(), "21-byte id");
+        for bad in ["", ",ro", "x,rx", "x,id=", "x,,ro"] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
+        let mut c = VmConfig::new(KernelSource::Builtin(&[]));
+        c.disks = vec![d; MAX_VIRTIO_DEVICES];
+        assert!(matches!(c.validate(), Err(ConfigError::TooManyDevices(_))), "the rng counts too");
+        c.rng = RngMode::Off;
+        assert!(c.validate().is_ok());
+        c.irqchip = IrqchipMode::Off;
+        assert!(matches!(c.validate(), Err(ConfigError::VirtioWithoutIrqchip)));
     }
 
     #[test]

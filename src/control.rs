@@ -6,6 +6,7 @@
 //! event loop wakes on `stop_evt`, kicks every vCPU out of KVM_RUN and joins them.
 
 use std::sync::Mutex;
+use std::time::Instant;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -32,6 +33,8 @@ pub enum StopReason {
 pub struct VmControl {
     stopped: AtomicBool,
     reason: Mutex<Option<StopReason>>,
+    /// When the first stop request came (for the boot timeline).
+    requested_at: Mutex<Option<Instant>>,
     /// Becomes readable when the VM should stop.
     pub stop_evt: EventFd,
     /// Set when the serial stream showed a kernel panic: the reset that
@@ -45,6 +48,7 @@ impl VmControl {
         Ok(VmControl {
             stopped: AtomicBool::new(false),
             reason: Mutex::new(None),
+            requested_at: Mutex::new(None),
             stop_evt: EventFd::new(EFD_NONBLOCK)?,
             panicked: AtomicBool::new(false),
         })
@@ -61,6 +65,7 @@ impl VmControl {
         let mut slot = self.reason.lock().expect("stop reason lock");
         if slot.is_none() {
             *slot = Some(reason);
+            *self.requested_at.lock().expect("stop time lock") = Some(Instant::now());
         }
         self.stopped.store(true, Ordering::Release);
         // A full eventfd counter (2^64-2) is the only failure; one wake-up is enough.
@@ -75,6 +80,19 @@ impl VmControl {
     /// Why the VM stopped (None while it runs).
     pub fn reason(&self) -> Option<StopReason> {
         self.reason.lock().expect("stop reason lock").clone()
+    }
+
+    /// When the first stop request came and who made it ("guest: exit device",
+    /// "guest: reset", "guest: crash", "user", "ember"), for the timeline.
+    pub fn requested(&self) -> Option<(Instant, &'static str)> {
+        let who = match self.reason()? {
+            StopReason::GuestExit(_) => "guest: exit device",
+            StopReason::Reset => "guest: reset",
+            StopReason::GuestCrash(_) => "guest: crash",
+            StopReason::UserQuit(_) => "user",
+            StopReason::VmmError(_) => "ember",
+        };
+        Some(((*self.requested_at.lock().expect("stop time lock"))?, who))
     }
 
     /// Records that the guest kernel printed a panic.
@@ -95,6 +113,7 @@ mod tests {
         c.stop(StopReason::Reset);
         assert!(c.is_stopped());
         assert_eq!(c.reason(), Some(StopReason::GuestExit(3)));
+        assert_eq!(c.requested().map(|(_, who)| who), Some("guest: exit device"));
         assert_eq!(c.stop_evt.read().unwrap(), 2);
     }
 

@@ -22,25 +22,58 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::console::Escape;
 use crate::control::{StopReason, VmControl};
 use crate::devices::serial::Serial;
+use crate::devices::virtio::mmio::MmioTransport;
 
 /// Every event source the loop knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u64)]
 pub enum Token {
     /// `VmControl::stop_evt`.
-    Stop = 0,
+    Stop,
     /// Host input for the UART.
-    Stdin = 1,
+    Stdin,
     /// The UART's receive FIFO was emptied.
-    InputDrained = 2,
+    InputDrained,
     /// SIGINT, SIGTERM or SIGHUP arrived.
-    Signal = 3,
+    Signal,
+    /// The guest notified a virtqueue: entry N of the [`QueueEvent`] list.
+    Queue(u32),
 }
 
+/// Epoll data of `Token::Queue(n)`: this bit plus n; the fixed tokens are 0..=3.
+const QUEUE_TOKEN_BIT: u64 = 1 << 32;
+
 impl Token {
-    fn from_u64(v: u64) -> Option<Token> {
-        [Token::Stop, Token::Stdin, Token::InputDrained, Token::Signal].into_iter().find(|t| *t as u64 == v)
+    fn to_u64(self) -> u64 {
+        match self {
+            Token::Stop => 0,
+            Token::Stdin => 1,
+            Token::InputDrained => 2,
+            Token::Signal => 3,
+            Token::Queue(n) => QUEUE_TOKEN_BIT | u64::from(n),
+        }
     }
+
+    fn from_u64(v: u64) -> Option<Token> {
+        match v {
+            0 => Some(Token::Stop),
+            1 => Some(Token::Stdin),
+            2 => Some(Token::InputDrained),
+            3 => Some(Token::Signal),
+            _ if v & QUEUE_TOKEN_BIT != 0 => u32::try_from(v & !QUEUE_TOKEN_BIT).ok().map(Token::Queue),
+            _ => None,
+        }
+    }
+}
+
+/// One virtqueue's notification: the ioeventfd KVM signals when the guest
+/// writes the queue's index to VIRTIO_MMIO_QUEUE_NOTIFY, and who serves it.
+pub struct QueueEvent {
+    /// The ioeventfd (registered with KVM before the first KVM_RUN).
+    pub evt: EventFd,
+    /// The device's transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// The queue index within the device.
+    pub queue: u32,
 }
 
 /// Errors of the event loop itself (host failures).
@@ -104,7 +137,7 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
 /// If `fd` cannot be polled (a regular file, /dev/null), copy it through a pipe
 /// from a helper thread, so the loop sees one kind of input.
 fn pollable(epoll: &Epoll, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>), EventLoopError> {
-    let probe = EpollEvent::new(EventSet::IN, Token::Stdin as u64);
+    let probe = EpollEvent::new(EventSet::IN, Token::Stdin.to_u64());
     match epoll.ctl(ControlOperation::Add, fd, probe) {
         Ok(()) => Ok((fd, None)),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
@@ -131,12 +164,21 @@ fn pollable(epoll: &Epoll, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>), EventL
 }
 
 /// Runs until the VM is asked to stop; returns why.
-pub fn run(control: &VmControl, console: Option<ConsoleInput>, signals: &libc::sigset_t) -> Result<StopReason, EventLoopError> {
+pub fn run(
+    control: &VmControl,
+    console: Option<ConsoleInput>,
+    signals: &libc::sigset_t,
+    queues: &[QueueEvent],
+) -> Result<StopReason, EventLoopError> {
     let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
     let add = |fd: RawFd, t: Token| {
-        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t as u64)).map_err(EventLoopError::Epoll)
+        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t.to_u64())).map_err(EventLoopError::Epoll)
     };
     add(control.stop_evt.as_raw_fd(), Token::Stop)?;
+    for (n, q) in queues.iter().enumerate() {
+        // A count that piled up before this point is still there: nothing is lost.
+        add(q.evt.as_raw_fd(), Token::Queue(n as u32))?;
+    }
     let sigfd = signalfd(signals)?;
     add(sigfd.as_raw_fd(), Token::Signal)?;
 
@@ -217,6 +259,13 @@ pub fn run(control: &VmControl, console: Option<ConsoleInput>, signals: &libc::s
                         stdin_polled = false;
                     }
                 }
+                Some(Token::Queue(n)) => {
+                    let Some(q) = queues.get(n as usize) else { continue };
+                    // One read takes every notify since the last one: the
+                    // device drains the whole queue below.
+                    let _ = q.evt.read();
+                    q.transport.lock().expect("virtio transport lock").notify(q.queue);
+                }
                 None => log::warn!("event loop: unknown token {}", ev.data()),
             }
         }
@@ -239,5 +288,18 @@ fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) {
     // Put back what the UART refused, in order.
     for b in chunk[taken..].iter().rev() {
         pending.push_front(*b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        for t in [Token::Stop, Token::Stdin, Token::InputDrained, Token::Signal, Token::Queue(0), Token::Queue(u32::MAX)] {
+            assert_eq!(Token::from_u64(t.to_u64()), Some(t));
+        }
+        assert_eq!(Token::from_u64(4), None);
     }
 }

@@ -17,6 +17,7 @@
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.
 //! - [`timeline`]: timestamps of the boot, for `--timeline` and benchmarks.
+//! - [`stats`]: VM exits by reason, address and device (`--stats`, `--trace-exits`).
 //!
 //! Data path of one byte the guest prints: `vcpu.rs` (IoOut) -> `bus.rs` ->
 //! `devices/serial.rs` (THR) -> stdout.
@@ -37,6 +38,7 @@ pub mod event_loop;
 pub mod guest;
 pub mod layout;
 pub mod memory;
+pub mod stats;
 pub mod timeline;
 pub mod vcpu;
 pub mod vmm;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use ember::config::{self, IrqchipMode, KernelSource, VmConfig};
+use ember::config::{self, IrqchipMode, KernelSource, RngMode, VmConfig};
 use ember::control::StopReason;
 use ember::timeline::Timeline;
 use ember::vmm::{Vmm, VmmError};
@@ -33,6 +33,12 @@ enum Command {
     Run(RunArgs),
     /// Boot a tiny guest built into ember and show what each layer did.
     Demo {
+        /// A chapter (number or name, see --list); none: the hello guest.
+        #[arg(value_name = "CHAPTER")]
+        chapter: Option<String>,
+        /// List the chapters.
+        #[arg(long)]
+        list: bool,
         /// Only the guest's own output.
         #[arg(long)]
         quiet: bool,
@@ -82,10 +88,32 @@ struct RunArgs {
     /// Print the boot timeline at exit (table, or json).
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "table", require_equals = true)]
     timeline: Option<TimelineFormat>,
+    /// Print a table of VM exits at exit: by reason, port/address and device,
+    /// per vCPU, with ember's handling time.
+    #[arg(long)]
+    stats: bool,
+    /// Print the first N VM exits (default 100), one per line, on stderr.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "100", require_equals = true)]
+    trace_exits: Option<u64>,
     /// Never run a Linux guest in the emulated SVM machine: fail instead when
     /// this host's KVM cannot run Linux itself (e.g. kvm_pvm).
     #[arg(long)]
     no_fallback: bool,
+    /// A raw disk image as a virtio-blk device; repeatable, the first disk is
+    /// /dev/vda in Linux. `ro`: read-only; `id=NAME`: the serial (20 bytes at most).
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    disk: Vec<String>,
+    /// Boot from this disk image: it becomes /dev/vda (before any --disk),
+    /// `root=/dev/vda rw` (or `ro`) is added to the command line, and the
+    /// default guest starts without its initramfs (see guest-kernels/rootfs.sh).
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    root_disk: Option<String>,
+    /// Give the guest a virtio-rng device even when it is not Linux.
+    #[arg(long, conflicts_with = "no_rng")]
+    rng: bool,
+    /// No virtio-rng device (Linux guests get one by default).
+    #[arg(long)]
+    no_rng: bool,
     /// Command for the default guest's init to run (after `--`); none: a shell.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -101,7 +129,9 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
         Some(k) => (k.clone(), a.initrd.clone()),
         None => {
             let g = ember::guest::default_guest(false).map_err(|e| format!("{e}"))?;
-            (g.vmlinux, Some(a.initrd.clone().unwrap_or(g.initramfs)))
+            // A root disk carries the whole user space; the initramfs would shadow it.
+            let initrd = if a.root_disk.is_some() { a.initrd.clone() } else { Some(a.initrd.clone().unwrap_or(g.initramfs)) };
+            (g.vmlinux, initrd)
         }
     };
     let mut cfg = VmConfig::new(KernelSource::Path(kernel));
@@ -119,10 +149,25 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
     };
     cfg.mem_size_bytes = config::parse_size(&a.memory).map_err(|e| format!("--memory: {e}"))?;
     cfg.serial = config::parse_serial(&a.serial).map_err(|e| e.to_string())?;
+    cfg.observe.stats = a.stats;
+    cfg.observe.trace_exits = a.trace_exits.unwrap_or(0);
     cfg.irqchip = match a.irqchip {
         IrqchipArg::Auto => IrqchipMode::Auto,
         IrqchipArg::On => IrqchipMode::On,
         IrqchipArg::Off => IrqchipMode::Off,
+    };
+    if let Some(root) = &a.root_disk {
+        let disk = config::parse_disk(root).map_err(|e| e.to_string().replace("--disk", "--root-disk"))?;
+        cfg.cmdline = format!("{} root=/dev/vda {}", cfg.cmdline, if disk.read_only { "ro" } else { "rw" });
+        cfg.disks.push(disk);
+    }
+    for d in &a.disk {
+        cfg.disks.push(config::parse_disk(d).map_err(|e| e.to_string())?);
+    }
+    cfg.rng = match (a.rng, a.no_rng) {
+        (true, _) => RngMode::On,
+        (_, true) => RngMode::Off,
+        _ => RngMode::Auto,
     };
     Ok(cfg)
 }
@@ -231,10 +276,20 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     let timeline = Arc::new(Timeline::new(start));
     let outcome = Vmm::new(&cfg, timeline.clone()).and_then(|vmm| vmm.run());
     timeline.mark("ember: VM torn down");
-    let code = match outcome {
+    let code = match &outcome {
         Ok(o) => exit_code_for(&o.reason),
-        Err(e) => error_code(&e),
+        Err(e) => error_code(e),
     };
+    if let Ok(o) = &outcome {
+        if let Some(n) = args.trace_exits {
+            let total: u64 = o.exits.iter().map(|c| c.total()).sum();
+            eprintln!("ember: --trace-exits: printed the first {} of {total} exits", n.min(total));
+        }
+        if args.stats {
+            eprint!("{}", ember::stats::render_table(&o.stats));
+        }
+    }
+    timeline.mark("ember: exit");
     match args.timeline {
         Some(TimelineFormat::Table) => eprint!("{}", timeline.render_table()),
         Some(TimelineFormat::Json) => eprintln!("{}", timeline.render_json()),
@@ -258,7 +313,23 @@ fn main() -> ExitCode {
                 EXIT_VMM_ERROR
             }
         },
-        Command::Demo { quiet, save_guest: None } => match ember::demo::run_demo(start, quiet) {
+        Command::Demo { list: true, .. } => {
+            print!("{}", ember::demo::chapters::list());
+            0
+        }
+        Command::Demo { chapter: Some(name), quiet, save_guest: None, .. } => {
+            match ember::demo::chapters::find(&name) {
+                Some(ch) => match ember::demo::chapters::run_chapter(ch, start, quiet) {
+                    Ok(o) => exit_code_for(&o.reason),
+                    Err(e) => error_code(&e),
+                },
+                None => {
+                    eprintln!("ember: no demo chapter `{name}`; `ember demo --list` shows them");
+                    EXIT_VMM_ERROR
+                }
+            }
+        }
+        Command::Demo { quiet, save_guest: None, .. } => match ember::demo::run_demo(start, quiet) {
             Ok(o) => exit_code_for(&o.reason),
             Err(e) => error_code(&e),
         },

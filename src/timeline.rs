@@ -14,9 +14,18 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    /// A timeline whose zero is `start` (ember's first instruction in `main`).
+    /// A timeline whose zero is `start` (ember's first instruction in `main`);
+    /// its first event is "ember: start" at 0.
     pub fn new(start: Instant) -> Self {
-        Timeline { start, events: Mutex::new(Vec::with_capacity(16)) }
+        let mut events = Vec::with_capacity(16);
+        events.push(("ember: start".to_string(), Duration::ZERO));
+        Timeline { start, events: Mutex::new(events) }
+    }
+
+    /// Records `event` at `at` (an instant taken earlier, e.g. in `VmControl::stop`).
+    pub fn mark_at(&self, event: impl Into<String>, at: Instant) {
+        let at = at.saturating_duration_since(self.start);
+        self.events.lock().expect("timeline lock").push((event.into(), at));
     }
 
     /// Records `event` now.
@@ -99,10 +108,10 @@ mod tests {
         t.mark_once("b");
         t.mark_once("b");
         let e = t.events();
-        assert_eq!(e.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        assert!(e[0].1 <= e[1].1);
+        assert_eq!(e.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["ember: start", "a", "b"]);
+        assert!(e[1].1 <= e[2].1);
         assert!(t.render_table().contains("b"));
-        assert!(t.render_json().starts_with("[{\"event\":\"a\""));
+        assert!(t.render_json().starts_with("[{\"event\":\"ember: start\",\"ms\":0.000}"));
     }
 
     #[test]

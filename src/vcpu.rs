@@ -13,6 +13,8 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 use kvm_bindings::{CpuId, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -22,6 +24,7 @@ use crate::boot::BootInfo;
 use crate::bus::Bus;
 use crate::control::{StopReason, VmControl};
 use crate::layout::BOOT_STACK_POINTER;
+use crate::stats::{Exit, ExitKind, ExitObservation, ExitObserver, ExitStats};
 use crate::timeline::Timeline;
 use crate::x86::{cpuid, msr, regs};
 
@@ -100,6 +103,78 @@ impl ExitCounts {
     }
 }
 
+/// The special registers of a vCPU when it stopped: which mode the guest
+/// left it in (Intel SDM vol. 3, 2.5 "Control Registers"; EFER in 2.2.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegSnapshot {
+    /// Instruction pointer.
+    pub rip: u64,
+    /// CR0 (PE bit 0, PG bit 31).
+    pub cr0: u64,
+    /// CR3: the page-table root.
+    pub cr3: u64,
+    /// CR4 (PAE bit 5).
+    pub cr4: u64,
+    /// IA32_EFER (LME bit 8, LMA bit 10).
+    pub efer: u64,
+    /// CS selector.
+    pub cs_selector: u16,
+    /// CS base.
+    pub cs_base: u64,
+    /// CS.L: 64-bit code.
+    pub cs_long: bool,
+    /// CS.D: 32-bit default operand size.
+    pub cs_32: bool,
+}
+
+impl RegSnapshot {
+    /// "real mode", "16-bit protected mode", "32-bit protected mode", "32-bit
+    /// protected mode with paging", "long mode (64-bit)" or "compatibility mode".
+    pub fn mode(&self) -> &'static str {
+        const EFER_LMA: u64 = 1 << 10;
+        match (self.cr0 & 1 != 0, self.efer & EFER_LMA != 0, self.cs_long, self.cs_32) {
+            (false, _, _, _) => "real mode",
+            (true, true, true, _) => "long mode (64-bit)",
+            (true, true, false, _) => "compatibility mode",
+            (true, false, _, false) => "16-bit protected mode",
+            (true, false, _, true) if self.cr0 & (1 << 31) != 0 => "32-bit protected mode with paging",
+            (true, false, _, true) => "32-bit protected mode",
+        }
+    }
+}
+
+/// What a vCPU thread hands back when the VM stops.
+#[derive(Debug, Default)]
+pub struct VcpuReport {
+    /// Exits by kind.
+    pub counts: ExitCounts,
+    /// Exit statistics, with `--stats`.
+    pub stats: Option<Box<ExitStats>>,
+    /// The registers at stop, when asked (`ExitObservation::snapshot_registers`).
+    pub registers: Option<RegSnapshot>,
+}
+
+/// One exit, copied out of `kvm_run` for the observer (at most 8 data bytes).
+struct Seen {
+    kind: ExitKind,
+    addr: u64,
+    data: [u8; 8],
+    len: usize,
+}
+
+impl Seen {
+    fn access(kind: ExitKind, addr: u64, d: &[u8]) -> Self {
+        let len = d.len().min(8);
+        let mut data = [0; 8];
+        data[..len].copy_from_slice(&d[..len]);
+        Seen { kind, addr, data, len }
+    }
+
+    fn bare(kind: ExitKind) -> Self {
+        Seen { kind, addr: 0, data: [0; 8], len: 0 }
+    }
+}
+
 /// A configured vCPU, ready to run in its own thread.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -110,6 +185,9 @@ pub struct Vcpu {
     timeline: Arc<Timeline>,
     /// No in-kernel LAPIC: a HLT can never be woken up.
     hlt_is_final: bool,
+    /// `--stats` / `--trace-exits`: None (the usual case) costs one branch per exit.
+    observer: Option<Box<ExitObserver>>,
+    snapshot_registers: bool,
 }
 
 /// Everything the vCPUs of one VM share at setup.
@@ -128,6 +206,10 @@ pub struct VcpuShared {
     pub count: u8,
     /// Whether the in-kernel irqchip exists.
     pub irqchip: bool,
+    /// What to record about exits.
+    pub observe: ExitObservation,
+    /// Trace lines left for the whole VM (`--trace-exits=N`).
+    pub trace_left: Arc<AtomicU64>,
 }
 
 impl Vcpu {
@@ -173,23 +255,30 @@ impl Vcpu {
             control: shared.control.clone(),
             timeline: shared.timeline.clone(),
             hlt_is_final: !shared.irqchip,
+            observer: ExitObserver::new(id, &shared.observe, &shared.trace_left),
+            snapshot_registers: shared.observe.snapshot_registers,
         })
     }
 
-    /// Runs the guest until the VM stops; returns this vCPU's exit counts.
-    pub fn run(mut self) -> ExitCounts {
+    /// Runs the guest until the VM stops; returns what this vCPU saw.
+    pub fn run(mut self) -> VcpuReport {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut counts = ExitCounts::default();
+        let mut observer = self.observer.take();
         let first_run = format!("vcpu{}: first KVM_RUN", self.id);
         self.timeline.mark(first_run);
         while !self.control.is_stopped() {
             let id = self.id;
-            match self.fd.run() {
+            let result = self.fd.run();
+            // The clock is read only when someone asked (--stats, --trace-exits).
+            let start = observer.is_some().then(Instant::now);
+            let seen = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     counts.io_out += 1;
                     if !self.pio.write(u64::from(port), data) {
                         log::debug!("vcpu{id}: OUT to unmapped port {port:#x} ignored");
                     }
+                    Seen::access(ExitKind::IoOut, u64::from(port), data)
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     counts.io_in += 1;
@@ -198,21 +287,26 @@ impl Vcpu {
                         data.fill(0xff);
                         log::debug!("vcpu{id}: IN from unmapped port {port:#x} reads 0xff");
                     }
+                    Seen::access(ExitKind::IoIn, u64::from(port), data)
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     counts.mmio_read += 1;
-                    if !self.mmio.read(addr, data) {
+                    if self.mmio.read(addr, data) {
+                        Seen::access(ExitKind::MmioRead, addr, data)
+                    } else {
                         data.fill(0xff);
-                        let len = data.len();
-                        self.bus_fault("read", addr, len);
+                        let seen = Seen::access(ExitKind::MmioRead, addr, data);
+                        self.bus_fault("read", addr, seen.len);
+                        seen
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     counts.mmio_write += 1;
+                    let seen = Seen::access(ExitKind::MmioWrite, addr, data);
                     if !self.mmio.write(addr, data) {
-                        let len = data.len();
-                        self.bus_fault("write", addr, len);
+                        self.bus_fault("write", addr, seen.len);
                     }
+                    seen
                 }
                 Ok(VcpuExit::Hlt) => {
                     counts.hlt += 1;
@@ -222,6 +316,7 @@ impl Vcpu {
                              (the guest should write its status to the exit device instead)"
                         )));
                     }
+                    Seen::bare(ExitKind::Hlt)
                 }
                 Ok(VcpuExit::Shutdown) => {
                     counts.other += 1;
@@ -229,6 +324,7 @@ impl Vcpu {
                     self.control.stop(StopReason::GuestCrash(format!(
                         "vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN) near RIP {rip:#x}"
                     )));
+                    Seen::bare(ExitKind::Shutdown)
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     counts.other += 1;
@@ -239,6 +335,7 @@ impl Vcpu {
                         _ => StopReason::GuestCrash(format!("vCPU {id}: KVM system event {kind}")),
                     };
                     self.control.stop(reason);
+                    Seen::bare(ExitKind::SystemEvent)
                 }
                 Ok(VcpuExit::InternalError) => {
                     counts.other += 1;
@@ -255,28 +352,64 @@ impl Vcpu {
                     self.control.stop(StopReason::GuestCrash(format!(
                         "KVM internal error on vCPU {id} at RIP {rip:#x}: {what} (suberror {sub})"
                     )));
+                    Seen::bare(ExitKind::InternalError)
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     self.control.stop(StopReason::GuestCrash(format!(
                         "KVM could not enter vCPU {id} (hardware reason {reason:#x} on host CPU {cpu})"
                     )));
+                    Seen::bare(ExitKind::FailEntry)
                 }
-                Ok(VcpuExit::Intr) => counts.other += 1,
+                Ok(VcpuExit::Intr) => {
+                    counts.other += 1;
+                    Seen::bare(ExitKind::Interrupted)
+                }
                 Ok(exit) => {
                     counts.other += 1;
                     log::warn!("vcpu{id}: unexpected exit {exit:?}, resuming");
+                    Seen::bare(ExitKind::Other)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     counts.other += 1;
                     self.fd.set_kvm_immediate_exit(0);
+                    Seen::bare(ExitKind::Interrupted)
                 }
                 Err(e) => {
                     self.control.stop(StopReason::VmmError(format!("KVM_RUN failed on vCPU {id}: {e}")));
+                    Seen::bare(ExitKind::Other)
                 }
+            };
+            if let (Some(o), Some(start)) = (observer.as_deref_mut(), start) {
+                let took = start.elapsed();
+                let device = match seen.kind {
+                    ExitKind::IoIn | ExitKind::IoOut => self.pio.device_name(seen.addr),
+                    ExitKind::MmioRead | ExitKind::MmioWrite => self.mmio.device_name(seen.addr),
+                    _ => None,
+                };
+                let exit = Exit { kind: seen.kind, addr: seen.addr, data: &seen.data[..seen.len], device };
+                o.observe(&exit, took);
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
-        counts
+        let registers = if self.snapshot_registers { self.snapshot() } else { None };
+        VcpuReport { counts, stats: observer.and_then(|o| o.stats.map(Box::new)), registers }
+    }
+
+    /// Reads the special registers (one KVM_GET_SREGS and one KVM_GET_REGS).
+    fn snapshot(&self) -> Option<RegSnapshot> {
+        let s = self.fd.get_sregs().ok()?;
+        let r = self.fd.get_regs().ok()?;
+        Some(RegSnapshot {
+            rip: r.rip,
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+            cs_selector: s.cs.selector,
+            cs_base: s.cs.base,
+            cs_long: s.cs.l != 0,
+            cs_32: s.cs.db != 0,
+        })
     }
 
     /// An MMIO access that no device owns: on real hardware a bus error, here

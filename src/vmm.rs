@@ -20,24 +20,29 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusError};
-use crate::config::{ConfigError, IrqchipMode, SerialMode, VmConfig};
+use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
 use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
-use crate::event_loop::{self, ConsoleInput, EventLoopError};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
+use crate::devices::virtio::rng::Rng;
+use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent};
 use crate::layout;
 use crate::memory::{self, MemoryError};
 use crate::timeline::Timeline;
-use crate::vcpu::{self, ExitCounts, Vcpu, VcpuError, VcpuShared};
+use crate::stats::ExitStats;
+use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
 use crate::x86::{mptable, regs};
 
 /// Where KVM may put the TSS it needs for real-mode emulation on Intel
@@ -92,6 +97,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// A disk image cannot be used.
+    #[error(transparent)]
+    Block(#[from] BlockError),
     /// A host resource (eventfd, thread) could not be created.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
@@ -111,6 +119,10 @@ pub struct RunOutcome {
     pub reason: StopReason,
     /// Exits per vCPU.
     pub exits: Vec<ExitCounts>,
+    /// Exit statistics per vCPU (with `VmConfig::observe.stats`).
+    pub stats: Vec<Option<Box<ExitStats>>>,
+    /// Registers per vCPU at stop (with `VmConfig::observe.snapshot_registers`).
+    pub registers: Vec<Option<RegSnapshot>>,
 }
 
 /// A built VM, ready to run.
@@ -120,6 +132,8 @@ pub struct Vmm {
     _vm: VmFd,
     _kvm: Kvm,
     _mem: GuestMemoryMmap,
+    /// The virtqueues' ioeventfds, for the event loop.
+    queue_events: Vec<QueueEvent>,
     control: Arc<VmControl>,
     serial: Arc<Mutex<Serial>>,
     input_drained: Arc<EventFd>,
@@ -166,6 +180,9 @@ impl Vmm {
             std::fs::File::open(initrd)
                 .map_err(|source| BootError::OpenInitrd { path: initrd.clone(), source })?;
         }
+        let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
+        let virtio = open_virtio_devices(cfg, linux)?;
+        let cmdline = cmdline_with_virtio(&cfg.cmdline, virtio.len())?;
 
         // 1. /dev/kvm
         let kvm = open_kvm()?;
@@ -178,7 +195,8 @@ impl Vmm {
             IrqchipMode::Off => false,
             // A Linux kernel needs its timer and interrupts; a tiny one-vCPU
             // guest does not, and skipping them makes VM teardown much cheaper.
-            IrqchipMode::Auto => cfg.cpus > 1 || !matches!(format, KernelFormat::Elf { linux_note: false }),
+            // virtio devices interrupt through irqfds, which need it too.
+            IrqchipMode::Auto => cfg.cpus > 1 || linux || !virtio.is_empty(),
         };
         if irqchip {
             vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
@@ -194,7 +212,7 @@ impl Vmm {
         timeline.mark("ember: guest memory registered");
 
         // 4-5. Kernel and boot structures.
-        let boot = boot::load_kernel(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
+        let boot = boot::load_kernel(&mem, &cfg.kernel, cfg.initrd.as_deref(), &cmdline)?;
         regs::setup_gdt_idt(&mem)?;
         if boot.mode == regs::EntryMode::Long64 {
             regs::setup_page_tables(&mem)?;
@@ -233,7 +251,11 @@ impl Vmm {
         pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
         pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", Arc::new(Mutex::new(I8042::new(control.clone()))))?;
         pio.insert(u64::from(layout::EXIT_PORT), 1, "exit device", Arc::new(Mutex::new(ExitDevice::new(control.clone()))))?;
-        let mmio = Bus::new();
+        for extra in &cfg.extra_pio {
+            pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
+        }
+        let mut mmio = Bus::new();
+        let queue_events = create_virtio_transports(&vm, &mem, &mut mmio, virtio)?;
 
         // 7. vCPUs.
         let base_cpuid = kvm
@@ -247,6 +269,8 @@ impl Vmm {
             base_cpuid,
             count: cfg.cpus,
             irqchip,
+            observe: cfg.observe.clone(),
+            trace_left: Arc::new(std::sync::atomic::AtomicU64::new(cfg.observe.trace_exits)),
         };
         let vcpus = (0..cfg.cpus).map(|id| Vcpu::new(&vm, id, &shared, &boot)).collect::<Result<Vec<_>, _>>()?;
         timeline.mark("ember: vCPUs configured");
@@ -256,6 +280,7 @@ impl Vmm {
             _vm: vm,
             _kvm: kvm,
             _mem: mem,
+            queue_events,
             control,
             serial,
             input_drained,
@@ -285,7 +310,7 @@ impl Vmm {
             drained: self.input_drained.clone(),
         });
 
-        let mut handles: Vec<JoinHandle<ExitCounts>> = Vec::new();
+        let mut handles: Vec<JoinHandle<VcpuReport>> = Vec::new();
         for (i, v) in self.vcpus.drain(..).enumerate() {
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
@@ -294,15 +319,21 @@ impl Vmm {
             handles.push(h);
         }
 
-        let result = event_loop::run(&self.control, console, &signals);
+        let result = event_loop::run(&self.control, console, &signals, &self.queue_events);
         if result.is_err() {
             self.control.stop(StopReason::VmmError("the event loop failed".into()));
         }
-        self.timeline.mark("ember: stop requested");
-        let exits = stop_vcpus(handles);
+        if let Some((at, why)) = self.control.requested() {
+            self.timeline.mark_at(format!("{why}: stop requested"), at);
+        }
+        self.timeline.mark("ember: event loop saw the stop");
+        let reports = stop_vcpus(handles);
         self.timeline.mark("ember: vCPUs joined");
         let reason = result?;
-        Ok(RunOutcome { reason, exits })
+        let exits = reports.iter().map(|r| r.counts).collect();
+        let registers = reports.iter().map(|r| r.registers).collect();
+        let stats = reports.into_iter().map(|r| r.stats).collect();
+        Ok(RunOutcome { reason, exits, stats, registers })
     }
 
     /// The shared stop control (for tests and tools that stop a VM from outside).
@@ -311,8 +342,86 @@ impl Vmm {
     }
 }
 
+/// Opens the virtio devices `cfg` asks for, in bus order: the disks (the
+/// first becomes /dev/vda), then the entropy device. Host files are checked
+/// here, before any KVM call.
+fn open_virtio_devices(cfg: &VmConfig, linux: bool) -> Result<Vec<(&'static str, Box<dyn VirtioDevice>)>, VmmError> {
+    let mut devices: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
+    for disk in &cfg.disks {
+        devices.push(("virtio-blk", Box::new(Block::open(disk)?)));
+    }
+    let rng = match cfg.rng {
+        RngMode::On => true,
+        RngMode::Off => false,
+        // See devices/virtio/rng.rs for why Linux gets one; not without an
+        // irqchip the user asked to do without.
+        RngMode::Auto => linux && cfg.irqchip != IrqchipMode::Off,
+    };
+    if rng {
+        devices.push(("virtio-rng", Box::new(Rng::new())));
+    }
+    if devices.len() > config::MAX_VIRTIO_DEVICES {
+        return Err(ConfigError::TooManyDevices(devices.len()).into());
+    }
+    Ok(devices)
+}
+
+/// The guest address and IRQ of virtio-mmio device `i`.
+fn virtio_slot(i: usize) -> (u64, u32) {
+    (layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE, layout::VIRTIO_IRQ_START + i as u32)
+}
+
+/// `cmdline` plus one `virtio_mmio.device=<size>@<base>:<irq>` per device
+/// (Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, drivers/virtio/virtio_mmio.c),
+/// added here so that `--cmdline` users get them too.
+pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> Result<String, ConfigError> {
+    let mut out = cmdline.to_string();
+    for i in 0..count {
+        let (base, irq) = virtio_slot(i);
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out += &format!("virtio_mmio.device={}K@{base:#x}:{irq}", layout::VIRTIO_MMIO_SIZE >> 10);
+    }
+    if out.len() >= layout::CMDLINE_MAX_SIZE {
+        return Err(ConfigError::CmdlineTooLong { len: out.len() });
+    }
+    Ok(out)
+}
+
+/// Puts each device on the MMIO bus behind a virtio-mmio transport, with an
+/// irqfd for its interrupt line and an ioeventfd per queue (datamatch on the
+/// queue index written to VIRTIO_MMIO_QUEUE_NOTIFY). All of it is registered
+/// with KVM here, before the first KVM_RUN.
+fn create_virtio_transports(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    devices: Vec<(&'static str, Box<dyn VirtioDevice>)>,
+) -> Result<Vec<QueueEvent>, VmmError> {
+    let mut events = Vec::new();
+    for (i, (name, device)) in devices.into_iter().enumerate() {
+        let (base, irq) = virtio_slot(i);
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|source| VmmError::Kvm { what: "register a virtio irqfd", source })?;
+        let transport = MmioTransport::new(device, mem.clone(), irq_evt);
+        let queues = transport.queue_count();
+        let transport = Arc::new(Mutex::new(transport));
+        for q in 0..queues as u32 {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
+            let addr = IoEventAddress::Mmio(virtio_mmio::notify_address(vm_memory::GuestAddress(base)));
+            vm.register_ioevent(&evt, &addr, q)
+                .map_err(|source| VmmError::Kvm { what: "register a virtio ioeventfd", source })?;
+            events.push(QueueEvent { evt, transport: transport.clone(), queue: q });
+        }
+        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, name, transport)?;
+    }
+    Ok(events)
+}
+
 /// Kicks every vCPU thread out of KVM_RUN until it returns, then joins it.
-fn stop_vcpus(handles: Vec<JoinHandle<ExitCounts>>) -> Vec<ExitCounts> {
+fn stop_vcpus(handles: Vec<JoinHandle<VcpuReport>>) -> Vec<VcpuReport> {
     let mut exits = Vec::with_capacity(handles.len());
     for h in handles {
         while !h.is_finished() {

@@ -142,3 +142,76 @@ fn missing_init_panics_and_ends_with_the_crash_code() {
     let Some(o) = ember(&["run", "--kernel", k]) else { return };
     assert_eq!(o.status, 123, "{}", show(&o));
 }
+
+/// A private copy of the default root file system image (guest-kernels/rootfs.sh)
+/// in the host's temporary directory, which the lane can write to.
+struct RootfsCopy {
+    dir: std::path::PathBuf,
+    image: std::path::PathBuf,
+}
+
+impl RootfsCopy {
+    fn new(name: &str) -> RootfsCopy {
+        let src = ember::guest::default_rootfs().unwrap_or_else(|e| panic!("building the root file system: {e}"));
+        let dir = std::env::temp_dir().join(format!("ember-lane-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        let image = dir.join("rootfs.ext4");
+        std::fs::copy(&src, &image).expect("copy the root file system image");
+        RootfsCopy { dir, image }
+    }
+
+    fn path(&self) -> &str {
+        self.image.to_str().expect("UTF-8 path")
+    }
+
+    /// `debugfs -R 'cat PATH'` on the image, on the host.
+    fn cat(&self, path: &str) -> String {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat {path}")])
+            .arg(&self.image)
+            .output()
+            .expect("run debugfs (e2fsprogs)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RootfsCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn root_disk_boots_and_a_synced_write_reaches_the_image() {
+    let root = RootfsCopy::new("rw");
+    let cmd = "echo persisted-$((6*7)) > /root/proof && sync && \
+               echo root=$(awk '$2 == \"/\" { print $3, substr($4, 1, 2) }' /proc/mounts) && \
+               echo rng=$(cat /sys/class/misc/hw_random/rng_current)";
+    let Some(o) = ember(&["run", "--root-disk", root.path(), "--", "sh", "-c", cmd]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    let out = o.stdout_lossy().replace("\r\n", "\n");
+    assert!(out.contains("root=ext4 rw"), "the root is the ext4 disk, read-write: {}", show(&o));
+    assert!(out.contains("rng=virtio_rng.0"), "a Linux guest gets virtio-rng: {}", show(&o));
+    assert_eq!(root.cat("/root/proof").trim(), "persisted-42", "the file is in the image on the host");
+}
+
+#[test]
+fn read_only_disks_refuse_writes_in_the_guest() {
+    let root = RootfsCopy::new("ro");
+    let data = RootfsCopy::new("ro-data");
+    let before = std::fs::read(&root.image).expect("read the image");
+    let disk = format!("{},ro,id=data-disk", data.path());
+    let root_arg = format!("{},ro", root.path());
+    let cmd = "touch /newfile 2>/dev/null; echo touch=$?; echo ro=$(cat /sys/block/vda/ro); \
+               echo serial=$(cat /sys/block/vdb/serial); \
+               dd if=/dev/vdb of=/dev/null bs=4096 count=16 2>/dev/null; echo dd=$?; \
+               dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null; echo ddw=$?";
+    let Some(o) = ember(&["run", "--root-disk", &root_arg, "--disk", &disk, "--", "sh", "-c", cmd]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    let out = o.stdout_lossy().replace("\r\n", "\n");
+    for want in ["touch=1", "ro=1", "serial=data-disk", "dd=0", "ddw=1"] {
+        assert!(out.lines().any(|l| l == want), "no line `{want}`: {}", show(&o));
+    }
+    assert!(std::fs::read(&root.image).expect("read the image") == before, "a read-only root is unchanged");
+}

@@ -5,6 +5,12 @@
 //! mode, switches itself to long mode, prints through the UART and reports
 //! status 0 on the exit port. The same ELF boots under `qemu-system-x86_64 -M
 //! microvm`, which is how benches/ compares the two VMMs on one guest.
+//!
+//! `ember demo CHAPTER` boots the guests of [`chapters`] instead: real mode,
+//! protected mode, long mode, a hypercall, two vCPUs.
+
+pub mod chapters;
+pub mod hypercall;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -5,3 +5,4 @@
 pub mod exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;

@@ -22,6 +22,7 @@ use thiserror::Error;
 const SCRIPTS: &[(&str, &str)] = &[
     ("build.sh", include_str!("../../guest-kernels/build.sh")),
     ("initramfs.sh", include_str!("../../guest-kernels/initramfs.sh")),
+    ("rootfs.sh", include_str!("../../guest-kernels/rootfs.sh")),
     ("init", include_str!("../../guest-kernels/init")),
     ("microvm.config", include_str!("../../guest-kernels/microvm.config")),
     ("ember-exit.c", include_str!("../../guest-kernels/ember-exit.c")),
@@ -131,6 +132,36 @@ pub fn default_guest(force: bool) -> Result<GuestArtifacts, GuestError> {
     Ok(a)
 }
 
+/// The default guest's root file system as an ext4 image (guest-kernels/rootfs.sh),
+/// from the cache when it is there, built otherwise (progress on stderr).
+/// This is the cached pristine copy: boot a copy of it when it may be written.
+pub fn default_rootfs() -> Result<PathBuf, GuestError> {
+    let dir = cache_dir().join(format!("scripts-{:016x}", scripts_hash()));
+    let remembered = dir.join("default-rootfs.env");
+    let parse = |text: &str| -> Option<PathBuf> {
+        text.lines().filter_map(|l| l.strip_prefix("EMBER_ROOTFS=")).last().map(PathBuf::from)
+    };
+    if let Some(p) = std::fs::read_to_string(&remembered).ok().as_deref().and_then(parse) {
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    write_scripts(&dir)?;
+    let out = Command::new("bash")
+        .arg(dir.join("rootfs.sh"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(GuestError::Spawn)?;
+    if !out.status.success() {
+        return Err(GuestError::Build(out.status.code().unwrap_or(-1)));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let p = parse(&text).ok_or(GuestError::Missing("EMBER_ROOTFS"))?;
+    let _ = std::fs::write(&remembered, text.as_bytes());
+    Ok(p)
+}
+
 fn write_scripts(dir: &Path) -> Result<(), GuestError> {
     let err = |source| GuestError::Scripts { path: dir.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(err)?;
@@ -138,6 +169,11 @@ fn write_scripts(dir: &Path) -> Result<(), GuestError> {
         let path = dir.join(name);
         if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
             std::fs::write(&path, text).map_err(err)?;
+        }
+        // The scripts run each other directly (build.sh -> initramfs.sh).
+        if name.ends_with(".sh") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
         }
     }
     Ok(())

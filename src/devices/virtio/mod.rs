@@ -66,7 +66,7 @@ static GUEST_WARNINGS: AtomicU64 = AtomicU64::new(0);
 
 /// Logs a mistake of the guest's driver at warn level: the first 20, then one
 /// in every 1000, so a hostile guest cannot flood the host's log.
-pub(crate) fn guest_warn(args: std::fmt::Arguments) {
+pub(crate) fn guest_warn_args(args: std::fmt::Arguments) {
     let n = GUEST_WARNINGS.fetch_add(1, Ordering::Relaxed);
     if n < 20 || n % 1000 == 0 {
         log::warn!("{args} (guest warning #{})", n + 1);
@@ -75,7 +75,7 @@ pub(crate) fn guest_warn(args: std::fmt::Arguments) {
 
 /// `guest_warn!("fmt", args)`: a rate-limited warning about the guest.
 macro_rules! guest_warn {
-    ($($t:tt)*) => { $crate::devices::virtio::guest_warn(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::devices::virtio::guest_warn_args(format_args!($($t)*)) };
 }
 pub(crate) use guest_warn;
 
@@ -115,18 +115,20 @@ pub(crate) mod testutil {
         mem.write_obj(Descriptor::new(addr, len, flags, next), GuestAddress(DESC + 16 * u64::from(i))).unwrap();
     }
 
-    /// Publishes `heads` in the avail ring (starting at entry 0) and sets avail.idx.
-    pub fn publish(mem: &GuestMemoryMmap, heads: &[u16]) {
-        for (n, h) in heads.iter().enumerate() {
-            mem.write_obj(*h, GuestAddress(AVAIL + 4 + 2 * n as u64)).unwrap();
+    /// Appends `heads` to the avail ring of a 16-entry queue whose avail.idx
+    /// is `*idx`, and publishes the new avail.idx.
+    pub fn publish(mem: &GuestMemoryMmap, idx: &mut u16, heads: &[u16]) {
+        for h in heads {
+            mem.write_obj(*h, GuestAddress(AVAIL + 4 + 2 * u64::from(*idx % 16))).unwrap();
+            *idx = idx.wrapping_add(1);
         }
-        mem.write_obj(heads.len() as u16, GuestAddress(AVAIL + 2)).unwrap();
+        mem.write_obj(*idx, GuestAddress(AVAIL + 2)).unwrap();
     }
 
     /// used.idx and the used elements (id, len).
     pub fn used(mem: &GuestMemoryMmap) -> (u16, Vec<(u32, u32)>) {
         let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
-        let elems = (0..idx)
+        let elems = (0..idx.min(16))
             .map(|n| {
                 let a = USED + 4 + 8 * u64::from(n);
                 (mem.read_obj(GuestAddress(a)).unwrap(), mem.read_obj(GuestAddress(a + 4)).unwrap())
