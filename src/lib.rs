@@ -12,7 +12,8 @@
 //! Running:
 //! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
 //! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
-//! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device.
+//! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, and
+//!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-rng).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.
@@ -21,6 +22,11 @@
 //!
 //! Data path of one byte the guest prints: `vcpu.rs` (IoOut) -> `bus.rs` ->
 //! `devices/serial.rs` (THR) -> stdout.
+//!
+//! Data path of one virtio-blk request: the guest's QUEUE_NOTIFY write is an
+//! ioeventfd -> `event_loop.rs` (`Token::Queue`) -> `devices/virtio/mmio.rs`
+//! (notify) -> `devices/virtio/block.rs` (parse, pread/pwrite, add_used) ->
+//! interrupt through an irqfd.
 //!
 //! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
 //! guest: build, cache, passing a command to its init).

@@ -228,7 +228,7 @@ fn maybe_fallback(args: &RunArgs, cfg: &VmConfig) -> Option<u8> {
     }
     eprintln!(
         "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
-         emulated SVM machine instead (QEMU TCG; ~10 s more to start, slower guest; --no-fallback to refuse)"
+         emulated SVM machine instead (QEMU TCG: a few seconds more to start, a slower guest; --no-fallback refuses)"
     );
     // The inner ember gets the resolved kernel and initrd, so it never has to
     // build or look up the default guest inside the machine.
