@@ -124,13 +124,39 @@ impl Write for SerialOutput {
 /// COM1 as a bus device.
 pub struct Serial {
     uart: Uart16550<IrqLine, InputEvents, SerialOutput>,
+    /// The guest is interrupt-driven (an irqfd exists), so it reads the
+    /// receive FIFO only while it has receive interrupts enabled.
+    irq_driven: bool,
+    /// Shadow copies of LCR and IER, to see the guest's driver open the port.
+    lcr: u8,
+    ier: u8,
+    drained: Option<Arc<EventFd>>,
 }
+
+/// Register offsets and bits (Linux include/uapi/linux/serial_reg.h).
+const UART_IER: u64 = 1;
+const UART_LCR: u64 = 3;
+const UART_IER_RDI: u8 = 0x01;
+const UART_LCR_DLAB: u8 = 0x80;
 
 impl Serial {
     /// A UART raising `irq`, writing to `out`, signalling `drained` when the
-    /// guest has read every queued input byte.
+    /// guest has read every queued input byte (or has just become ready to).
     pub fn new(irq: IrqLine, out: SerialOutput, drained: Option<Arc<EventFd>>) -> Self {
-        Serial { uart: Uart16550::with_events(irq, InputEvents { drained }, out) }
+        let irq_driven = matches!(irq, IrqLine::Irqfd(_));
+        let events = InputEvents { drained: drained.clone() };
+        Serial { uart: Uart16550::with_events(irq, events, out), irq_driven, lcr: 0, ier: 0, drained }
+    }
+
+    /// Whether the guest will take input now. An interrupt-driven guest (Linux)
+    /// only reads the FIFO while "received data available" interrupts are on
+    /// (IER.RDI): that is, while a tty has the port open. Linux's 8250 driver
+    /// clears the FIFOs when it opens the port (`serial8250_do_startup`), so
+    /// bytes queued earlier, such as piped input sent at boot, would be lost.
+    /// ember keeps them until the driver enables RDI. A polling guest (no
+    /// irqchip) takes input at any time.
+    fn accepts_input(&self) -> bool {
+        !self.irq_driven || self.ier & UART_IER_RDI != 0
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
@@ -148,9 +174,9 @@ impl Serial {
         }
     }
 
-    /// Free space in the receive FIFO.
+    /// Free space in the receive FIFO (0 while the guest is not listening).
     pub fn input_room(&self) -> usize {
-        self.uart.fifo_capacity()
+        if self.accepts_input() { self.uart.fifo_capacity() } else { 0 }
     }
 }
 
@@ -167,6 +193,21 @@ impl BusDevice for Serial {
             if let Err(e) = self.uart.write(off, b) {
                 log::warn!("serial: {e:?}");
             }
+            match offset {
+                UART_LCR => self.lcr = b,
+                UART_IER if self.lcr & UART_LCR_DLAB == 0 => {
+                    let was = self.accepts_input();
+                    self.ier = b;
+                    if !was && self.accepts_input() {
+                        // The driver just opened the port: wake the event loop
+                        // so it feeds whatever input is waiting.
+                        if let Some(evt) = &self.drained {
+                            let _ = evt.write(1);
+                        }
+                    }
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -180,15 +221,12 @@ mod tests {
     // Register offsets and bits as Linux's include/uapi/linux/serial_reg.h spells them.
     const UART_TX: u64 = 0;
     const UART_RX: u64 = 0;
-    const UART_IER: u64 = 1;
     const UART_IIR: u64 = 2;
     const UART_FCR: u64 = 2;
-    const UART_LCR: u64 = 3;
     const UART_MCR: u64 = 4;
     const UART_LSR: u64 = 5;
     const UART_MSR: u64 = 6;
     const UART_SCR: u64 = 7;
-    const UART_LCR_DLAB: u8 = 0x80;
     const UART_MCR_LOOP: u8 = 0x10;
     const UART_LSR_DR: u8 = 0x01;
     const UART_LSR_THRE: u8 = 0x20;
@@ -262,6 +300,28 @@ mod tests {
         assert_eq!(rd(&mut s, UART_RX), b'o');
         assert_eq!(rd(&mut s, UART_RX), b'k');
         assert_eq!(rd(&mut s, UART_LSR) & UART_LSR_DR, 0);
+    }
+
+    #[test]
+    fn interrupt_driven_guest_gets_input_only_once_it_listens() {
+        let out = Shared::default();
+        let control = Arc::new(VmControl::new().unwrap());
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let so = SerialOutput::new(Box::new(out), control, timeline);
+        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let drained = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
+        let mut s = Serial::new(IrqLine::Irqfd(evt), so, Some(drained.clone()));
+        assert_eq!(s.input_room(), 0, "port not open yet: hold input");
+        // Writing the divisor latch (DLAB set) is not an IER write.
+        s.write(UART_LCR, &[UART_LCR_DLAB]);
+        s.write(UART_IER, &[UART_IER_RDI]);
+        assert_eq!(s.input_room(), 0);
+        s.write(UART_LCR, &[0x03]);
+        s.write(UART_IER, &[UART_IER_RDI]);
+        assert_eq!(s.input_room(), 64);
+        assert_eq!(drained.read().unwrap(), 1, "the event loop is woken to feed input");
+        s.write(UART_IER, &[0]);
+        assert_eq!(s.input_room(), 0, "port closed again");
     }
 
     #[test]
