@@ -37,15 +37,18 @@ failed=0
 boot() {
 	local kernel=$1 append=$2 input=${3:-}
 	local machine=${MACHINE:-microvm,isa-serial=on}
+	# The feeder runs beside QEMU (not in a pipeline, which would wait for
+	# its sleeps) and is stopped when QEMU has exited.
 	set +e
-	{ if [ -n "$input" ]; then eval "$input"; else sleep 60; fi; } |
-		timeout "${TIMEOUT:-90}" qemu-system-x86_64 -M "$machine" -accel tcg -m 256M \
-			-nodefaults -no-user-config -nographic -serial stdio -no-reboot \
-			-kernel "$kernel" -initrd "$EMBER_INITRAMFS" \
-			-append "console=ttyS0 reboot=k panic=-1 quiet $append" \
-			-device isa-debug-exit,iobase=0x501,iosize=1 \
-			-d trace:memory_region_ops_write -D "$work/trace" >"$work/out" 2>&1
+	timeout "${TIMEOUT:-90}" qemu-system-x86_64 -M "$machine" -accel tcg -m 256M \
+		-nodefaults -no-user-config -nographic -serial stdio -no-reboot \
+		-kernel "$kernel" -initrd "$EMBER_INITRAMFS" \
+		-append "console=ttyS0 reboot=k panic=-1 quiet $append" \
+		-device isa-debug-exit,iobase=0x501,iosize=1 \
+		-d trace:memory_region_ops_write -D "$work/trace" \
+		< <(if [ -n "$input" ]; then eval "$input"; else sleep 120; fi) >"$work/out" 2>&1
 	rc=$?
+	kill $! 2>/dev/null
 	set -e
 	out=$(tr -d '\r' <"$work/out")
 	byte=$(grep -o 'addr 0x501 value 0x[0-9a-f]*' "$work/trace" | head -n1 | awk '{print $4}' || true)
