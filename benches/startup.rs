@@ -5,16 +5,19 @@
 //!
 //! Then: where ember's own time goes (its `--timeline=json` events, medians).
 //!
+//! `ember bench` is the full comparison (containers, density, reports); this
+//! is the quick VMM-only check.
+//!
 //! `cargo bench --bench startup -- [RUNS]` (default 15 runs after 2 warm-ups).
 //! Absolute times depend heavily on the host's KVM (hardware VMX/SVM or
 //! software like kvm_pvm); compare the ratios.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use ember::bench::measure::{launch, parse_timeline, Summary};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
@@ -26,35 +29,18 @@ struct Sample {
     max_rss_kib: u64,
 }
 
-/// Runs `cmd`, timing its first stdout byte and its exit; peak RSS from wait4.
+/// Runs `cmd`, timing its first stdout byte and its exit; peak RSS from wait4
+/// (shared with `ember bench`: `ember::bench::measure`).
 fn measure(cmd: &mut Command) -> Sample {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
-    let start = Instant::now();
-    let mut child = cmd.spawn().expect("spawn");
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut byte = [0u8; 1];
-    let first_byte = match out.read(&mut byte) {
-        Ok(1) => start.elapsed(),
-        _ => panic!("{cmd:?} printed nothing"),
-    };
-    let mut rest = Vec::new();
-    let _ = out.read_to_end(&mut rest);
-    let mut status = 0;
-    // SAFETY: rusage is plain data filled by wait4 for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for the child we spawned.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    let exit = start.elapsed();
-    assert_eq!(pid, child.id() as i32);
-    let st = std::process::ExitStatus::from_raw(status);
-    assert!(st.code().is_some(), "{cmd:?} died: {st:?}");
-    Sample { first_byte, exit, max_rss_kib: usage.ru_maxrss as u64 }
+    let l = launch(cmd, "", None, |_| {}).expect("spawn");
+    let first_byte = l.first_byte.unwrap_or_else(|| panic!("{cmd:?} printed nothing"));
+    assert!(l.status < 128, "{cmd:?} died: {}", l.status);
+    Sample { first_byte, exit: l.exit, max_rss_kib: l.max_rss_kib }
 }
 
-fn stats(mut v: Vec<f64>) -> (f64, f64, f64, f64) {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
-    let pick = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    (pick(0.5), v[0], v[v.len() - 1], pick(0.95))
+fn stats(v: Vec<f64>) -> (f64, f64, f64, f64) {
+    let s = Summary::of(&v).expect("at least one run");
+    (s.median, s.min, s.max, s.p95)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -144,16 +130,11 @@ fn main() {
             .arg(&guest)
             .output()
             .expect("ember");
-        let text = String::from_utf8_lossy(&out.stderr);
-        for item in text.trim().trim_start_matches('[').trim_end_matches(']').split("},{") {
-            let name = item.split("\"event\":\"").nth(1).and_then(|r| r.split('"').next());
-            let at = item.split("\"ms\":").nth(1).and_then(|r| r.trim_end_matches('}').parse::<f64>().ok());
-            if let (Some(n), Some(a)) = (name, at) {
-                if !order.iter().any(|o| o == n) {
-                    order.push(n.to_string());
-                }
-                events.entry(n.to_string()).or_default().push(a);
+        for (n, a) in parse_timeline(&String::from_utf8_lossy(&out.stderr)) {
+            if !order.contains(&n) {
+                order.push(n.clone());
             }
+            events.entry(n).or_default().push(a);
         }
     }
     println!("\n## Inside ember (median ms since ember's main(), {runs} runs)\n");

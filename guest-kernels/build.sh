@@ -70,13 +70,12 @@ ensure_packages() {
 	done
 	[ ${#missing[@]} -eq 0 ] && return 0
 	stage "installing ${missing[*]} with apt-get"
-	local sudo=
+	# Wait for another apt/dpkg to finish instead of failing on its lock.
+	local apt=(apt-get -y -q -o DPkg::Lock::Timeout=600)
 	if [ "$(id -u)" -ne 0 ]; then
 		command -v sudo >/dev/null || die "need root to install: ${missing[*]}"
-		sudo=sudo
+		apt=(sudo "${apt[@]}")
 	fi
-	# Wait for another apt/dpkg to finish instead of failing on its lock.
-	local apt=($sudo apt-get -y -q -o DPkg::Lock::Timeout=600)
 	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2; then
 		DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >&2
 		DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2 ||
@@ -97,7 +96,7 @@ key=$(
 		cat "$fragment" "$self"
 	} | sha256sum | cut -c1-16
 )
-cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember
 out="$cache_root/kernel-$key"
 mkdir -p "$cache_root"
 
@@ -113,18 +112,22 @@ if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ] && [ -f "$out/kernelrelease" ]
 else
 	tmp=$(mktemp -d "$cache_root/.kernel-$key.XXXXXX")
 	trap 'rm -rf "$tmp"' EXIT
+	# bash skips the EXIT trap when a signal kills it: turn signals into exit.
+	trap 'exit 130' INT TERM HUP
 	log="$tmp/build.log"
 	src="$tmp/linux"
 
-	# Run make in the source tree with its output in the log; on failure
-	# show the end of the log and keep a copy next to the cache.
+	# On failure, show the end of the log and keep a copy next to the cache
+	# (the temporary directory goes away).
+	fail() {
+		printf 'ember: kernel: %s; last lines of the log:\n' "$1" >&2
+		tail -n 40 "$log" >&2
+		cp "$log" "$cache_root/kernel-$key.failed.log"
+		die "full log: $cache_root/kernel-$key.failed.log"
+	}
+	# Run make in the source tree with its output in the log.
 	kmake() {
-		if ! make -C "$src" ARCH=x86_64 "$@" >>"$log" 2>&1; then
-			printf 'ember: kernel: make %s failed; last lines of the log:\n' "$*" >&2
-			tail -n 40 "$log" >&2
-			cp "$log" "$cache_root/kernel-$key.failed.log"
-			die "full log: $cache_root/kernel-$key.failed.log"
-		fi
+		make -C "$src" ARCH=x86_64 "$@" >>"$log" 2>&1 || fail "make $* failed"
 	}
 
 	stage "extracting linux-source-6.1 $source_version"
@@ -134,7 +137,7 @@ else
 	stage "configuring: tinyconfig + $(basename "$fragment")"
 	kmake tinyconfig
 	(cd "$src" && ARCH=x86_64 ./scripts/kconfig/merge_config.sh -m .config "$fragment") >>"$log" 2>&1 ||
-		die "merge_config.sh failed, see $log"
+		fail "merge_config.sh failed"
 	kmake olddefconfig
 	# olddefconfig silently drops an option whose dependencies are not met:
 	# insist that every line of the fragment made it into the final config.
@@ -146,8 +149,12 @@ $dropped"
 
 	jobs=${EMBER_BUILD_JOBS:-$(nproc)}
 	stage "compiling vmlinux and bzImage with make -j$jobs (log: $out/build.log)"
-	kmake -j"$jobs" vmlinux bzImage &
+	make -C "$src" ARCH=x86_64 -j"$jobs" vmlinux bzImage >>"$log" 2>&1 &
 	make_pid=$!
+	# Stopped by a signal sent to this script alone (not to its process
+	# group, as a terminal's Ctrl-C would): stop make too, which stops its
+	# own children, then exit, and the EXIT trap removes the half build.
+	trap 'kill "$make_pid" 2>/dev/null; wait "$make_pid"; exit 130' INT TERM HUP
 	# A heartbeat instead of make's output: objects compiled so far.
 	while kill -0 "$make_pid" 2>/dev/null; do
 		for _ in $(seq 30); do
@@ -156,16 +163,21 @@ $dropped"
 		done
 		stage "  ... $(grep -c '^  CC ' "$log" || true) files compiled"
 	done
-	wait "$make_pid" || exit 1
+	wait "$make_pid" || fail "make vmlinux bzImage failed"
+	trap 'exit 130' INT TERM HUP
 
 	release=$(make -s -C "$src" ARCH=x86_64 kernelrelease)
 	cp "$src/arch/x86/boot/bzImage" "$src/vmlinux" "$tmp/"
 	cp "$src/.config" "$tmp/config"
 	echo "$release" >"$tmp/kernelrelease"
 	rm -rf "$src"
+	# A leftover incomplete entry (files deleted by hand) would make mv move
+	# tmp inside it; we hold the lock, so nobody else is using it.
+	rm -rf "$out"
+	chmod 0755 "$tmp" # mktemp made it private; the result is not secret
 	mv "$tmp" "$out"
-	trap - EXIT
-	stage "built Linux $release: bzImage $(du -h "$out/bzImage" | cut -f1), vmlinux $(du -h "$out/vmlinux" | cut -f1)"
+	trap - EXIT INT TERM HUP
+	stage "built Linux $release: bzImage $(du -h --apparent-size "$out/bzImage" | cut -f1), vmlinux $(du -h --apparent-size "$out/vmlinux" | cut -f1)"
 fi
 
 initramfs=$("$here/initramfs.sh" | sed -n 's/^EMBER_INITRAMFS=//p')

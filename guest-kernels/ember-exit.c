@@ -11,7 +11,7 @@
  * ask for the one port with ioperm(2) (needs CONFIG_X86_IOPL_IOPERM and
  * CAP_SYS_RAWIO, i.e. root) and write it ourselves.
  *
- * Freestanding on purpose: no libc, so it builds with any gcc into a ~1 KiB
+ * Freestanding on purpose: no libc, so it builds with any gcc into a 9 KiB
  * static binary and cannot depend on the guest's libraries.
  *   gcc -Os -static -nostdlib -ffreestanding -fno-pie -no-pie \
  *       -fno-stack-protector -o ember-exit ember-exit.c

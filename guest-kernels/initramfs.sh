@@ -57,13 +57,12 @@ ensure_packages() {
 	done
 	[ ${#missing[@]} -eq 0 ] && return 0
 	stage "installing ${missing[*]} with apt-get"
-	local sudo=
+	# Wait for another apt/dpkg to finish instead of failing on its lock.
+	local apt=(apt-get -y -q -o DPkg::Lock::Timeout=600)
 	if [ "$(id -u)" -ne 0 ]; then
 		command -v sudo >/dev/null || die "need root to install: ${missing[*]}"
-		sudo=sudo
+		apt=(sudo "${apt[@]}")
 	fi
-	# Wait for another apt/dpkg to finish instead of failing on its lock.
-	local apt=($sudo apt-get -y -q -o DPkg::Lock::Timeout=600)
 	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2; then
 		DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >&2
 		DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2 ||
@@ -82,7 +81,7 @@ key=$(
 		cat "$here/init" "$here/ember-exit.c" "$self"
 	} | sha256sum | cut -c1-16
 )
-cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember
 out="$cache_root/initramfs-$key"
 image="$out/initramfs.cpio.gz"
 
@@ -99,6 +98,8 @@ fi
 
 tmp=$(mktemp -d "$cache_root/.initramfs-$key.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
+# bash skips the EXIT trap when a signal kills it: turn signals into exit.
+trap 'exit 130' INT TERM HUP
 root="$tmp/root"
 mkdir -p "$root"
 
@@ -161,7 +162,9 @@ newc_entry() { # name mode(octal) nlink rdevmajor rdevminor
 } | gzip -9 -n >"$tmp/initramfs.cpio.gz"
 
 rm -rf "$root"
+rm -rf "$out" # an incomplete leftover; we hold the lock
+chmod 0755 "$tmp" # mktemp made it private; the result is not secret
 mv "$tmp" "$out"
-trap - EXIT
+trap - EXIT INT TERM HUP
 stage "built $(du -h "$image" | cut -f1) in $out"
 echo "EMBER_INITRAMFS=$image"

@@ -9,6 +9,9 @@
 #
 # Prints one line per check and ends with "N passed, N failed"; exits 1 if
 # any check failed.
+#
+# The checks are strings that `check` evals later, single-quoted on purpose.
+# shellcheck disable=SC2016,SC2034
 
 set -euo pipefail
 
@@ -39,6 +42,10 @@ boot() {
 	local machine=${MACHINE:-microvm,isa-serial=on}
 	# The feeder runs beside QEMU (not in a pipeline, which would wait for
 	# its sleeps) and is stopped when QEMU has exited.
+	rm -f "$work/in"
+	mkfifo "$work/in"
+	(if [ -n "$input" ]; then eval "$input"; else sleep 120; fi) >"$work/in" 2>/dev/null &
+	local feeder=$!
 	set +e
 	timeout "${TIMEOUT:-90}" qemu-system-x86_64 -M "$machine" -accel tcg -m 256M \
 		-nodefaults -no-user-config -nographic -serial stdio -no-reboot \
@@ -46,9 +53,10 @@ boot() {
 		-append "console=ttyS0 reboot=k panic=-1 quiet $append" \
 		-device isa-debug-exit,iobase=0x501,iosize=1 \
 		-d trace:memory_region_ops_write -D "$work/trace" \
-		< <(if [ -n "$input" ]; then eval "$input"; else sleep 120; fi) >"$work/out" 2>&1
+		<"$work/in" >"$work/out" 2>&1
 	rc=$?
-	kill $! 2>/dev/null
+	kill "$feeder" 2>/dev/null
+	wait "$feeder" 2>/dev/null
 	set -e
 	out=$(tr -d '\r' <"$work/out")
 	byte=$(grep -o 'addr 0x501 value 0x[0-9a-f]*' "$work/trace" | head -n1 | awk '{print $4}' || true)

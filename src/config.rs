@@ -46,6 +46,18 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
+/// One virtio-net device: `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host tap interface (at most 15 bytes).
+    pub tap: String,
+    /// The guest's MAC; None: derived from the tap name and the device index
+    /// (`devices::virtio::net::default_mac`).
+    pub mac: Option<[u8; 6]>,
+    /// Create the tap (it must not exist) and remove it when ember exits.
+    pub create: bool,
+}
+
 /// Whether the VM gets a virtio-rng device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RngMode {
@@ -94,6 +106,8 @@ pub struct VmConfig {
     pub extra_pio: Vec<ExtraPioDevice>,
     /// virtio-blk disks, in order: the first is /dev/vda in Linux.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in order: the first is eth0 in Linux.
+    pub nets: Vec<NetConfig>,
     /// The virtio-rng device.
     pub rng: RngMode,
 }
@@ -163,8 +177,61 @@ pub enum ConfigError {
     #[error("{0} virtio devices asked for; ember has interrupt lines for at most {max}", max = MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
     /// virtio devices without the in-kernel irqchip.
-    #[error("virtio devices (--disk, --rng) need the in-kernel irqchip: drop --irqchip off")]
+    #[error("virtio devices (--disk, --net, --rng) need the in-kernel irqchip: drop --irqchip off")]
     VirtioWithoutIrqchip,
+    /// A `--net` value we do not understand.
+    #[error("--net `{0}` is not understood: write tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create] (NAME: 1 to 15 bytes, no `/`, `:` or spaces)")]
+    BadNet(String),
+    /// A MAC address that is malformed or not a unicast address.
+    #[error("--net: `{0}` is not a MAC address a NIC can have: write six hex pairs, e.g. 52:54:00:12:34:56, with the first octet even (unicast)")]
+    BadMac(String),
+    /// Two devices on one tap.
+    #[error("--net: tap {0} is named twice: a tap serves one device")]
+    DuplicateTap(String),
+}
+
+/// Parses `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create]` (options in any order).
+pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
+    let bad = || ConfigError::BadNet(text.to_string());
+    let mut net = NetConfig { tap: String::new(), mac: None, create: false };
+    for opt in text.split(',') {
+        if opt == "create" {
+            net.create = true;
+        } else if let Some(name) = opt.strip_prefix("tap=") {
+            if !net.tap.is_empty() || !crate::devices::tap::valid_name(name) {
+                return Err(bad());
+            }
+            net.tap = name.to_string();
+        } else if let Some(mac) = opt.strip_prefix("mac=") {
+            net.mac = Some(parse_mac(mac)?);
+        } else {
+            return Err(bad());
+        }
+    }
+    if net.tap.is_empty() {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+/// Parses `52:54:00:12:34:56` (or with `-`); refuses multicast addresses.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::BadMac(text.to_string());
+    let parts: Vec<&str> = text.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad());
+    }
+    Ok(mac)
 }
 
 /// Parses `PATH[,ro][,id=NAME]` (options in any order after the path).
@@ -237,6 +304,7 @@ impl VmConfig {
             observe: ExitObservation::default(),
             extra_pio: Vec::new(),
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: RngMode::Auto,
         }
     }
@@ -265,12 +333,17 @@ impl VmConfig {
             return Err(ConfigError::CmdlineNul);
         }
         // The rng may come on top in Auto mode: count it.
-        let devices = self.disks.len() + usize::from(self.rng != RngMode::Off);
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng != RngMode::Off);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
-        if self.irqchip == IrqchipMode::Off && (!self.disks.is_empty() || self.rng == RngMode::On) {
+        if self.irqchip == IrqchipMode::Off && (!self.disks.is_empty() || !self.nets.is_empty() || self.rng == RngMode::On) {
             return Err(ConfigError::VirtioWithoutIrqchip);
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            if self.nets[..i].iter().any(|m| m.tap == n.tap) {
+                return Err(ConfigError::DuplicateTap(n.tap.clone()));
+            }
         }
         Ok(())
     }
@@ -346,6 +419,25 @@ mod tests {
         assert!(c.validate().is_ok());
         c.irqchip = IrqchipMode::Off;
         assert!(matches!(c.validate(), Err(ConfigError::VirtioWithoutIrqchip)));
+    }
+
+    #[test]
+    fn nets_parse() {
+        let n = parse_net("tap=tap0").unwrap();
+        assert_eq!(n, NetConfig { tap: "tap0".into(), mac: None, create: false });
+        let n = parse_net("create,mac=52:54:00:AB:cd:01,tap=t1").unwrap();
+        assert_eq!(n, NetConfig { tap: "t1".into(), mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), create: true });
+        for bad in ["", "tap=", "tap0", "tap=a,tap=b", "tap=a,xyz", "tap=a234567890123456", "tap=a/b"] {
+            assert!(matches!(parse_net(bad), Err(ConfigError::BadNet(_))), "{bad}");
+        }
+        for bad in ["52:54:00:12:34", "52:54:00:12:34:5", "52:54:00:12:34:567", "zz:54:00:12:34:56", "01:00:5e:00:00:01", "52:54:00:12:34:56:78"] {
+            assert!(matches!(parse_net(&format!("tap=a,mac={bad}")), Err(ConfigError::BadMac(_))), "{bad}");
+        }
+        let mut c = VmConfig::new(KernelSource::Builtin(&[]));
+        c.nets = vec![parse_net("tap=a").unwrap(), parse_net("tap=b").unwrap()];
+        assert!(c.validate().is_ok());
+        c.nets.push(parse_net("tap=a,mac=02:00:00:00:00:01").unwrap());
+        assert!(matches!(c.validate(), Err(ConfigError::DuplicateTap(_))));
     }
 
     #[test]

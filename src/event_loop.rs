@@ -4,7 +4,10 @@
 //!
 //! Sources, named by [`Token`]: the stop eventfd (some thread ended the VM),
 //! stdin (bytes for the guest's UART), the UART's "input drained" eventfd
-//! (room in the receive FIFO again), and a signalfd for SIGINT/SIGTERM/SIGHUP.
+//! (room in the receive FIFO again), a signalfd for SIGINT/SIGTERM/SIGHUP,
+//! each virtqueue's ioeventfd, and each virtio-net device's tap
+//! (edge-triggered: the device reads until the tap is empty or the guest has
+//! no receive buffers; see devices/virtio/net.rs).
 //!
 //! Input flow control: host bytes are pushed into the 64-byte receive FIFO; what
 //! does not fit waits in `pending`, and stdin is taken out of the epoll set
@@ -37,10 +40,14 @@ pub enum Token {
     Signal,
     /// The guest notified a virtqueue: entry N of the [`QueueEvent`] list.
     Queue(u32),
+    /// A device's tap has frames: entry N of the [`TapEvent`] list.
+    Tap(u32),
 }
 
 /// Epoll data of `Token::Queue(n)`: this bit plus n; the fixed tokens are 0..=3.
 const QUEUE_TOKEN_BIT: u64 = 1 << 32;
+/// Epoll data of `Token::Tap(n)`: this bit plus n.
+const TAP_TOKEN_BIT: u64 = 1 << 33;
 
 impl Token {
     fn to_u64(self) -> u64 {
@@ -50,6 +57,7 @@ impl Token {
             Token::InputDrained => 2,
             Token::Signal => 3,
             Token::Queue(n) => QUEUE_TOKEN_BIT | u64::from(n),
+            Token::Tap(n) => TAP_TOKEN_BIT | u64::from(n),
         }
     }
 
@@ -60,6 +68,7 @@ impl Token {
             2 => Some(Token::InputDrained),
             3 => Some(Token::Signal),
             _ if v & QUEUE_TOKEN_BIT != 0 => u32::try_from(v & !QUEUE_TOKEN_BIT).ok().map(Token::Queue),
+            _ if v & TAP_TOKEN_BIT != 0 => u32::try_from(v & !TAP_TOKEN_BIT).ok().map(Token::Tap),
             _ => None,
         }
     }
@@ -74,6 +83,14 @@ pub struct QueueEvent {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// The queue index within the device.
     pub queue: u32,
+}
+
+/// A device's host descriptor (virtio-net's tap), watched edge-triggered.
+pub struct TapEvent {
+    /// The descriptor (owned by the device, which lives as long as the transport).
+    pub fd: RawFd,
+    /// The device's transport.
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// Errors of the event loop itself (host failures).
@@ -169,6 +186,7 @@ pub fn run(
     console: Option<ConsoleInput>,
     signals: &libc::sigset_t,
     queues: &[QueueEvent],
+    taps: &[TapEvent],
 ) -> Result<StopReason, EventLoopError> {
     let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
     let add = |fd: RawFd, t: Token| {
@@ -178,6 +196,12 @@ pub fn run(
     for (n, q) in queues.iter().enumerate() {
         // A count that piled up before this point is still there: nothing is lost.
         add(q.evt.as_raw_fd(), Token::Queue(n as u32))?;
+    }
+    for (n, t) in taps.iter().enumerate() {
+        // Edge-triggered: a tap the device stopped reading (no receive
+        // buffers) does not wake the loop again until a new frame arrives.
+        let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, Token::Tap(n as u32).to_u64());
+        epoll.ctl(ControlOperation::Add, t.fd, ev).map_err(EventLoopError::Epoll)?;
     }
     let sigfd = signalfd(signals)?;
     add(sigfd.as_raw_fd(), Token::Signal)?;
@@ -266,6 +290,10 @@ pub fn run(
                     let _ = q.evt.read();
                     q.transport.lock().expect("virtio transport lock").notify(q.queue);
                 }
+                Some(Token::Tap(n)) => {
+                    let Some(t) = taps.get(n as usize) else { continue };
+                    t.transport.lock().expect("virtio transport lock").host_event();
+                }
                 None => log::warn!("event loop: unknown token {}", ev.data()),
             }
         }
@@ -297,7 +325,7 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        for t in [Token::Stop, Token::Stdin, Token::InputDrained, Token::Signal, Token::Queue(0), Token::Queue(u32::MAX)] {
+        for t in [Token::Stop, Token::Stdin, Token::InputDrained, Token::Signal, Token::Queue(0), Token::Queue(u32::MAX), Token::Tap(0), Token::Tap(7)] {
             assert_eq!(Token::from_u64(t.to_u64()), Some(t));
         }
         assert_eq!(Token::from_u64(4), None);

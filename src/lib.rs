@@ -13,7 +13,8 @@
 //! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
 //! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
 //! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, and
-//!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-rng).
+//!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-net,
+//!   virtio-rng), and the host tap behind virtio-net (`devices/tap.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.
@@ -28,11 +29,18 @@
 //! (notify) -> `devices/virtio/block.rs` (parse, pread/pwrite, add_used) ->
 //! interrupt through an irqfd.
 //!
+//! Data path of one received frame: the tap becomes readable -> `event_loop.rs`
+//! (`Token::Tap`, edge-triggered) -> `devices/virtio/mmio.rs` (host_event) ->
+//! `devices/virtio/net.rs` (read, copy into receive buffers, add_used) -> irqfd.
+//! A transmitted frame takes the virtio-blk path to `net.rs`, which writes it to the tap.
+//!
 //! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
-//! guest: build, cache, passing a command to its init).
+//! guest: build, cache, passing a command to its init), [`bench`] (`ember
+//! bench`: the same payload on the host, in containers and in VMs).
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod config;

@@ -31,6 +31,9 @@ struct Cli {
 enum Command {
     /// Boot a VM.
     Run(RunArgs),
+    /// Compare start-up, memory and speed of one payload on the host, in
+    /// containers (crun, runc) and in VMs (ember, QEMU microvm).
+    Bench(ember::bench::BenchArgs),
     /// Boot a tiny guest built into ember and show what each layer did.
     Demo {
         /// A chapter (number or name, see --list); none: the hello guest.
@@ -108,6 +111,11 @@ struct RunArgs {
     /// default guest starts without its initramfs (see guest-kernels/rootfs.sh).
     #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
     root_disk: Option<String>,
+    /// A virtio-net device on host tap NAME; repeatable, the first is eth0 in
+    /// Linux. `mac=`: the guest's address (default: derived from NAME and the
+    /// device's position); `create`: create the tap (root) and remove it at exit.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,create]")]
+    net: Vec<String>,
     /// Give the guest a virtio-rng device even when it is not Linux.
     #[arg(long, conflicts_with = "no_rng")]
     rng: bool,
@@ -163,6 +171,9 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
     }
     for d in &a.disk {
         cfg.disks.push(config::parse_disk(d).map_err(|e| e.to_string())?);
+    }
+    for n in &a.net {
+        cfg.nets.push(config::parse_net(n).map_err(|e| e.to_string())?);
     }
     cfg.rng = match (a.rng, a.no_rng) {
         (true, _) => RngMode::On,
@@ -225,6 +236,16 @@ fn maybe_fallback(args: &RunArgs, cfg: &VmConfig) -> Option<u8> {
             "ember: this host's KVM is {flavour}; it cannot run a Linux guest, and --no-fallback forbids the emulated machine"
         );
         return Some(EXIT_KVM_UNUSABLE);
+    }
+    if let Some(n) = cfg.nets.first() {
+        // The tap lives in this host's network namespace; the inner ember runs
+        // inside the emulated machine, which cannot reach it yet (see issue 5).
+        eprintln!(
+            "ember: --net tap={} cannot be used here yet: this host's KVM ({flavour}) needs the emulated SVM \
+             machine for a Linux guest, and ember does not yet bridge a host tap into that machine",
+            n.tap
+        );
+        return Some(EXIT_VMM_ERROR);
     }
     eprintln!(
         "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
@@ -295,6 +316,9 @@ fn run(args: RunArgs, start: Instant) -> u8 {
         Some(TimelineFormat::Json) => eprintln!("{}", timeline.render_json()),
         None => {}
     }
+    if let (Some(_), Ok(o)) = (args.timeline, &outcome) {
+        eprintln!("ember: guest memory touched: {} KiB", o.guest_resident_bytes >> 10);
+    }
     code
 }
 
@@ -306,6 +330,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args, start),
+        Command::Bench(args) => ember::bench::main(args),
         Command::Demo { save_guest: Some(path), .. } => match std::fs::write(&path, ember::demo::HELLO_GUEST) {
             Ok(()) => 0,
             Err(e) => {

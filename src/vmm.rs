@@ -36,8 +36,10 @@ use crate::devices::serial::{IrqLine, Serial, SerialOutput};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
+use crate::devices::tap::{Tap, TapError};
+use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
-use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent};
+use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::layout;
 use crate::memory::{self, MemoryError};
 use crate::timeline::Timeline;
@@ -100,6 +102,9 @@ pub enum VmmError {
     /// A disk image cannot be used.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A tap cannot be used.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// A host resource (eventfd, thread) could not be created.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
@@ -123,6 +128,8 @@ pub struct RunOutcome {
     pub stats: Vec<Option<Box<ExitStats>>>,
     /// Registers per vCPU at stop (with `VmConfig::observe.snapshot_registers`).
     pub registers: Vec<Option<RegSnapshot>>,
+    /// Guest RAM the host backed by the end (touched pages), in bytes.
+    pub guest_resident_bytes: u64,
 }
 
 /// A built VM, ready to run.
@@ -134,6 +141,8 @@ pub struct Vmm {
     _mem: GuestMemoryMmap,
     /// The virtqueues' ioeventfds, for the event loop.
     queue_events: Vec<QueueEvent>,
+    /// The taps of virtio-net devices, for the event loop.
+    tap_events: Vec<TapEvent>,
     control: Arc<VmControl>,
     serial: Arc<Mutex<Serial>>,
     input_drained: Arc<EventFd>,
@@ -255,7 +264,7 @@ impl Vmm {
             pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
         }
         let mut mmio = Bus::new();
-        let queue_events = create_virtio_transports(&vm, &mem, &mut mmio, virtio)?;
+        let (queue_events, tap_events) = create_virtio_transports(&vm, &mem, &mut mmio, virtio)?;
 
         // 7. vCPUs.
         let base_cpuid = kvm
@@ -281,6 +290,7 @@ impl Vmm {
             _kvm: kvm,
             _mem: mem,
             queue_events,
+            tap_events,
             control,
             serial,
             input_drained,
@@ -319,7 +329,7 @@ impl Vmm {
             handles.push(h);
         }
 
-        let result = event_loop::run(&self.control, console, &signals, &self.queue_events);
+        let result = event_loop::run(&self.control, console, &signals, &self.queue_events, &self.tap_events);
         if result.is_err() {
             self.control.stop(StopReason::VmmError("the event loop failed".into()));
         }
@@ -333,7 +343,8 @@ impl Vmm {
         let exits = reports.iter().map(|r| r.counts).collect();
         let registers = reports.iter().map(|r| r.registers).collect();
         let stats = reports.into_iter().map(|r| r.stats).collect();
-        Ok(RunOutcome { reason, exits, stats, registers })
+        let guest_resident_bytes = crate::memory::resident_bytes(&self._mem);
+        Ok(RunOutcome { reason, exits, stats, registers, guest_resident_bytes })
     }
 
     /// The shared stop control (for tests and tools that stop a VM from outside).
@@ -343,12 +354,17 @@ impl Vmm {
 }
 
 /// Opens the virtio devices `cfg` asks for, in bus order: the disks (the
-/// first becomes /dev/vda), then the entropy device. Host files are checked
-/// here, before any KVM call.
+/// first becomes /dev/vda), the NICs (the first is eth0), then the entropy
+/// device. Host files and taps are checked here, before any KVM call.
 fn open_virtio_devices(cfg: &VmConfig, linux: bool) -> Result<Vec<(&'static str, Box<dyn VirtioDevice>)>, VmmError> {
     let mut devices: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
     for disk in &cfg.disks {
         devices.push(("virtio-blk", Box::new(Block::open(disk)?)));
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        let tap = Tap::open(&n.tap, n.create)?;
+        let mac = n.mac.unwrap_or_else(|| net::default_mac(&n.tap, i));
+        devices.push(("virtio-net", Box::new(Net::new(tap, mac))));
     }
     let rng = match cfg.rng {
         RngMode::On => true,
@@ -398,8 +414,9 @@ fn create_virtio_transports(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     devices: Vec<(&'static str, Box<dyn VirtioDevice>)>,
-) -> Result<Vec<QueueEvent>, VmmError> {
+) -> Result<(Vec<QueueEvent>, Vec<TapEvent>), VmmError> {
     let mut events = Vec::new();
+    let mut taps = Vec::new();
     for (i, (name, device)) in devices.into_iter().enumerate() {
         let (base, irq) = virtio_slot(i);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
@@ -407,7 +424,11 @@ fn create_virtio_transports(
             .map_err(|source| VmmError::Kvm { what: "register a virtio irqfd", source })?;
         let transport = MmioTransport::new(device, mem.clone(), irq_evt);
         let queues = transport.queue_count();
+        let host_fd = transport.host_fd();
         let transport = Arc::new(Mutex::new(transport));
+        if let Some(fd) = host_fd {
+            taps.push(TapEvent { fd, transport: transport.clone() });
+        }
         for q in 0..queues as u32 {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
             let addr = IoEventAddress::Mmio(virtio_mmio::notify_address(vm_memory::GuestAddress(base)));
@@ -417,7 +438,7 @@ fn create_virtio_transports(
         }
         mmio.insert(base, layout::VIRTIO_MMIO_SIZE, name, transport)?;
     }
-    Ok(events)
+    Ok((events, taps))
 }
 
 /// Kicks every vCPU thread out of KVM_RUN until it returns, then joins it.

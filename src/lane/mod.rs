@@ -294,8 +294,20 @@ impl LinuxLane {
         inv: &Invocation,
         timeout: Duration,
     ) -> Result<Outcome, LaneError> {
+        let bin = self.ember_bin.clone();
+        self.run_program(&bin, inv, timeout)
+    }
+
+    /// Runs any host `program` (e.g. `/bin/sh` with a script that sets up a network namespace and
+    /// runs ember inside it) on the lane's machine, like [`LinuxLane::run_with_timeout`] runs ember.
+    pub fn run_program(
+        &mut self,
+        program: &Path,
+        inv: &Invocation,
+        timeout: Duration,
+    ) -> Result<Outcome, LaneError> {
         match &mut self.kind {
-            Kind::Direct => run_direct(&self.ember_bin, inv, timeout),
+            Kind::Direct => run_direct(program, inv, timeout),
             Kind::Nested {
                 machine,
                 boots,
@@ -310,7 +322,7 @@ impl LinuxLane {
                 let Some(m) = machine.as_mut() else {
                     unreachable!("booted above")
                 };
-                let result = m.run(&self.ember_bin, inv, timeout);
+                let result = m.run(program, inv, timeout);
                 if matches!(
                     result,
                     Err(LaneError::Wedged { .. } | LaneError::OuterMachine { .. })

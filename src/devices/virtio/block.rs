@@ -313,7 +313,7 @@ impl Block {
 /// Walks a chain. `None` when the walk did not end at a descriptor without
 /// NEXT: a loop, more descriptors than the queue holds, a head or next index
 /// past the table, or a table outside guest RAM (virtio-queue stops there).
-fn collect_chain<I: Iterator<Item = Descriptor>>(chain: I) -> Option<Vec<Descriptor>> {
+pub(crate) fn collect_chain<I: Iterator<Item = Descriptor>>(chain: I) -> Option<Vec<Descriptor>> {
     let descs: Vec<Descriptor> = chain.collect();
     match descs.last() {
         Some(last) if !last.has_next() => Some(descs),

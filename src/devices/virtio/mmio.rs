@@ -132,6 +132,25 @@ impl MmioTransport {
         }
     }
 
+    /// The device's host descriptor (a tap) is readable: let the device
+    /// serve it with its queues, once the driver is running.
+    pub fn host_event(&mut self) {
+        if !self.ready_for_queues() {
+            // Nothing is lost: the device reads again when the driver kicks a queue.
+            return;
+        }
+        match self.device.process_host_event(&mut self.queues, &self.mem) {
+            QueueOutcome::Quiet => {}
+            QueueOutcome::Interrupt => self.raise(VIRTIO_MMIO_INT_VRING),
+            QueueOutcome::NeedsReset => self.needs_reset(),
+        }
+    }
+
+    /// The device's host descriptor for the event loop, if it has one.
+    pub fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.host_fd()
+    }
+
     /// Sets DEVICE_NEEDS_RESET and tells the driver with a configuration
     /// change interrupt (virtio 1.2, 2.1.2 and 4.2.3.3).
     fn needs_reset(&mut self) {

@@ -2,8 +2,11 @@
 //!
 //! Split in two, as in the spec: the transport ([`mmio::MmioTransport`],
 //! the register file the guest's virtio_mmio driver programs) owns the
-//! virtqueues and the interrupt; a device ([`block::Block`], [`rng::Rng`])
+//! virtqueues and the interrupt; a device ([`block::Block`], [`net::Net`], [`rng::Rng`])
 //! only says who it is and serves its queues, through [`VirtioDevice`].
+//! A device with a host-side event source ([`net::Net`]'s tap) names its
+//! descriptor with [`VirtioDevice::host_fd`]; the event loop watches it
+//! (`Token::Tap`) and calls [`mmio::MmioTransport::host_event`].
 //!
 //! Data path of one request: the guest writes VIRTIO_MMIO_QUEUE_NOTIFY, KVM
 //! signals that queue's ioeventfd -> `event_loop.rs` (`Token::Queue`) ->
@@ -20,6 +23,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +63,15 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome;
     /// The driver reset the device (status 0): forget negotiated state.
     fn reset(&mut self);
+    /// A host descriptor the event loop should watch for this device
+    /// (readable, edge-triggered), e.g. virtio-net's tap; None for most devices.
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// `host_fd` became readable: serve it with the device's `queues`.
+    fn process_host_event(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> QueueOutcome {
+        QueueOutcome::Quiet
+    }
 }
 
 /// How many guest-caused warnings were logged so far (all devices).
