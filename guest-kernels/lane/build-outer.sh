@@ -65,10 +65,13 @@ qemu="$(command -v qemu-system-x86_64 || true)"
 # --- 3. cache key ---------------------------------------------------------------------------------------
 # name[:params] in load order; each module's dependencies are added before it from modules.dep.
 wanted=(virtio_pci virtio_console 9pnet_virtio 9p irqbypass kvm ccp "kvm_amd:npt=1")
+# Loaded by the agent only when a run hands host taps to the machine (`net` on the control port): the
+# NIC driver, the inner taps and the bridges between them. Dependencies already loaded above are skipped.
+wanted_net=(virtio_net tun bridge)
 key="$( {
     echo "$kpkg $kpkg_version"
     dpkg-query -W -f='${Version}' busybox-static; echo
-    printf '%s\n' "${wanted[@]}"
+    printf '%s\n' "${wanted[@]}" -- "${wanted_net[@]}"
     cat "${BASH_SOURCE[0]}" "$init_src"
 } | sha256sum | cut -c1-16)"
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/ember"
@@ -118,24 +121,32 @@ add_module() {
     order+=("$path")
 }
 declare -A params=()
+# Copies (decompressed) the modules in "${order[@]}" and writes their names and parameters to $1.
+write_load_order() {
+    local list="$1" path base
+    : > "$list"
+    for path in "${order[@]}"; do
+        base="$(basename "$path")"
+        case "$base" in
+            *.ko) cp "$moddir/$path" "$root/lib/modules/$base" ;;
+            *.ko.xz) xz -dc "$moddir/$path" > "$root/lib/modules/${base%.xz}"; base="${base%.xz}" ;;
+            *.ko.zst) zstd -qdc "$moddir/$path" > "$root/lib/modules/${base%.zst}"; base="${base%.zst}" ;;
+            *.ko.gz) gzip -dc "$moddir/$path" > "$root/lib/modules/${base%.gz}"; base="${base%.gz}" ;;
+            *) die "unknown module format: $path" ;;
+        esac
+        echo "$base ${params[$path]:-}" >> "$list"
+    done
+}
 for w in "${wanted[@]}"; do
     name="${w%%:*}"
     add_module "$name"
     [[ "$w" == *:* ]] && params[$(dep_line "$name" | cut -d: -f1)]="${w#*:}"
 done
-: > "$root/lib/modules/load-order"
-for path in "${order[@]}"; do
-    base="$(basename "$path")"
-    case "$base" in
-        *.ko) cp "$moddir/$path" "$root/lib/modules/$base" ;;
-        *.ko.xz) xz -dc "$moddir/$path" > "$root/lib/modules/${base%.xz}"; base="${base%.xz}" ;;
-        *.ko.zst) zstd -qdc "$moddir/$path" > "$root/lib/modules/${base%.zst}"; base="${base%.zst}" ;;
-        *.ko.gz) gzip -dc "$moddir/$path" > "$root/lib/modules/${base%.gz}"; base="${base%.gz}" ;;
-        *) die "unknown module format: $path" ;;
-    esac
-    echo "$base ${params[$path]:-}" >> "$root/lib/modules/load-order"
-done
-log "modules: $(cut -d' ' -f1 "$root/lib/modules/load-order" | tr '\n' ' ')"
+write_load_order "$root/lib/modules/load-order"
+order=()
+for name in "${wanted_net[@]}"; do add_module "$name"; done
+write_load_order "$root/lib/modules/load-order-net"
+log "modules: $(cut -d' ' -f1 "$root/lib/modules/load-order" | tr '\n' ' ')+ for networking: $(cut -d' ' -f1 "$root/lib/modules/load-order-net" | tr '\n' ' ')"
 
 # The same kernel, decompressed: an ELF vmlinux with a PVH entry note (CONFIG_PVH=y), which QEMU
 # starts directly, skipping the firmware's bzImage path and the XZ decompression that takes ~2 s under

@@ -25,7 +25,7 @@ pub mod report;
 pub mod runtimes;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -302,6 +302,13 @@ static WORK_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// Cgroup directories a runtime may create above the containers' cgroups (removed at the end).
 static CGROUP_PREFIXES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
+/// After a Ctrl-C nothing new starts: the calling thread waits for the exit.
+fn stop_if_interrupted() {
+    while INTERRUPTED.load(Ordering::SeqCst) {
+        std::thread::park();
+    }
+}
+
 fn active() -> std::sync::MutexGuard<'static, Option<HashMap<u64, Active>>> {
     ACTIVE.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -347,6 +354,11 @@ fn install_signal_thread() {
             }
             for d in WORK_DIRS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
                 let _ = std::fs::remove_dir_all(d);
+            }
+            // Twice: a launch being prepared when the signal came may have made its cgroup since.
+            for _ in 0..2 {
+                oci::sweep_cgroups(&oci::own_memory_cgroup(), &format!("ember-bench-{}-", std::process::id()));
+                std::thread::sleep(Duration::from_millis(100));
             }
             oci::remove_empty_dirs(&CGROUP_PREFIXES.lock().unwrap_or_else(|p| p.into_inner()));
             std::process::exit(128 + sig);
@@ -532,6 +544,7 @@ fn deadline_for(tier: Tier, inner: bool) -> Duration {
 
 /// One launch of `rt`, from `release` (a density batch's common start) or from its spawn.
 fn run_one(rt: Runtime, setup: &Setup, prepared: runtimes::Prepared, release: Option<Instant>, inner: bool) -> Sample {
+    stop_if_interrupted();
     let key = SEQ.fetch_add(1, Ordering::SeqCst);
     let runtimes::Prepared { mut cmd, marker, cleanup, join_timer } = prepared;
     let deadline = Instant::now() + deadline_for(setup.tier, inner);
@@ -659,6 +672,7 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
     for round in 0..opts.warmup + opts.runs {
         for &rt in &avail {
             seq += 1;
+            stop_if_interrupted();
             pb.set_message(format!("{tier_name}: {} round {}", rt.name(), round + 1));
             let prepared = runtimes::prepare(rt, &setup, seq).map_err(io_err(format!("preparing {}", rt.name())))?;
             let mut s = run_one(rt, &setup, prepared, None, inner);
@@ -678,6 +692,7 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
             let mut batch = Vec::with_capacity(n);
             for _ in 0..n {
                 seq += 1;
+                stop_if_interrupted();
                 batch.push(runtimes::prepare(rt, &setup, seq).map_err(io_err(format!("preparing {}", rt.name())))?);
             }
             let barrier = Arc::new(Barrier::new(n + 1));
@@ -716,6 +731,7 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
     pb.finish_and_clear();
     let mut context = report::Context::collect(&rows, &setup);
     let _ = std::fs::remove_dir_all(&setup.work);
+    oci::sweep_cgroups(&setup.cgroup_base, &format!("ember-bench-{}-", std::process::id()));
     oci::remove_empty_dirs(&CGROUP_PREFIXES.lock().unwrap_or_else(|p| p.into_inner()));
     WORK_DIRS.lock().unwrap_or_else(|p| p.into_inner()).retain(|d| d != &setup.work);
 
@@ -836,9 +852,6 @@ pub fn pair(t: &TierResult, a: &str, b: &str, g: fn(&Sample) -> Option<f64>) -> 
     let (va, vb): (Vec<f64>, Vec<f64>) = rounds.iter().filter_map(|r| Some((g(xa[r])?, g(xb[r])?))).unzip();
     measure::pairwise_ratio(&va, &vb)
 }
-
-#[allow(dead_code)]
-fn _assert_paths(_: &Path) {}
 
 #[cfg(test)]
 mod tests {

@@ -276,6 +276,20 @@ pub fn missing_prefixes(base: &str) -> Vec<PathBuf> {
     v
 }
 
+/// Removes every cgroup under `base` whose name starts with `prefix`, in every hierarchy
+/// (what a run prepared but never launched, when it is interrupted).
+pub fn sweep_cgroups(base: &str, prefix: &str) {
+    for root in cgroup_roots() {
+        let Ok(d) = std::fs::read_dir(root.join(base.trim_start_matches('/'))) else { continue };
+        for e in d.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) {
+                remove_cgroup_everywhere(&format!("{base}/{name}"));
+            }
+        }
+    }
+}
+
 /// Removes these (empty) directories, deepest first.
 pub fn remove_empty_dirs(dirs: &[PathBuf]) {
     let mut d = dirs.to_vec();
