@@ -49,7 +49,17 @@ enum Command {
         /// (it also boots under `qemu-system-x86_64 -M microvm -kernel PATH`).
         #[arg(long, value_name = "PATH")]
         save_guest: Option<PathBuf>,
+        /// Which built-in guest --save-guest writes: hello (the demo) or echo
+        /// (prints its command line and exits 0, like `echo`).
+        #[arg(long, value_enum, default_value_t = SavedGuest::Hello, requires = "save_guest")]
+        guest: SavedGuest,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SavedGuest {
+    Hello,
+    Echo,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -237,22 +247,14 @@ fn maybe_fallback(args: &RunArgs, cfg: &VmConfig) -> Option<u8> {
         );
         return Some(EXIT_KVM_UNUSABLE);
     }
-    if let Some(n) = cfg.nets.first() {
-        // The tap lives in this host's network namespace; the inner ember runs
-        // inside the emulated machine, which cannot reach it yet (see issue 5).
-        eprintln!(
-            "ember: --net tap={} cannot be used here yet: this host's KVM ({flavour}) needs the emulated SVM \
-             machine for a Linux guest, and ember does not yet bridge a host tap into that machine",
-            n.tap
-        );
-        return Some(EXIT_VMM_ERROR);
-    }
     eprintln!(
         "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
          emulated SVM machine instead (QEMU TCG: a few seconds more to start, a slower guest; --no-fallback refuses)"
     );
     // The inner ember gets the resolved kernel and initrd, so it never has to
-    // build or look up the default guest inside the machine.
+    // build or look up the default guest inside the machine. `--net` taps stay
+    // as they are: the lane hands each host tap to the machine and bridges it
+    // to a tap of the same name inside.
     let mut inner: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     if args.kernel.is_none() {
         let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
@@ -331,7 +333,13 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(args, start),
         Command::Bench(args) => ember::bench::main(args),
-        Command::Demo { save_guest: Some(path), .. } => match std::fs::write(&path, ember::demo::HELLO_GUEST) {
+        Command::Demo { save_guest: Some(path), guest, .. } => match std::fs::write(
+            &path,
+            match guest {
+                SavedGuest::Hello => ember::demo::HELLO_GUEST,
+                SavedGuest::Echo => ember::demo::ECHO_GUEST,
+            },
+        ) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("ember: cannot write {}: {e}", path.display());

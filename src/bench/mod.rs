@@ -506,15 +506,10 @@ fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, Bench
     std::fs::create_dir_all(&work).map_err(io_err(format!("creating {}", work.display())))?;
     let rootfs = oci::create_rootfs(&work).map_err(io_err("building the busybox rootfs"))?;
     let ember = std::env::current_exe().map_err(io_err("finding the ember binary"))?;
-    let tiny_guest = work.join("tiny-guest.elf");
-    let ok = std::process::Command::new(&ember)
-        .args(["demo", "--save-guest"])
-        .arg(&tiny_guest)
-        .status()
-        .map_err(io_err("running ember demo --save-guest"))?;
-    if !ok.success() {
-        return Err(BenchError::Io { what: "ember demo --save-guest".into(), source: std::io::Error::other("failed") });
-    }
+    // The tiny tier's VM payload: ember's `echo` guest, which prints its
+    // command line and exits, as `echo MARKER` does in the containers.
+    let tiny_guest = work.join("echo-guest.elf");
+    std::fs::write(&tiny_guest, crate::demo::ECHO_GUEST).map_err(io_err(format!("writing {}", tiny_guest.display())))?;
     let linux = if tier == Tier::Linux { Some(crate::guest::default_guest(false).map_err(BenchError::Guest)?) } else { None };
     let mem_arg = opts.memory.clone().unwrap_or_else(|| if tier == Tier::Tiny { "32M".into() } else { "256M".into() });
     let mem_bytes = crate::config::parse_size(&mem_arg).unwrap_or(32 << 20);

@@ -58,8 +58,8 @@ impl Context {
         let mut guest_hashes = BTreeMap::new();
         let cmdline;
         if setup.tier == Tier::Tiny {
-            guest_hashes.insert("tiny PVH guest (ember demo --save-guest)".into(), sha256(&setup.tiny_guest));
-            cmdline = "bench".into();
+            guest_hashes.insert("echo guest (ember demo --save-guest PATH --guest echo)".into(), sha256(&setup.tiny_guest));
+            cmdline = super::runtimes::MARKER.into();
         } else {
             if let Some(g) = &setup.linux {
                 guest_hashes.insert(format!("vmlinux {}", g.kernel_release), sha256(&g.vmlinux));

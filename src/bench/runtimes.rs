@@ -2,7 +2,7 @@
 //!
 //! Every runtime runs the same payload with the same limits where it has them:
 //! - tiny tier: `busybox echo <marker>` on the host and in containers; ember's built-in PVH test
-//!   guest (it prints "Hello from a guest ..." first, then writes the exit port) in the VMs;
+//!   `echo` guest (src/demo/echo.S: prints its command line, the marker, then writes the exit port) in the VMs;
 //! - Linux tier: a busybox `sh -c` script (see [`linux_script`]) on the host, in containers, and
 //!   as the command of the default Linux guest's init in the VMs.
 //!
@@ -82,8 +82,6 @@ pub enum Tier {
 
 /// The line host and container payloads print first.
 pub const MARKER: &str = "ember-bench: payload up";
-/// The first thing ember's tiny test guest prints.
-pub const TINY_GUEST_MARKER: &str = "Hello from a guest";
 /// Prefix of the Linux payload's phase lines.
 pub const PHASE: &str = "ember-bench: phase ";
 
@@ -119,7 +117,7 @@ pub struct Setup {
     pub work: PathBuf,
     /// The busybox rootfs (containers, and the host's busybox).
     pub rootfs: PathBuf,
-    /// ember's tiny PVH guest.
+    /// ember's `echo` guest (PVH; prints its command line and exits).
     pub tiny_guest: PathBuf,
     /// The default Linux guest (Linux tier).
     pub linux: Option<crate::guest::GuestArtifacts>,
@@ -288,8 +286,8 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
             let mut c = Command::new(&s.ember);
             c.args(["run", "--memory", &s.mem_arg, "--cpus", &s.limits.cpus.to_string(), "--timeline=json"]);
             if tiny {
-                c.args(["--cmdline", "bench", "--kernel"]).arg(&s.tiny_guest);
-                (c, TINY_GUEST_MARKER)
+                c.args(["--cmdline", MARKER, "--kernel"]).arg(&s.tiny_guest);
+                (c, MARKER)
             } else {
                 let g = s.linux.as_ref().expect("Linux tier has the guest");
                 c.arg("--no-fallback").arg("--kernel").arg(&g.vmlinux).arg("--initrd").arg(&g.initramfs);
@@ -305,8 +303,8 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
                 .args(["-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-serial", "stdio"])
                 .args(["-no-reboot", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"]);
             if tiny {
-                c.arg(&s.tiny_guest).args(["-append", "bench"]);
-                (c, TINY_GUEST_MARKER)
+                c.arg(&s.tiny_guest).args(["-append", MARKER]);
+                (c, MARKER)
             } else {
                 let g = s.linux.as_ref().expect("Linux tier has the guest");
                 let argv = crate::guest::encode_argv(&payload).map_err(std::io::Error::other)?;

@@ -23,6 +23,9 @@ use crate::vmm::{RunOutcome, Vmm, VmmError};
 /// The demo guest image.
 pub static HELLO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 
+/// The `echo` guest: prints its command line and exits 0 (`ember bench`'s tiny payload).
+pub static ECHO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/echo.elf"));
+
 /// The VM `ember demo` boots.
 pub fn demo_config() -> VmConfig {
     let mut cfg = VmConfig::new(KernelSource::Builtin(HELLO_GUEST));

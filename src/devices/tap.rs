@@ -84,6 +84,31 @@ pub fn valid_name(name: &str) -> bool {
         && !name.bytes().any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
 }
 
+/// Brings interface `name` up (IFF_UP), as `ip link set NAME up` would.
+pub fn set_link_up(name: &str) -> Result<(), TapError> {
+    let error = |what| TapError::Ioctl { name: name.to_string(), what, source: io::Error::last_os_error() };
+    if !valid_name(name) {
+        return Err(TapError::BadName(name.to_string()));
+    }
+    // SAFETY: a plain datagram socket, closed below; only used for SIOC[GS]IFFLAGS.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(error("socket"));
+    }
+    let mut req = IfReq::new(name, 0);
+    // SAFETY: both ioctls take a `struct ifreq`, which `req` is laid out as.
+    let ok = unsafe {
+        libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) == 0 && {
+            req.flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) == 0
+        }
+    };
+    let err = (!ok).then(|| error("SIOCSIFFLAGS (link up)"));
+    // SAFETY: closes the socket opened above.
+    unsafe { libc::close(sock) };
+    err.map_or(Ok(()), Err)
+}
+
 /// `struct ifreq` as TUNSETIFF and SIOC[GS]IFFLAGS use it: the name, then a
 /// union whose first member here is the flags.
 #[repr(C)]
@@ -111,7 +136,8 @@ pub struct Tap {
     fake: bool,
 }
 
-fn interface_exists(name: &str) -> bool {
+/// Whether a network interface `name` exists in this thread's network namespace.
+pub fn interface_exists(name: &str) -> bool {
     let Ok(c) = std::ffi::CString::new(name) else { return false };
     // SAFETY: a NUL-terminated string; the call only reads it.
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
@@ -173,23 +199,7 @@ impl Tap {
 
     /// Brings a tap ember created up (IFF_UP), as `ip link set NAME up` would.
     fn set_up(&self) -> Result<(), TapError> {
-        // SAFETY: a plain datagram socket, closed below; only used for SIOC[GS]IFFLAGS.
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if sock < 0 {
-            return Err(self.ioctl_error("socket"));
-        }
-        let mut req = IfReq::new(&self.name, 0);
-        // SAFETY: both ioctls take a `struct ifreq`, which `req` is laid out as.
-        let ok = unsafe {
-            libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) == 0 && {
-                req.flags |= libc::IFF_UP as libc::c_short;
-                libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) == 0
-            }
-        };
-        let err = (!ok).then(|| self.ioctl_error("SIOCSIFFLAGS (link up)"));
-        // SAFETY: closes the socket opened above.
-        unsafe { libc::close(sock) };
-        err.map_or(Ok(()), Err)
+        set_link_up(&self.name)
     }
 
     /// TUNSETOFFLOAD: which offloads (TUN_F_*) the host may use in frames it

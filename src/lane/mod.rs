@@ -5,7 +5,9 @@
 //! Linux guests cannot run directly, so the lane boots an *outer machine* once — QEMU TCG with an
 //! emulated AMD SVM CPU running Debian's stock kernel with `kvm_amd npt=1` — and runs each invocation
 //! inside it, where `/dev/kvm` is real KVM. The outer machine sees the host's files at the same paths
-//! (read-only root over 9p, writable `/tmp`), so arguments need no translation.
+//! (read-only root over 9p, writable `/tmp`), so arguments need no translation. Host taps named by
+//! `--net tap=NAME` are handed to the outer machine as NICs and bridged inside to taps of the same
+//! names ([`LaneConfig::host_taps`]), so the inner ember's `--net` reaches the user's tap unchanged.
 //!
 //! Code map:
 //! - [`flavour`]: which KVM the host has, and whether Linux guests need the nested lane.
@@ -22,7 +24,8 @@
 //!
 //! fn lane() -> std::sync::MutexGuard<'static, LinuxLane> {
 //!     LANE.get_or_init(|| {
-//!         let bin = std::path::Path::new(env!("CARGO_BIN_EXE_ember"));
+//!         // In an integration test: `env!("CARGO_BIN_EXE_ember")`.
+//!         let bin = std::path::Path::new("target/release/ember");
 //!         Mutex::new(LinuxLane::start(bin).unwrap_or_else(|e| panic!("Linux lane: {e}")))
 //!     })
 //!     .lock()
@@ -30,7 +33,7 @@
 //!     .unwrap_or_else(|poisoned| poisoned.into_inner())
 //! }
 //!
-//! #[test]
+//! // A #[test] in tests/:
 //! fn boots_to_init() {
 //!     let out = lane().run(&Invocation::new(["run", "--memory", "512M", "--", "echo", "hi"])).unwrap();
 //!     assert_eq!(out.status, 0, "{}", out.stderr_lossy());
@@ -50,6 +53,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use flavour::KvmFlavour;
+pub use wire::HostTap;
 use nested::OuterMachine;
 
 /// Errors of the Linux lane.
@@ -94,6 +98,9 @@ pub enum LaneError {
         /// What it printed on stderr before it was killed.
         stderr: Vec<u8>,
     },
+    /// A host tap cannot be handed to the outer machine (missing, or existing despite `,create`).
+    #[error(transparent)]
+    Tap(#[from] crate::devices::tap::TapError),
     /// The outer machine stopped answering; it was killed and the next `run` boots a new one.
     #[error(
         "the outer machine stopped answering after {after:?}; it was killed (the next run restarts it)\n{log}"
@@ -172,6 +179,9 @@ pub struct LaneConfig {
     /// Host directories the outer machine may write, at the same paths (default: the temp dir, plus
     /// `EMBER_LANE_WRITABLE`, colon-separated). Everything else is read-only inside.
     pub writable: Vec<PathBuf>,
+    /// Host taps (in this process's network namespace) given to the outer machine as virtio-net NICs;
+    /// inside, each is bridged to a new tap of the same name for the inner ember to open (default none).
+    pub host_taps: Vec<HostTap>,
 }
 
 impl Default for LaneConfig {
@@ -202,6 +212,7 @@ impl Default for LaneConfig {
             cpus: 2,
             cpu_model: "EPYC,+svm".into(),
             writable,
+            host_taps: Vec::new(),
         }
     }
 }
@@ -447,8 +458,11 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
 /// Silent itself: the outer kernel's console goes to a log file that is only shown if the machine fails.
 /// When stdin is a terminal it is put in raw mode for the run (as ember does for a guest console), so
 /// keys such as Ctrl-C reach the guest. On hosts that run Linux directly, runs `ember_bin` here.
+///
+/// Each `--net tap=NAME` in `ember_args` names a tap on this host: it becomes a NIC of the outer
+/// machine, bridged inside to a tap NAME that the inner ember opens (see [`LaneConfig::host_taps`]).
 pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32, LaneError> {
-    let config = LaneConfig::default();
+    let mut config = LaneConfig::default();
     if !config
         .force_nested
         .unwrap_or(KvmFlavour::detect().needs_nested_lane())
@@ -469,6 +483,9 @@ pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32,
         what: format!("resolving {}", ember_bin.display()),
         source,
     })?;
+    let (host_taps, ember_args) = wire::host_taps(ember_args)
+        .map_err(|e| LaneError::Unavailable(format!("--net: {e}")))?;
+    config.host_taps = host_taps;
     let mut machine = OuterMachine::boot(&config, true)?;
     let mut env = Vec::new();
     for key in ["TERM", "RUST_LOG", "RUST_BACKTRACE"] {
@@ -477,7 +494,7 @@ pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32,
         }
     }
     let inv = Invocation {
-        args: ember_args.to_vec(),
+        args: ember_args,
         stdin: Vec::new(),
         env,
     };

@@ -20,6 +20,12 @@
 //! Interactive runs ([`OuterMachine::stream`]) use three more ports (`ember.in`, `ember.out`,
 //! `ember.err`) connected to the user's stdin/stdout/stderr, and an end marker on each output port so
 //! the host knows it has every byte before it returns the exit status.
+//!
+//! Host taps ([`LaneConfig::host_taps`]): QEMU opens each as the backend of a virtio-net NIC
+//! (`-netdev tap,ifname=NAME`; with `,create` QEMU's open creates it, and it vanishes when QEMU exits).
+//! After `ready` the host sends `net <id> <mac> <NAME>` per tap; the agent finds the NIC by its MAC
+//! ([`wire::outer_nic_mac`]), creates a tap NAME and puts both on a bridge. A frame from the inner guest
+//! travels: inner ember -> tap NAME (outer) -> bridge -> NIC -> QEMU -> tap NAME (host).
 
 use std::fs;
 use std::io::{self, ErrorKind, Read, Write};
@@ -33,6 +39,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::wire::{self, AgentMessage, LineBuffer, MarkerStripper, Redirect};
+use crate::devices::tap::{self, TapError};
 use super::{Invocation, LaneConfig, LaneError, Outcome};
 
 /// The outer machine's build script, embedded so an installed ember needs no source tree.
@@ -155,6 +162,7 @@ impl OuterMachine {
         for p in config.writable.iter().chain([&dir]) {
             check_share_path(p)?;
         }
+        check_host_taps(config)?;
         let io = |what: String| move |source| LaneError::Io { what, source };
         let listen = |name: &str| {
             let path = dir.join(format!("{name}.sock"));
@@ -193,7 +201,7 @@ impl OuterMachine {
             Ok(s) => s,
             Err(e) => {
                 stop_child(&mut child, keeper);
-                return Err(e);
+                return Err(qemu_tap_error(config, &dir).map_or(e, LaneError::Tap));
             }
         };
         let streams =
@@ -229,6 +237,7 @@ impl OuterMachine {
             Wait::Message(AgentMessage::Ready { release }) => {
                 log::debug!("lane: agent ready {:?} after QEMU started", start.elapsed());
                 machine.release = release;
+                machine.bridge_host_taps(config, deadline)?;
                 machine.boot_time = start.elapsed();
                 Ok(machine)
             }
@@ -239,10 +248,42 @@ impl OuterMachine {
             Wait::Deadline => {
                 Err(machine.fail(&format!("no `ready` within {:?}", config.boot_timeout)))
             }
-            Wait::Gone => {
-                Err(machine.fail("QEMU exited or closed the control port before `ready`"))
+            Wait::Gone => Err(qemu_tap_error(config, &machine.dir).map_or_else(
+                || machine.fail("QEMU exited or closed the control port before `ready`"),
+                LaneError::Tap,
+            )),
+        }
+    }
+
+    /// Asks the agent to bridge each host tap's NIC to a tap of the same name inside; brings taps that
+    /// QEMU created (`,create`) up on the host, as ember does for a tap it creates.
+    fn bridge_host_taps(&mut self, config: &LaneConfig, deadline: Instant) -> Result<(), LaneError> {
+        for t in &config.host_taps {
+            if t.create {
+                tap::set_link_up(&t.name)?;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            self.send(&wire::net_line(id, &wire::outer_nic_mac(&t.name), &t.name))?;
+            match self.wait(Some(deadline)) {
+                Wait::Message(AgentMessage::Done { id: got, status: 0 }) if got == id => {
+                    log::debug!("lane: host tap {} bridged", t.name);
+                }
+                Wait::Message(AgentMessage::Done { status, .. }) => {
+                    return Err(self.fail(&format!(
+                        "bridging host tap {} inside the machine failed (status {status})",
+                        t.name
+                    )));
+                }
+                _ => {
+                    return Err(self.fail(&format!(
+                        "no answer to bridging host tap {}",
+                        t.name
+                    )));
+                }
             }
         }
+        Ok(())
     }
 
     /// The host directory holding this machine's sockets, logs and requests.
@@ -533,7 +574,55 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, interactive: boo
         share(p, &format!("rw{i}"), false);
     }
     share(&dir.display().to_string(), "lanework", false);
+    for (i, t) in config.host_taps.iter().enumerate() {
+        // QEMU's option syntax escapes a comma by doubling it.
+        let name = t.name.replace(',', ",,");
+        cmd.args([
+            "-netdev",
+            &format!("tap,id=hn{i},ifname={name},script=no,downscript=no,vhost=off"),
+        ]);
+        cmd.args([
+            "-device",
+            &format!(
+                "virtio-net-pci,netdev=hn{i},mac={}",
+                wire::outer_nic_mac(&t.name)
+            ),
+        ]);
+    }
     cmd
+}
+
+/// Refuses host taps the way ember's own open would (`devices::tap::Tap::open`): without `,create`
+/// the tap must exist (QEMU would silently create a fresh one), with `,create` it must not.
+fn check_host_taps(config: &LaneConfig) -> Result<(), LaneError> {
+    for t in &config.host_taps {
+        if !tap::valid_name(&t.name) {
+            return Err(TapError::BadName(t.name.clone()).into());
+        }
+        match (tap::interface_exists(&t.name), t.create) {
+            (false, false) => return Err(TapError::Missing(t.name.clone()).into()),
+            (true, true) => return Err(TapError::Exists(t.name.clone()).into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// When QEMU died at start-up because it could not open a host tap, the error ember itself would give.
+fn qemu_tap_error(config: &LaneConfig, dir: &Path) -> Option<TapError> {
+    let log = fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+    config.host_taps.iter().find_map(|t| {
+        let line = log.lines().find(|l| l.contains(&format!("({})", t.name)))?;
+        let name = t.name.clone();
+        if line.contains("busy") {
+            Some(TapError::Busy(name))
+        } else if line.contains("not permitted") || line.contains("denied") {
+            let what = if t.create { "create" } else { "open" };
+            Some(TapError::Permission { name, what })
+        } else {
+            None
+        }
+    })
 }
 
 /// Paths go into QEMU's comma-separated options and the space-separated kernel command line.

@@ -4,14 +4,18 @@
 //! - The per-invocation shell script the outer agent runs chrooted into the host root
 //!   ([`render_run_script`]): single-quoted, so arguments are passed byte for byte.
 //! - Control-port lines from the agent: `ready <release>`, `fail <reason>`, `done <id> <status>`
-//!   ([`AgentMessage::parse`]).
+//!   ([`AgentMessage::parse`]); `net <id> <mac> <tap>` from the host ([`net_line`]).
+//! - The `--net` options of an `ember run` command line, which name host taps the outer machine must
+//!   reach ([`host_taps`]), and the MAC its NIC on such a tap gets ([`outer_nic_mac`]).
 //! - The end marker that closes a streamed stdout/stderr ([`MarkerStripper`]): the agent writes a random
 //!   marker on each output port after the program exits, so the host knows it has every byte
 //!   (virtio-serial ports are FIFO) and strips the marker before passing bytes on.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use crate::config::{self, ConfigError};
 
 /// `PATH` given to programs run inside the outer machine (the host's root, chrooted).
 pub const INNER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -89,6 +93,70 @@ pub fn render_run_script(
     }
     s.push(b'\n');
     s
+}
+
+/// A host tap named by `ember run --net tap=NAME[,...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTap {
+    /// The interface name, the same on the host and (for the inner ember) inside the outer machine.
+    pub name: String,
+    /// `,create`: the tap must not exist on the host; it is created for the run and removed after.
+    pub create: bool,
+}
+
+/// Finds the `--net` options (`--net V` or `--net=V`, before `--`) of `ember run` arguments and parses
+/// them with ember's own parser. Returns the host taps and the arguments for the inner ember: the same,
+/// except that `,create` is dropped, because inside the machine the agent has already created the tap
+/// (and bridged it to the host tap) when the inner ember opens it.
+pub fn host_taps(args: &[OsString]) -> Result<(Vec<HostTap>, Vec<OsString>), ConfigError> {
+    let mut taps = Vec::new();
+    let mut inner = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    let mut take = |value: &OsStr| -> Result<OsString, ConfigError> {
+        let text = value.to_str().ok_or_else(|| ConfigError::BadNet(value.to_string_lossy().into()))?;
+        let net = config::parse_net(text)?;
+        taps.push(HostTap { name: net.tap, create: net.create });
+        Ok(text.split(',').filter(|o| *o != "create").collect::<Vec<_>>().join(",").into())
+    };
+    while let Some(a) = it.next() {
+        if a == "--" {
+            inner.push(a.clone());
+            inner.extend(it.cloned());
+            break;
+        }
+        if a == "--net" {
+            inner.push(a.clone());
+            if let Some(v) = it.next() {
+                inner.push(take(v)?);
+            }
+        } else if let Some(v) = a.as_bytes().strip_prefix(b"--net=") {
+            let mut rewritten = OsString::from("--net=");
+            rewritten.push(take(OsStr::from_bytes(v))?);
+            inner.push(rewritten);
+        } else {
+            inner.push(a.clone());
+        }
+    }
+    Ok((taps, inner))
+}
+
+/// The MAC of the outer machine's NIC on host tap `tap`, `aa:bb:cc:dd:ee:ff`: stable per name, locally
+/// administered (02:...) and distinct from the inner guest's default (52:54:00:..., see
+/// `devices::virtio::net::default_mac`), so the agent can tell the NICs apart and the bridge never sees
+/// one address on both sides.
+pub fn outer_nic_mac(tap: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in tap.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    format!("02:65:6d:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3] ^ b[0])
+}
+
+/// The control line asking the agent to bridge the NIC with `mac` to a new tap `tap` (request `id`).
+pub fn net_line(id: u64, mac: &str, tap: &str) -> String {
+    format!("net {id} {mac} {tap}")
 }
 
 /// A line the agent sends on the control port.
@@ -286,6 +354,38 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "/\nv\n/root\n");
+    }
+
+    #[test]
+    fn host_taps_are_found_and_create_is_dropped_for_the_inner_ember() {
+        let args: Vec<OsString> = [
+            "run", "--net", "tap=a0,create,mac=52:54:00:00:00:01", "--memory", "1G", "--net=tap=b1", "--",
+            "--net", "tap=not-an-option",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let (taps, inner) = host_taps(&args).unwrap();
+        assert_eq!(
+            taps,
+            vec![
+                HostTap { name: "a0".into(), create: true },
+                HostTap { name: "b1".into(), create: false }
+            ]
+        );
+        let inner: Vec<&str> = inner.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            inner,
+            [
+                "run", "--net", "tap=a0,mac=52:54:00:00:00:01", "--memory", "1G", "--net=tap=b1", "--", "--net",
+                "tap=not-an-option"
+            ]
+        );
+        assert!(host_taps(&["run".into(), "--net".into(), "bogus".into()]).is_err());
+        let mac = outer_nic_mac("embt0");
+        assert!(mac.starts_with("02:65:6d:") && mac.len() == 17, "{mac}");
+        assert_ne!(mac, outer_nic_mac("embt1"));
+        assert_eq!(net_line(3, &mac, "embt0"), format!("net 3 {mac} embt0"));
     }
 
     #[test]
