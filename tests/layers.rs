@@ -56,7 +56,7 @@ const LONG: &str = "long mode: CR4.PAE, EFER.LME and CR0.PG set, 64-bit code on 
 fn demo_list_names_every_chapter() {
     let run = ember(&["demo", "--list"]);
     run.expect_code(0);
-    for name in ["1  real-mode", "2  protected-mode", "3  long-mode", "4  hypercall", "5  smp"] {
+    for name in ["1  real-mode", "2  protected-mode", "3  long-mode", "4  hypercall", "5  smp", "6  virtio"] {
         assert!(run.stdout.contains(name), "{name}: {}", run.stdout);
     }
     let run = ember(&["demo", "no-such-chapter"]);
@@ -276,4 +276,46 @@ fn trace_exits_parse_back_to_what_the_guest_wrote() {
     run.expect_code(0);
     assert_eq!(run.stderr.lines().filter_map(parse_trace).count(), 5, "{}", run.stderr);
     assert!(run.stderr.contains("printed the first 5 of "), "{}", run.stderr);
+}
+
+/// The 16 random bytes of a chapter 6 run (`random: ` + 32 hex digits).
+fn random_bytes(stdout: &str) -> String {
+    let hex = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("random: "))
+        .unwrap_or_else(|| panic!("no `random: ` line:\n{stdout}"));
+    assert_eq!(hex.len(), 32, "16 bytes in hex: {stdout}");
+    assert!(hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{stdout}");
+    hex.to_string()
+}
+
+#[test]
+fn demo_chapter_6_virtio_request() {
+    if !kvm_available() {
+        return;
+    }
+    let run = demo("virtio");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 7, "{}", run.stdout);
+    assert_eq!(lines[0], "virtio: device 4 (entropy) at 0xd0000000, version 2");
+    assert!(lines[1].starts_with("virtio: features negotiated"), "{}", run.stdout);
+    assert_eq!(lines[2], "virtio: queue 0 ready, size 4 (device max 64)");
+    assert!(lines[3].starts_with("virtio: request sent (QUEUE_NOTIFY)"), "{}", run.stdout);
+    assert_eq!(lines[4], "virtio: used ring: 16 bytes");
+    let first = random_bytes(&run.stdout);
+    check_uart_and_exit(&run, 0);
+    // The guest's register accesses, one MMIO exit each (src/demo/virtio.S):
+    // reads MAGIC, VERSION, DEVICE_ID, DEVICE_FEATURES, STATUS, QUEUE_NUM_MAX,
+    // QUEUE_READY; writes STATUS x3, DEVICE_FEATURES_SEL, DRIVER_FEATURES_SEL,
+    // DRIVER_FEATURES, STATUS, QUEUE_SEL, QUEUE_NUM, six ring halves,
+    // QUEUE_READY, STATUS. QUEUE_NOTIFY is the 18th write, and no exit: KVM
+    // signals the ioeventfd itself.
+    assert_eq!(demo_count(&run.stderr, 0, "mmio-read", Some("virtio-rng")), 7, "{}", run.stderr);
+    assert_eq!(demo_count(&run.stderr, 0, "mmio-write", Some("virtio-rng")), 17, "{}", run.stderr);
+    assert!(run.stderr.contains("KVM's in-kernel PIC/IOAPIC/LAPIC"), "the rng brings the irqchip: {}", run.stderr);
+    assert!(run.stderr.contains("is an ioeventfd"), "{}", run.stderr);
+    assert!(run.stderr.contains("[ember] layers: "), "{}", run.stderr);
+    // Random means a second run gets other bytes (equal with chance 2^-128).
+    let again = demo("6");
+    assert_ne!(random_bytes(&again.stdout), first, "two runs, same random bytes");
 }

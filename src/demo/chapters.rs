@@ -10,17 +10,20 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::{ExtraPioDevice, KernelSource, VmConfig};
+use crate::config::{ExtraPioDevice, KernelSource, RngMode, VmConfig};
 use crate::control::StopReason;
 use crate::demo::hypercall::{HYPERCALL_PORT, Hypercall};
+use crate::layout;
 use crate::stats::ExitKind;
 use crate::timeline::Timeline;
 use crate::vmm::{RunOutcome, Vmm, VmmError};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 
 /// Guest images of the chapters.
 static MODES_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/modes.elf"));
 static HYPERCALL_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hypercall.elf"));
 static SMP_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/smp2.elf"));
+static VIRTIO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/virtio.elf"));
 
 /// One chapter of `ember demo`.
 #[derive(Debug)]
@@ -39,6 +42,9 @@ pub struct Chapter {
     pub cpus: u8,
     /// Whether the hypercall device is on the bus.
     pub hypercall: bool,
+    /// Whether the VM gets a virtio-rng device (the first virtio-mmio slot,
+    /// 0xd0000000; it brings the in-kernel irqchip with it).
+    pub rng: bool,
     /// What the guest does, said before it runs.
     pub about: &'static str,
     /// Which layer did what, said after.
@@ -55,6 +61,7 @@ pub static CHAPTERS: &[Chapter] = &[
         cmdline: "real",
         cpus: 1,
         hypercall: false,
+        rng: false,
         about: "ember enters the guest in 32-bit protected mode (PVH); the guest copies 16-bit code below 1 MiB, \
                 clears CR0.PE and prints from real mode with OUT to the UART at 0x3f8",
         layers: "CPU/KVM ran the guest's instructions (under kvm_pvm through KVM's emulator); every IN/OUT was a VM \
@@ -68,6 +75,7 @@ pub static CHAPTERS: &[Chapter] = &[
         cmdline: "protected",
         cpus: 1,
         hypercall: false,
+        rng: false,
         about: "from real mode the guest loads a GDT, sets CR0.PE and far-jumps into a 32-bit code segment, \
                 as a boot loader does",
         layers: "the mode switches (LGDT, MOV CR0, far JMP) stayed inside KVM: no exit reached ember; only the UART and \
@@ -81,6 +89,7 @@ pub static CHAPTERS: &[Chapter] = &[
         cmdline: "long",
         cpus: 1,
         hypercall: false,
+        rng: false,
         about: "after protected mode the guest enables PAE, points CR3 at page tables in its image, sets EFER.LME \
                 (WRMSR) and CR0.PG, and jumps to 64-bit code",
         layers: "KVM emulated WRMSR EFER and the control-register writes and maps guest-physical pages with its own \
@@ -94,6 +103,7 @@ pub static CHAPTERS: &[Chapter] = &[
         cmdline: "",
         cpus: 1,
         hypercall: true,
+        rng: false,
         about: "ember adds a demo device at port 0x510 (demo/hypercall.rs); the guest writes a request there and \
                 reads the answer back one byte per IN",
         layers: "each OUT/IN on 0x510 left the guest, crossed KVM and ran Rust code in ember (Hypercall::write/read) \
@@ -107,9 +117,30 @@ pub static CHAPTERS: &[Chapter] = &[
         cmdline: "",
         cpus: 2,
         hypercall: false,
+        rng: false,
         about: "two vCPUs, two ember threads; vCPU 0 starts vCPU 1 with INIT and SIPI through KVM's in-kernel local APIC",
         layers: "KVM's in-kernel LAPIC carried the IPIs and parked the halted vCPU (those MMIO writes and the HLT never \
                  reached ember); each vCPU thread of ember saw only its own port I/O",
+    },
+    Chapter {
+        number: 6,
+        name: "virtio",
+        title: "a virtio request",
+        image: VIRTIO_GUEST,
+        cmdline: "",
+        cpus: 1,
+        hypercall: false,
+        rng: true,
+        about: "ember puts a virtio-rng device on virtio-mmio at 0xd0000000; the guest is its driver: it checks \
+                the registers, negotiates VERSION_1, sets up queue 0 with rings in its own RAM, posts one 16-byte \
+                buffer, writes QUEUE_NOTIFY and polls the used ring (interrupts off)",
+        layers: "each virtio-mmio register access was an MMIO exit that KVM returned to ember (the mmio-read/mmio-write \
+                 counts above, devices/virtio/mmio.rs); the QUEUE_NOTIFY write is not among them: it hit an ioeventfd \
+                 ember registered with KVM, so KVM signalled the eventfd and resumed the guest without leaving \
+                 KVM_RUN, and ember's event loop (event_loop.rs, Token::Queue) woke and ran MmioTransport::notify -> \
+                 Rng::process_queue: getrandom(2) straight into the guest's buffer, then the used ring entry; its \
+                 irqfd signal reached KVM's IOAPIC, whose pin stays masked (no guest set it up) with IF=0 anyway: \
+                 this guest polls",
     },
 ];
 
@@ -135,6 +166,8 @@ pub fn chapter_config(ch: &Chapter) -> VmConfig {
     cfg.cpus = ch.cpus;
     cfg.observe.stats = true;
     cfg.observe.snapshot_registers = true;
+    // Without it the rng stays off: this is a freestanding guest, not Linux.
+    cfg.rng = if ch.rng { RngMode::On } else { RngMode::Off };
     if ch.hypercall {
         cfg.extra_pio.push(ExtraPioDevice {
             port: HYPERCALL_PORT,
@@ -193,6 +226,15 @@ pub fn run_chapter(ch: &Chapter, start: Instant, quiet: bool) -> Result<RunOutco
         vmm.boot.entry.0,
         if vmm.irqchip { ", KVM's in-kernel PIC/IOAPIC/LAPIC" } else { ", no interrupt controller" }
     ));
+    if ch.rng {
+        say(format!(
+            "[ember] virtio-rng on virtio-mmio at {:#x} (IOAPIC pin {}): its QUEUE_NOTIFY register ({:#x}) is an \
+             ioeventfd and its interrupt an irqfd, both registered with KVM before the first KVM_RUN",
+            layout::VIRTIO_MMIO_START,
+            layout::VIRTIO_IRQ_START,
+            layout::VIRTIO_MMIO_START + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY)
+        ));
+    }
     say("----------------------------------------------------------------------".into());
     let outcome = vmm.run()?;
     say("----------------------------------------------------------------------".into());

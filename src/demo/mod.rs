@@ -7,7 +7,7 @@
 //! microvm`, which is how benches/ compares the two VMMs on one guest.
 //!
 //! `ember demo CHAPTER` boots the guests of [`chapters`] instead: real mode,
-//! protected mode, long mode, a hypercall, two vCPUs.
+//! protected mode, long mode, a hypercall, two vCPUs, a virtio request.
 
 pub mod chapters;
 pub mod hypercall;

@@ -14,7 +14,9 @@
  *
  * then exits with status 0. Any setup failure prints `fail <what>` and exits 1.
  * With `reqs=N` on the command line it instead reads sector 0 N times, prints
- * `reqs done`, and exits 0: the benchmark's request round trip.
+ * `reqs done`, and exits 0: the benchmark's request round trip. With `hold`
+ * it stops after the flush: prints `flushed, holding` and halts forever (with
+ * interrupts off), for a test that kills ember there.
  *
  * Memory it uses (free RAM above this 1 MiB image, identity-mapped):
  *   0x300000 descriptor table (8 entries), 0x300100 avail ring, 0x300200 used ring
@@ -189,6 +191,18 @@ _start:
     lea rdi, [msg_flush]
     call report
 
+    /* Durability test mode: the write is flushed; stop here, alive, until
+     * the host kills ember. */
+    lea rdi, [key_hold]
+    call after
+    test rax, rax
+    jz 7f
+    lea rdi, [msg_holding]
+    call puts
+8:  cli
+    hlt
+    jmp 8b
+7:
     /* GET_ID into a zeroed buffer. */
     mov rdi, DATA
     mov ecx, 32
@@ -332,6 +346,8 @@ fail:
 
     .section .rodata
 key_reqs:      .asciz "reqs="
+key_hold:      .asciz "hold"
+msg_holding:   .asciz "flushed, holding\n"
 msg_magic:     .asciz "magic="
 msg_version:   .asciz " version="
 msg_device:    .asciz " device="
