@@ -1,6 +1,12 @@
 //! Assembles ember's built-in guests (src/demo/*.S) with the host's GNU
 //! binutils (`as`, `ld`: Debian's binutils, present wherever gcc is), so the
 //! `ember` binary carries them and `ember demo` needs no files.
+//!
+//! Two include directories: src/demo (guest.inc, what the demo guests share)
+//! and tests/guests (virtio_mmio.inc, the virtio-mmio setup steps that
+//! src/demo/virtio.S shares with the virtio test guests; it lives there because
+//! the test and bench builders already search that directory). An include is
+//! named .inc, never .S: every .S in src/demo is assembled as a guest.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,11 +16,19 @@ fn run(cmd: &mut Command) {
     assert!(status.success(), "{cmd:?} failed");
 }
 
+/// The directories `.include` searches, in order.
+const INCLUDE_DIRS: [&str; 2] = ["src/demo", "tests/guests"];
+
 /// Assembles and links `src` into `out/name.elf` with the shared guest linker script.
 pub fn build_guest(src: &Path, ld_script: &Path, out: &Path, name: &str) -> PathBuf {
     let obj = out.join(format!("{name}.o"));
     let elf = out.join(format!("{name}.elf"));
-    run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(src));
+    let mut as_cmd = Command::new("as");
+    as_cmd.arg("--64");
+    for dir in INCLUDE_DIRS {
+        as_cmd.arg("-I").arg(dir);
+    }
+    run(as_cmd.arg("-o").arg(&obj).arg(src));
     run(Command::new("ld")
         .args(["-m", "elf_x86_64", "-n", "--no-warn-rwx-segments", "-T"])
         .arg(ld_script)
@@ -31,6 +45,9 @@ fn main() {
     println!("cargo:rerun-if-changed={}", ld.display());
     // The directory itself: a new chapter's .S file must rebuild the guests.
     println!("cargo:rerun-if-changed={}", dir.display());
+    for include in ["src/demo/guest.inc", "tests/guests/virtio_mmio.inc"] {
+        println!("cargo:rerun-if-changed={include}");
+    }
     for entry in std::fs::read_dir(dir).expect("src/demo exists") {
         let path = entry.expect("readable dir entry").path();
         if path.extension().is_some_and(|e| e == "S") {

@@ -19,23 +19,9 @@
  * code instruction by instruction (kvm_pvm), that is all it can run.
  */
     .intel_syntax noprefix
+    .include "guest.inc"        /* COM1 and exit-port constants, the macros below */
 
-    .set COM1_THR, 0x3f8
-    .set COM1_LSR, 0x3fd
-    .set UART_LSR_THRE, 0x20
-    .set EXIT_PORT, 0x501
-    .set MSR_EFER, 0xc0000080
-    .set EFER_LME, 0x100
-    .set CR0_PG, 0x80000000
-    .set CR4_PAE, 0x20
-
-    .section .note.Xen, "a"
-    .balign 4
-    .long 4                     /* namesz: "Xen\0" */
-    .long 4                     /* descsz */
-    .long 18                    /* XEN_ELFNOTE_PHYS32_ENTRY */
-    .asciz "Xen"
-    .long _start
+    PVH_NOTE _start
 
     .section .text.entry, "ax"
     .code32
@@ -43,20 +29,9 @@
 _start:
     mov esi, ebx                /* keep the start_info pointer */
 
-    /* The page tables are prebuilt in .data (PVH loads the image at its link
-     * address, so their absolute pointers are right): no loop to run. */
-    mov eax, cr4
-    or eax, CR4_PAE
-    mov cr4, eax
-    lea eax, [pml4]
-    mov cr3, eax
-    mov ecx, MSR_EFER
-    rdmsr
-    or eax, EFER_LME
-    wrmsr
-    mov eax, cr0
-    or eax, CR0_PG
-    mov cr0, eax
+    /* The page tables are prebuilt in .data (IDENTITY_MAP_2MIB): no loop to
+     * run. PAE, CR3, EFER.LME, then paging on (SDM 9.8.5). */
+    ENTER_LONG_MODE pml4
     lgdt [gdt_ptr]
     ljmp 0x08, offset long_mode
 
@@ -79,31 +54,15 @@ long_mode:
 2:  lea rbx, [msg_bye]
     call puts
 
-    mov dx, EXIT_PORT
     xor eax, eax                /* status 0 */
-    out dx, al
-3:  hlt                         /* not reached under ember */
-    jmp 3b
+    GUEST_EXIT
 
 /* puts: print the NUL-terminated string at RBX on COM1. Waits for "transmitter
  * holding register empty" (LSR bit 5), then writes up to 16 bytes: the depth of
  * the 16550A's transmit FIFO (datasheet, "FIFO mode"). */
 puts:
-    mov dx, COM1_LSR
-4:  in al, dx
-    test al, UART_LSR_THRE
-    jz 4b
-    mov ecx, 16
-    mov dx, COM1_THR
-6:  mov al, [rbx]
-    test al, al
-    jz 5f
-    out dx, al
-    inc rbx
-    dec ecx
-    jnz 6b
-    jmp puts
-5:  ret
+    COM1_PUTS_FIFO rbx
+    ret
 
     .section .rodata
     .balign 8
@@ -122,13 +81,7 @@ msg_bye:
     .asciz "\nWriting status 0 to the exit port 0x501. Bye.\n"
 
     .section .data
-    .balign 4096
-pml4:   .quad pdpt + 3                  /* present, writable */
-        .fill 511, 8, 0
-pdpt:   .quad pd + 3
-        .fill 511, 8, 0
-pd:     .quad 0x83                      /* 0..2 MiB: present, writable, 2 MiB page */
-        .fill 511, 8, 0
+    IDENTITY_MAP_2MIB           /* pml4 -> pdpt -> pd: 0..2 MiB, one large page */
 
     .section .bss
     .balign 16

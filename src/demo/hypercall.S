@@ -11,19 +11,12 @@
  * Entered by PVH in 32-bit protected mode; it stays there (no paging needed).
  */
     .intel_syntax noprefix
-    .set COM1_THR, 0x3f8
-    .set COM1_LSR, 0x3fd
-    .set UART_LSR_THRE, 0x20
-    .set EXIT_PORT, 0x501
+    .include "guest.inc"            /* COM1 and exit-port constants, the macros below */
     .set HYPERCALL_PORT, 0x510
     .set HC_WHO, 1
     .set HC_COUNT, 2
 
-    .section .note.Xen, "a"
-    .balign 4
-    .long 4, 4, 18                  /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
-    .asciz "Xen"
-    .long _start
+    PVH_NOTE _start
 
     .section .text.entry, "ax"
     .code32
@@ -40,10 +33,8 @@ _start:
     call hypercall
     mov esi, offset msg_bye
     call puts
-    mov dx, EXIT_PORT
     xor al, al
-    out dx, al
-1:  jmp 1b
+    GUEST_EXIT
 
 /* hypercall: send request AL, print the answer (bytes read until NUL), newline. */
 hypercall:
@@ -58,27 +49,9 @@ hypercall:
 2:  mov al, '\n'
     jmp putc
 
-/* putc: print AL on COM1. */
-putc:
-    mov cl, al
-    mov dx, COM1_LSR
-1:  in al, dx
-    test al, UART_LSR_THRE
-    jz 1b
-    mov al, cl
-    mov dx, COM1_THR
-    out dx, al
-    ret
-
-/* puts: print the NUL-terminated string at ESI. */
-puts:
-    mov al, [esi]
-    test al, al
-    jz 1f
-    call putc
-    inc esi
-    jmp puts
-1:  ret
+/* putc: print AL on COM1; puts: print the NUL-terminated string at ESI. Both
+ * wait for THRE before every byte (guest.inc). */
+    PUTC_PUTS32
 
     .section .rodata
 msg_ask:   .asciz "guest: OUT 1 to port 0x510 (who are you?); the VMM answers: "

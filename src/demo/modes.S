@@ -16,11 +16,8 @@
  * xen docs/misc/pvh.pandoc. Plain integer instructions only (kvm_pvm).
  */
     .intel_syntax noprefix
+    .include "guest.inc"            /* COM1 and exit-port constants, the macros below */
 
-    .set COM1_THR, 0x3f8
-    .set COM1_LSR, 0x3fd
-    .set UART_LSR_THRE, 0x20
-    .set EXIT_PORT, 0x501
     .set LOW, 0x10000               /* the 16-bit code runs here: real mode reaches only the first MiB */
     .set LOW_SEG, LOW >> 4
     .set SEL_CODE32, 0x08
@@ -28,19 +25,12 @@
     .set SEL_CODE16, 0x18           /* 16-bit code, base LOW, limit 64 KiB */
     .set SEL_DATA16, 0x20
     .set SEL_CODE64, 0x28
-    .set MSR_EFER, 0xc0000080
-    .set EFER_LME, 0x100
     .set CR0_PE, 0x1
-    .set CR0_PG, 0x80000000
-    .set CR4_PAE, 0x20
 
 /* puts: print the NUL-terminated string at \ptr on COM1 (the same text assembles
  * as 16-, 32- or 64-bit code). Each byte: an IN (LSR) and an OUT (THR), two exits. */
     .macro PUTS ptr
-1:  mov dx, COM1_LSR
-2:  in al, dx
-    test al, UART_LSR_THRE
-    jz 2b
+1:  COM1_WAIT_THRE
     mov al, [\ptr]
     test al, al
     jz 3f
@@ -52,17 +42,11 @@
     .endm
 
     .macro EXIT0
-    mov dx, EXIT_PORT
     xor al, al
-    out dx, al
-4:  jmp 4b                          /* not reached: ember stops the vCPU */
+    GUEST_EXIT
     .endm
 
-    .section .note.Xen, "a"
-    .balign 4
-    .long 4, 4, 18                  /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
-    .asciz "Xen"
-    .long _start
+    PVH_NOTE _start
 
     .section .text.entry, "ax"
     .code32
@@ -145,18 +129,7 @@ pm32:
     EXIT0
 1:  /* Protected -> long mode (SDM 9.8.5): PAE, a page-table root, EFER.LME,
      * then paging on; a far jump into a 64-bit code segment. */
-    mov eax, cr4
-    or eax, CR4_PAE
-    mov cr4, eax
-    mov eax, offset pml4
-    mov cr3, eax
-    mov ecx, MSR_EFER
-    rdmsr
-    or eax, EFER_LME
-    wrmsr
-    mov eax, cr0
-    or eax, CR0_PG
-    mov cr0, eax
+    ENTER_LONG_MODE pml4
     ljmp SEL_CODE64, offset long_mode
 puts32:
     PUTS esi
@@ -188,13 +161,7 @@ msg_long:
     .asciz "long mode: CR4.PAE, EFER.LME and CR0.PG set, 64-bit code on an identity-mapped 2 MiB page\n"
 
     .section .data
-    .balign 4096
-pml4:   .quad pdpt + 3              /* present, writable */
-        .fill 511, 8, 0
-pdpt:   .quad pd + 3
-        .fill 511, 8, 0
-pd:     .quad 0x83                  /* 0..2 MiB: present, writable, 2 MiB page */
-        .fill 511, 8, 0
+    IDENTITY_MAP_2MIB               /* pml4 -> pdpt -> pd: 0..2 MiB, one large page */
 
     .section .bss
     .balign 16

@@ -15,10 +15,7 @@
  * Entered by PVH in 32-bit protected mode, paging off. Plain integer code.
  */
     .intel_syntax noprefix
-    .set COM1_THR, 0x3f8
-    .set COM1_LSR, 0x3fd
-    .set UART_LSR_THRE, 0x20
-    .set EXIT_PORT, 0x501
+    .include "guest.inc"            /* COM1 and exit-port constants, the macros below */
     .set TRAMPOLINE, 0x10000
     .set APIC_BASE, 0xfee00000
     .set APIC_ID, 0x20
@@ -35,11 +32,7 @@
     .set SEL_DATA32, 0x10
     .set WAIT_ROUNDS, 400000
 
-    .section .note.Xen, "a"
-    .balign 4
-    .long 4, 4, 18                  /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
-    .asciz "Xen"
-    .long _start
+    PVH_NOTE _start
 
     .section .text.entry, "ax"
     .code32
@@ -95,9 +88,7 @@ _start:
     call puts
     xor eax, eax
 exit:
-    mov dx, EXIT_PORT
-    out dx, al
-5:  jmp 5b
+    GUEST_EXIT
 
 icr_wait:
     test dword ptr [ebx + APIC_ICR_LOW], APIC_ICR_BUSY
@@ -112,27 +103,9 @@ delay:                              /* ECX port reads */
     pop eax
     ret
 
-/* putc: print AL on COM1 (clobbers CL, DX). */
-putc:
-    mov cl, al
-    mov dx, COM1_LSR
-1:  in al, dx
-    test al, UART_LSR_THRE
-    jz 1b
-    mov al, cl
-    mov dx, COM1_THR
-    out dx, al
-    ret
-
-/* puts: print the NUL-terminated string at ESI. */
-puts:
-    mov al, [esi]
-    test al, al
-    jz 1f
-    call putc
-    inc esi
-    jmp puts
-1:  ret
+/* putc: print AL on COM1; puts: print the NUL-terminated string at ESI. Both
+ * wait for THRE before every byte (guest.inc). */
+    PUTC_PUTS32
 
 /* The AP, in 32-bit protected mode (from the trampoline). */
 ap_main:

@@ -27,48 +27,17 @@
  * (physical addresses all the way, 0xd0000000 included).
  */
     .intel_syntax noprefix
-    .set COM1_THR, 0x3f8
-    .set COM1_LSR, 0x3fd
-    .set UART_LSR_THRE, 0x20
-    .set EXIT_PORT, 0x501
+    .include "guest.inc"            /* COM1 and exit-port constants, the macros below */
+    .include "virtio_mmio.inc"      /* tests/guests/: VIRTIO_MMIO_* registers, the setup steps as macros */
 
     .set VIRTIO_BASE, 0xd0000000
-    .set VIRTIO_MMIO_MAGIC_VALUE, 0x000
-    .set VIRTIO_MMIO_VERSION, 0x004
-    .set VIRTIO_MMIO_DEVICE_ID, 0x008
-    .set VIRTIO_MMIO_DEVICE_FEATURES, 0x010
-    .set VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0x014
-    .set VIRTIO_MMIO_DRIVER_FEATURES, 0x020
-    .set VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0x024
-    .set VIRTIO_MMIO_QUEUE_SEL, 0x030
-    .set VIRTIO_MMIO_QUEUE_NUM_MAX, 0x034
-    .set VIRTIO_MMIO_QUEUE_NUM, 0x038
-    .set VIRTIO_MMIO_QUEUE_READY, 0x044
-    .set VIRTIO_MMIO_QUEUE_NOTIFY, 0x050
-    .set VIRTIO_MMIO_STATUS, 0x070
-    .set VIRTIO_MMIO_QUEUE_DESC_LOW, 0x080
-    .set VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x084
-    .set VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x090
-    .set VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0x094
-    .set VIRTIO_MMIO_QUEUE_USED_LOW, 0x0a0
-    .set VIRTIO_MMIO_QUEUE_USED_HIGH, 0x0a4
-
-    .set VIRTIO_CONFIG_S_ACKNOWLEDGE, 1
-    .set VIRTIO_CONFIG_S_DRIVER, 2
-    .set VIRTIO_CONFIG_S_DRIVER_OK, 4
-    .set VIRTIO_CONFIG_S_FEATURES_OK, 8
     .set VIRTIO_ID_RNG, 4
-    .set VRING_DESC_F_WRITE, 2
     .set EFLAGS_IF, 0x200
 
     .set QSIZE, 4
     .set NBYTES, 16
 
-    .section .note.Xen, "a"
-    .balign 4
-    .long 4, 4, 18                  /* namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY */
-    .asciz "Xen"
-    .long _start
+    PVH_NOTE _start
 
     .section .text.entry, "ax"
     .code32
@@ -88,43 +57,23 @@ _start:
     mov esi, offset msg_ident
     call puts
 
-    /* 2. Reset, then "I see you" and "I can drive you" (3.1.1). */
-    mov dword ptr [ebx + VIRTIO_MMIO_STATUS], 0
-    mov dword ptr [ebx + VIRTIO_MMIO_STATUS], VIRTIO_CONFIG_S_ACKNOWLEDGE
-    mov dword ptr [ebx + VIRTIO_MMIO_STATUS], VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+    /* 2. Reset, then "I see you" and "I can drive you" (3.1.1): Status = 0,
+     * ACKNOWLEDGE, DRIVER. */
+    VIRTIO_MMIO_RESET_ACK_DRIVER ebx
 
     /* 3. Features: the device must offer VERSION_1 (bit 32, high half); we
-     * accept exactly that. The low half stays 0 since the reset. */
-    mov dword ptr [ebx + VIRTIO_MMIO_DEVICE_FEATURES_SEL], 1
-    mov esi, offset fail_version1
-    test dword ptr [ebx + VIRTIO_MMIO_DEVICE_FEATURES], 1
-    jz fail
-    mov dword ptr [ebx + VIRTIO_MMIO_DRIVER_FEATURES_SEL], 1
-    mov dword ptr [ebx + VIRTIO_MMIO_DRIVER_FEATURES], 1
-    mov dword ptr [ebx + VIRTIO_MMIO_STATUS], VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
-    mov esi, offset fail_features
-    test dword ptr [ebx + VIRTIO_MMIO_STATUS], VIRTIO_CONFIG_S_FEATURES_OK
-    jz fail
+     * accept exactly that (DriverFeaturesSel = 1, DriverFeatures = 1). The
+     * low half stays 0 since the reset. Then FEATURES_OK, and check it stuck. */
+    VIRTIO_MMIO_CHECK_VERSION_1 ebx, esi
+    VIRTIO_MMIO_FEATURES_OK ebx, esi
     mov esi, offset msg_features
     call puts
 
-    /* 4. Queue 0: size 4, rings in our .bss (4.2.3.2), then DRIVER_OK. */
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_SEL], 0
-    mov edi, [ebx + VIRTIO_MMIO_QUEUE_NUM_MAX]
-    mov esi, offset fail_queue
-    cmp edi, QSIZE
-    jb fail
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_NUM], QSIZE
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_DESC_LOW], offset desc
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_DESC_HIGH], 0
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_AVAIL_LOW], offset avail
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_AVAIL_HIGH], 0
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_USED_LOW], offset used
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_USED_HIGH], 0
-    mov dword ptr [ebx + VIRTIO_MMIO_QUEUE_READY], 1
-    cmp dword ptr [ebx + VIRTIO_MMIO_QUEUE_READY], 1
-    jne fail
-    mov dword ptr [ebx + VIRTIO_MMIO_STATUS], VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK
+    /* 4. Queue 0: QueueSel = 0, QueueNumMax >= 4, QueueNum = 4, the three
+     * ring addresses (rings in our .bss), QueueReady = 1 (4.2.3.2); then
+     * DRIVER_OK. */
+    VIRTIO_MMIO_SETUP_QUEUE ebx, esi, 0, QSIZE, desc, avail, used, max=edi  /* EDI: printed below */
+    VIRTIO_MMIO_DRIVER_OK ebx
     mov esi, offset msg_queue
     call puts
     mov eax, edi
@@ -192,31 +141,12 @@ fail:
     call putc
     mov al, 1
 exit:
-    mov dx, EXIT_PORT
-    out dx, al
-3:  jmp 3b                                      /* not reached under ember */
+    GUEST_EXIT
 
-/* putc: print AL on COM1 (clobbers EDX). */
-putc:
-    push eax
-    mov dx, COM1_LSR
-1:  in al, dx
-    test al, UART_LSR_THRE
-    jz 1b
-    pop eax
-    mov dx, COM1_THR
-    out dx, al
-    ret
-
-/* puts: print the NUL-terminated string at ESI (clobbers EAX, EDX, ESI). */
-puts:
-    mov al, [esi]
-    test al, al
-    jz 1f
-    call putc
-    inc esi
-    jmp puts
-1:  ret
+/* putc: print AL on COM1 (clobbers EDX); puts: print the NUL-terminated string
+ * at ESI (clobbers EAX, EDX, ESI). Both wait for THRE before every byte
+ * (guest.inc). */
+    PUTC_PUTS32
 
 /* puthex2: print AL as two hex digits (clobbers EAX, EDX). */
 puthex2:

@@ -24,34 +24,9 @@
  */
     .intel_syntax noprefix
     .include "lib.inc"
+    .include "virtio_mmio.inc"      /* VIRTIO_MMIO_* registers, the setup steps as macros */
 
     .set VIRTIO_BASE, 0xd0000000
-    .set VIRTIO_MMIO_MAGIC_VALUE, 0x000
-    .set VIRTIO_MMIO_VERSION, 0x004
-    .set VIRTIO_MMIO_DEVICE_ID, 0x008
-    .set VIRTIO_MMIO_DEVICE_FEATURES, 0x010
-    .set VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0x014
-    .set VIRTIO_MMIO_DRIVER_FEATURES, 0x020
-    .set VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0x024
-    .set VIRTIO_MMIO_QUEUE_SEL, 0x030
-    .set VIRTIO_MMIO_QUEUE_NUM_MAX, 0x034
-    .set VIRTIO_MMIO_QUEUE_NUM, 0x038
-    .set VIRTIO_MMIO_QUEUE_READY, 0x044
-    .set VIRTIO_MMIO_QUEUE_NOTIFY, 0x050
-    .set VIRTIO_MMIO_STATUS, 0x070
-    .set VIRTIO_MMIO_QUEUE_DESC_LOW, 0x080
-    .set VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x084
-    .set VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x090
-    .set VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0x094
-    .set VIRTIO_MMIO_QUEUE_USED_LOW, 0x0a0
-    .set VIRTIO_MMIO_QUEUE_USED_HIGH, 0x0a4
-
-    .set S_ACKNOWLEDGE, 1
-    .set S_DRIVER, 2
-    .set S_DRIVER_OK, 4
-    .set S_FEATURES_OK, 8
-    .set VRING_DESC_F_NEXT, 1
-    .set VRING_DESC_F_WRITE, 2
     .set VIRTIO_BLK_F_RO, 5
     .set VIRTIO_BLK_T_IN, 0
     .set VIRTIO_BLK_T_OUT, 1
@@ -97,26 +72,16 @@ _start:
     cmp dword ptr [r14 + VIRTIO_MMIO_DEVICE_ID], 2
     jne fail
 
-    /* Reset, ACKNOWLEDGE, DRIVER, features (3.1.1). */
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], 0
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE | S_DRIVER
-    mov dword ptr [r14 + VIRTIO_MMIO_DEVICE_FEATURES_SEL], 1
-    mov eax, [r14 + VIRTIO_MMIO_DEVICE_FEATURES]
-    lea rdi, [fail_version1]
-    test eax, 1                         /* VIRTIO_F_VERSION_1 is bit 32 */
-    jz fail
+    /* Reset, ACKNOWLEDGE, DRIVER, features (3.1.1): require VERSION_1, read
+     * the low half of the device's features (for VIRTIO_BLK_F_RO) and accept
+     * none of it, then VERSION_1 and FEATURES_OK. */
+    VIRTIO_MMIO_RESET_ACK_DRIVER r14
+    VIRTIO_MMIO_CHECK_VERSION_1 r14, edi
     mov dword ptr [r14 + VIRTIO_MMIO_DEVICE_FEATURES_SEL], 0
     mov ebx, [r14 + VIRTIO_MMIO_DEVICE_FEATURES]
     mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES_SEL], 0
     mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES], 0
-    mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES_SEL], 1
-    mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES], 1
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK
-    mov eax, [r14 + VIRTIO_MMIO_STATUS]
-    lea rdi, [fail_features]
-    test eax, S_FEATURES_OK
-    jz fail
+    VIRTIO_MMIO_FEATURES_OK r14, edi
     lea rdi, [msg_features]
     call puts
     mov edi, ebx
@@ -125,22 +90,9 @@ _start:
     call putdec
     call newline
 
-    /* Queue 0: size 8, rings in low RAM (4.2.3.2). */
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_SEL], 0
-    lea rdi, [fail_queue]
-    cmp dword ptr [r14 + VIRTIO_MMIO_QUEUE_NUM_MAX], QSIZE
-    jb fail
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_NUM], QSIZE
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_DESC_LOW], DESC
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_DESC_HIGH], 0
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_AVAIL_LOW], AVAIL
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_AVAIL_HIGH], 0
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_USED_LOW], USED
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_USED_HIGH], 0
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_READY], 1
-    cmp dword ptr [r14 + VIRTIO_MMIO_QUEUE_READY], 1
-    jne fail
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+    /* Queue 0: size 8, rings in low RAM (4.2.3.2); then DRIVER_OK. */
+    VIRTIO_MMIO_SETUP_QUEUE r14, edi, 0, QSIZE, DESC, AVAIL, USED
+    VIRTIO_MMIO_DRIVER_OK r14
 
     /* Benchmark mode? */
     lea rdi, [key_reqs]
@@ -309,10 +261,6 @@ report:
     call putdec
     jmp newline
 
-newline:
-    mov al, '\n'
-    jmp putc
-
 /* puthex8: print EDI as 8 hex digits. */
 puthex8:
     push rcx
@@ -333,17 +281,6 @@ puthex8:
     pop rcx
     ret
 
-/* fail: print "fail " and the string at RDI, exit 1. */
-fail:
-    push rdi
-    lea rdi, [msg_fail]
-    call puts
-    pop rdi
-    call puts
-    call newline
-    mov eax, 1
-    jmp exit
-
     .section .rodata
 key_reqs:      .asciz "reqs="
 key_hold:      .asciz "hold"
@@ -362,7 +299,6 @@ msg_id:        .asciz " id=["
 msg_unsupp:    .asciz "unsupp="
 msg_done:      .asciz "done\n"
 msg_reqs:      .asciz "reqs done\n"
-msg_fail:      .asciz "fail "
 fail_ident:    .asciz "identify"
 fail_version1: .asciz "VERSION_1 not offered"
 fail_features: .asciz "FEATURES_OK refused"

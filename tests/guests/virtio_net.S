@@ -24,32 +24,9 @@
  */
     .intel_syntax noprefix
     .include "lib.inc"
+    .include "virtio_mmio.inc"      /* VIRTIO_MMIO_* registers, the setup steps as macros */
 
     .set VIRTIO_BASE, 0xd0000000
-    .set VIRTIO_MMIO_DEVICE_ID, 0x008
-    .set VIRTIO_MMIO_DEVICE_FEATURES, 0x010
-    .set VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0x014
-    .set VIRTIO_MMIO_DRIVER_FEATURES, 0x020
-    .set VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0x024
-    .set VIRTIO_MMIO_QUEUE_SEL, 0x030
-    .set VIRTIO_MMIO_QUEUE_NUM_MAX, 0x034
-    .set VIRTIO_MMIO_QUEUE_NUM, 0x038
-    .set VIRTIO_MMIO_QUEUE_READY, 0x044
-    .set VIRTIO_MMIO_QUEUE_NOTIFY, 0x050
-    .set VIRTIO_MMIO_STATUS, 0x070
-    .set VIRTIO_MMIO_QUEUE_DESC_LOW, 0x080
-    .set VIRTIO_MMIO_QUEUE_DESC_HIGH, 0x084
-    .set VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x090
-    .set VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0x094
-    .set VIRTIO_MMIO_QUEUE_USED_LOW, 0x0a0
-    .set VIRTIO_MMIO_QUEUE_USED_HIGH, 0x0a4
-    .set VIRTIO_MMIO_CONFIG, 0x100
-
-    .set S_ACKNOWLEDGE, 1
-    .set S_DRIVER, 2
-    .set S_DRIVER_OK, 4
-    .set S_FEATURES_OK, 8
-    .set VRING_DESC_F_WRITE, 2
     .set VIRTIO_NET_F_MAC, 5
     .set HDR_LEN, 12
 
@@ -85,9 +62,7 @@ _start:
     jne fail
 
     /* Reset, ACKNOWLEDGE, DRIVER; accept VERSION_1 and MAC (3.1.1). */
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], 0
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE | S_DRIVER
+    VIRTIO_MMIO_RESET_ACK_DRIVER r14
     mov dword ptr [r14 + VIRTIO_MMIO_DEVICE_FEATURES_SEL], 0
     mov eax, [r14 + VIRTIO_MMIO_DEVICE_FEATURES]
     lea rdi, [fail_mac]
@@ -95,13 +70,7 @@ _start:
     jz fail
     mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES_SEL], 0
     mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES], 1 << VIRTIO_NET_F_MAC
-    mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES_SEL], 1
-    mov dword ptr [r14 + VIRTIO_MMIO_DRIVER_FEATURES], 1
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK
-    mov eax, [r14 + VIRTIO_MMIO_STATUS]
-    lea rdi, [fail_features]
-    test eax, S_FEATURES_OK
-    jz fail
+    VIRTIO_MMIO_FEATURES_OK r14, edi
 
     /* The MAC, byte by byte from the configuration space (5.1.4). */
     xor ecx, ecx
@@ -123,13 +92,9 @@ _start:
     call newline
 
     /* Queue 0 (receiveq1) and queue 1 (transmitq1), size 8. */
-    mov edi, 0
-    mov esi, RX_DESC
-    call setup_queue
-    mov edi, 1
-    mov esi, TX_DESC
-    call setup_queue
-    mov dword ptr [r14 + VIRTIO_MMIO_STATUS], S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+    VIRTIO_MMIO_SETUP_QUEUE r14, edi, 0, QSIZE, RX_DESC, RX_AVAIL, RX_USED
+    VIRTIO_MMIO_SETUP_QUEUE r14, edi, 1, QSIZE, TX_DESC, TX_AVAIL, TX_USED
+    VIRTIO_MMIO_DRIVER_OK r14
 
     lea rdi, [key_probe]
     call after
@@ -237,27 +202,6 @@ rx_done:
     xor eax, eax
     jmp exit
 
-/* setup_queue: queue EDI, size QSIZE, descriptors at ESI, avail at ESI+0x100,
- * used at ESI+0x200. */
-setup_queue:
-    mov [r14 + VIRTIO_MMIO_QUEUE_SEL], edi
-    lea rdi, [fail_queue]
-    cmp dword ptr [r14 + VIRTIO_MMIO_QUEUE_NUM_MAX], QSIZE
-    jb fail
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_NUM], QSIZE
-    mov [r14 + VIRTIO_MMIO_QUEUE_DESC_LOW], esi
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_DESC_HIGH], 0
-    lea eax, [esi + 0x100]
-    mov [r14 + VIRTIO_MMIO_QUEUE_AVAIL_LOW], eax
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_AVAIL_HIGH], 0
-    lea eax, [esi + 0x200]
-    mov [r14 + VIRTIO_MMIO_QUEUE_USED_LOW], eax
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_USED_HIGH], 0
-    mov dword ptr [r14 + VIRTIO_MMIO_QUEUE_READY], 1
-    cmp dword ptr [r14 + VIRTIO_MMIO_QUEUE_READY], 1
-    jne fail
-    ret
-
 /* rx_post: put RX descriptor EDI in the RX avail ring (no notify). */
 rx_post:
     mov eax, r13d
@@ -314,21 +258,6 @@ hexdigit:
 1:  add eax, '0'
     jmp putc
 
-newline:
-    mov al, '\n'
-    jmp putc
-
-/* fail: print "fail " and the string at RDI, exit 1. */
-fail:
-    push rdi
-    lea rdi, [msg_fail]
-    call puts
-    pop rdi
-    call puts
-    call newline
-    mov eax, 1
-    jmp exit
-
     .section .rodata
 key_probe:     .asciz "probe"
 msg_device:    .asciz "device="
@@ -340,7 +269,6 @@ msg_arp_reply: .asciz "arp-reply ip="
 msg_arp_mac:   .asciz " mac="
 msg_rx:        .asciz "rx "
 msg_done:      .asciz "done\n"
-msg_fail:      .asciz "fail "
 fail_ident:    .asciz "not a network device"
 fail_mac:      .asciz "VIRTIO_NET_F_MAC not offered"
 fail_features: .asciz "FEATURES_OK refused"
