@@ -1,42 +1,62 @@
-//! virtio-net speed: guest -> host TCP throughput and ping round-trip time,
-//! side by side with the same measurement between two network namespaces
-//! joined by a veth pair on the same machine, as ratios.
+//! virtio-net speed: TCP throughput with iperf3, guest -> host and host -> guest (`-R`), and ping
+//! round-trip time, side by side with the same measurements between two network namespaces joined
+//! by a veth pair on the same machine, as ratios.
 //!
-//! Lane: a Linux guest is needed (TCP, ping), so this runs in the Linux lane:
-//! on a host whose KVM is kvm_pvm that is the nested QEMU TCG machine, and
-//! both the ember path and the veth reference are measured *inside* it, so
-//! the ratio compares ember with the kernel's own path on the same (emulated)
-//! CPU. The guest has only busybox (Debian's iperf3 is dynamically linked and
-//! the default guest has no libc), so the workload is `dd if=/dev/zero | nc`
-//! for both paths, timed on the receiving side from the first byte to EOF.
+//! Lane: a Linux guest is needed (TCP, ping), so this runs in the Linux lane: on a host whose KVM
+//! is kvm_pvm that is the nested QEMU TCG machine, and both the ember path and the veth reference
+//! are measured *inside* it, so the ratio compares ember with the kernel's own path on the same
+//! (emulated) CPU. The lane is named in the output.
 //!
-//! `cargo bench --bench net` ; EMBER_NET_BENCH_MIB sets the transfer size (default 64).
+//! The guest runs iperf3 from the tools image (guest-kernels/tools.sh, its only disk, /dev/vda,
+//! mounted read-only); the servers and the veth client are the host's own iperf3 (Debian's, the
+//! same binary the image carries), which the outer machine sees at the host's paths. Everything
+//! runs in namespaces the script creates and deletes on exit, also on failure: the ember tap's
+//! (server 10.0.0.1, guest 10.0.0.2) and two joined by the veth pair (10.1.0.1, 10.1.0.2).
+//!
+//! `cargo bench --bench net` ; EMBER_NET_BENCH_SECS sets each iperf3 run's length (default 5).
 
 use std::path::Path;
 use std::time::Duration;
 
 use ember::lane::{Invocation, LinuxLane};
 
+/// The Mbit/s of an iperf3 `... receiver` summary line (`-f m`), tagged `tag` by the script.
+fn mbits(out: &str, tag: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.starts_with(tag) && l.contains("receiver"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "Mbits/sec")?;
+    words.get(i.checked_sub(1)?)?.parse().ok()
+}
+
 fn main() {
     if !Path::new("/dev/kvm").exists() {
         eprintln!("SKIPPED: /dev/kvm absent");
         return;
     }
-    let mib: u32 = std::env::var("EMBER_NET_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let secs: u32 = std::env::var("EMBER_NET_BENCH_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let bin = Path::new(env!("CARGO_BIN_EXE_ember"));
     ember::guest::default_guest(false).unwrap_or_else(|e| panic!("the default guest: {e}"));
+    let tools = ember::guest::default_tools().unwrap_or_else(|e| panic!("the tools image (iperf3): {e}"));
+    let iperf3 = ["/usr/bin/iperf3", "/bin/iperf3"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .unwrap_or_else(|| panic!("no iperf3 on the host (apt-get install iperf3; tools.sh installs it too)"));
     let mut lane = LinuxLane::start(bin).unwrap_or_else(|e| panic!("the Linux lane: {e}"));
+    // This goes between single quotes in the script below: no single quotes in it.
     let guest_cmd = format!(
         "ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 10 -i 0.2 10.0.0.1 | tail -1 && \
-         dd if=/dev/zero bs=1M count={mib} 2>/dev/null | nc 10.0.0.1 5000"
+         mount -o ro /dev/vda /mnt && \
+         /mnt/bin/iperf3 -c 10.0.0.1 -t {secs} -f m | sed s/^/up:/ && \
+         /mnt/bin/iperf3 -c 10.0.0.1 -t {secs} -f m -R | sed s/^/down:/"
     );
     let script = format!(
         r#"
 modprobe tun 2>/dev/null; modprobe veth 2>/dev/null
 NS=ember-bnet-$$; A=ember-bva-$$; B=ember-bvb-$$
-D=$(mktemp -d -p /dev/shm)  # tmpfs: the lane's /tmp is 9p, which has no fifos
-cleanup() {{ kill $SP1 $SP2 2>/dev/null; ip netns del $NS; ip netns del $A; ip netns del $B; rm -rf $D; }}
+cleanup() {{ kill $S1 $S2 2>/dev/null; ip netns del $NS; ip netns del $A; ip netns del $B; }}
 trap cleanup EXIT
+# iperf3 makes a temporary file per stream in $TMPDIR (default /tmp, the lane's 9p /tmp, where it fails).
+export TMPDIR=/dev/shm
 for n in $NS $A $B; do ip netns add $n || exit 90; ip -n $n link set lo up; done
 ip -n $NS tuntap add dev etap0 mode tap
 ip -n $NS addr add 10.0.0.1/24 dev etap0
@@ -44,44 +64,46 @@ ip -n $NS link set etap0 up
 ip -n $A link add va type veth peer name vb netns $B || exit 91
 ip -n $A addr add 10.1.0.1/24 dev va; ip -n $A link set va up
 ip -n $B addr add 10.1.0.2/24 dev vb; ip -n $B link set vb up
-# sink PORT FILE: a listener that stamps the first byte and EOF
-mkfifo $D/in1 $D/in2
-sleep 900 > $D/in1 & SP1=$!
-sleep 900 > $D/in2 & SP2=$!
-ip netns exec $NS sh -c "busybox nc -l -p 5000 < $D/in1 | (head -c1 > /dev/null; date +%s%N > $D/tap0; cat > /dev/null; date +%s%N > $D/tap1)" &
-ip netns exec $A sh -c "busybox nc -l -p 5001 < $D/in2 | (head -c1 > /dev/null; date +%s%N > $D/veth0; cat > /dev/null; date +%s%N > $D/veth1)" &
-sleep 0.5
+ip netns exec $NS {iperf3} -s -B 10.0.0.1 >/dev/null 2>&1 & S1=$!
+ip netns exec $A {iperf3} -s -B 10.1.0.1 >/dev/null 2>&1 & S2=$!
+sleep 1
 echo veth-ping $(ip netns exec $B busybox ping -c 10 -i 0.2 10.1.0.1 | tail -1)
-ip netns exec $B sh -c "dd if=/dev/zero bs=1M count={mib} 2>/dev/null | busybox nc 10.1.0.1 5001"
-ip netns exec $NS {bin} run --memory 512M --net tap=etap0 -- sh -c '{guest_cmd}' | sed 's/^/guest /'
-for i in $(seq 50); do [ -s $D/tap1 ] && [ -s $D/veth1 ] && break; sleep 0.2; done
-echo tap-ns $(( $(cat $D/tap1) - $(cat $D/tap0) ))
-echo veth-ns $(( $(cat $D/veth1) - $(cat $D/veth0) ))
+ip netns exec $B {iperf3} -c 10.1.0.1 -t {secs} -f m | sed 's/^/veth-up /'
+ip netns exec $B {iperf3} -c 10.1.0.1 -t {secs} -f m -R | sed 's/^/veth-down /'
+ip netns exec $NS {bin} run --memory 512M --disk {tools},ro --net tap=etap0 -- sh -c '{guest_cmd}' | sed 's/^/guest /'
 "#,
-        bin = bin.display()
+        bin = bin.display(),
+        tools = tools.display(),
     );
     let o = lane
         .run_program(Path::new("/bin/sh"), &Invocation::new(["-c", script.as_str()]), Duration::from_secs(1200))
         .unwrap_or_else(|e| panic!("the benchmark script: {e}"));
-    let out = o.stdout_lossy().replace("\r\n", "\n");
+    let out = o.stdout_lossy().replace('\r', "");
     let find = |tag: &str| out.lines().find_map(|l| l.strip_prefix(tag).map(str::trim).map(str::to_string));
     let avg_ms = |line: Option<String>| -> Option<f64> {
         // busybox: "round-trip min/avg/max = 0.1/0.2/0.3 ms"
         line?.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok()
     };
-    let secs = |tag: &str| find(tag).and_then(|v| v.parse::<f64>().ok()).map(|ns| ns / 1e9);
-    let (Some(tap_s), Some(veth_s)) = (secs("tap-ns "), secs("veth-ns ")) else {
+    let (up, down) = (mbits(&out, "guest up:"), mbits(&out, "guest down:"));
+    let (veth_up, veth_down) = (mbits(&out, "veth-up "), mbits(&out, "veth-down "));
+    let (Some(up), Some(veth_up)) = (up, veth_up) else {
         panic!("the benchmark did not finish (status {}):\n{out}\n{}", o.status, o.stderr_lossy());
     };
-    let bytes = f64::from(mib) * 1048576.0 - 1.0;
-    let (tap_mbs, veth_mbs) = (bytes / tap_s / 1e6, bytes / veth_s / 1e6);
     let guest_rtt = avg_ms(find("guest round-trip"));
     let veth_rtt = avg_ms(find("veth-ping round-trip"));
     println!("virtio-net benchmark, lane: {}", lane.describe());
-    println!("TCP guest -> host ({mib} MiB, busybox dd | nc):");
-    println!("  ember virtio-net + tap : {tap_mbs:10.1} MB/s");
-    println!("  veth between netns     : {veth_mbs:10.1} MB/s");
-    println!("  ratio                  : {:10.1} %", 100.0 * tap_mbs / veth_mbs);
+    println!("TCP, iperf3 -t {secs} (receiver's figure):");
+    println!("  guest -> host, ember virtio-net + tap : {up:10.1} Mbit/s");
+    println!("  netns -> netns over veth              : {veth_up:10.1} Mbit/s");
+    println!("  ratio                                 : {:10.1} %", 100.0 * up / veth_up);
+    match (down, veth_down) {
+        (Some(d), Some(v)) => {
+            println!("  host -> guest (-R), ember             : {d:10.1} Mbit/s");
+            println!("  netns -> netns over veth (-R)         : {v:10.1} Mbit/s");
+            println!("  ratio                                 : {:10.1} %", 100.0 * d / v);
+        }
+        _ => println!("  host -> guest (-R): no result"),
+    }
     match (guest_rtt, veth_rtt) {
         (Some(g), Some(v)) => {
             println!("ping round trip (avg of 10):");

@@ -35,7 +35,8 @@
 //! A transmitted frame takes the virtio-blk path to `net.rs`, which writes it to the tap.
 //!
 //! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
-//! guest: build, cache, passing a command to its init), [`bench`] (`ember
+//! guest: build, cache, passing a command to its init; the fio/iperf3 tools
+//! image), [`bench`] (`ember
 //! bench`: the same payload on the host, in containers and in VMs).
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]

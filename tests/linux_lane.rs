@@ -346,3 +346,28 @@ fn run_on_the_host_reaches_a_host_tap_in_either_lane() {
     assert_eq!(data.len(), 4 << 20, "bytes that reached the namespace: {shown}");
     assert_eq!(host.split_whitespace().next(), Some(guest_md5.as_str()), "4 MiB arrived intact: {shown}");
 }
+
+/// The benchmark tools image (guest-kernels/tools.sh) mounted as a second disk: its fio and
+/// iperf3, dynamically linked Debian binaries, start in the busybox guest through the image's
+/// own loader and libraries. The first disk is a small data disk, so the tools are /dev/vdb.
+#[test]
+fn tools_disk_runs_fio_and_iperf3_in_the_guest() {
+    if lane().is_none() {
+        return;
+    }
+    let tools = ember::guest::default_tools().unwrap_or_else(|e| panic!("building the tools image: {e}"));
+    let dir = std::env::temp_dir().join(format!("ember-tools-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let data = dir.join("data.img");
+    std::fs::write(&data, vec![0u8; 1 << 20]).expect("data disk");
+    let disk = data.to_str().expect("UTF-8 path").to_string();
+    let tools_disk = format!("{},ro", tools.to_str().expect("UTF-8 path"));
+    let script = "mount -o ro /dev/vdb /mnt && /mnt/bin/fio --version && /mnt/bin/iperf3 --version | head -n1";
+    let o = ember(&["run", "--disk", &disk, "--disk", &tools_disk, "--", "sh", "-c", script]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some(o) = o else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    let out = o.stdout_lossy();
+    assert!(out.contains("fio-3."), "fio --version: {}", show(&o));
+    assert!(out.contains("iperf 3."), "iperf3 --version: {}", show(&o));
+}

@@ -7,11 +7,13 @@
 //! - [`runtimes`]: which runtimes exist, how each one is probed, launched and cleaned up;
 //! - [`oci`]: the OCI bundle (busybox rootfs, config.json with matched limits) and cgroups;
 //! - [`measure`]: timing one launch (marker line, exit, `wait4` peak RSS) and statistics;
+//! - [`tools`]: the Linux tier's fio and iperf3 runs (tools image, test network namespaces);
 //! - [`report`]: the Markdown table, results.json / results.csv and the SVG plot.
 //!
 //! A run: probe the runtimes (a missing one is "skipped: reason"), one warm-up launch each,
 //! then `--runs` rounds of one launch per runtime (A B A B ..., so drift on a noisy machine hits
-//! all of them), then the density batches (N launches released at once). The Linux tier needs a
+//! all of them), then the density batches (N launches released at once), then (Linux tier)
+//! `--runs` rounds of iperf3 and of fio in host, crun, runc and ember. The Linux tier needs a
 //! KVM that runs Linux: on a kvm_pvm host ember re-runs itself (`ember bench --inner`) inside the
 //! Linux lane's outer machine, where host, crun, runc and the VMs are all measured, so the
 //! ratios compare like with like.
@@ -20,6 +22,7 @@
 //! deletes containers, cgroups and bundles, and exits 130.
 
 pub mod measure;
+pub mod tools;
 pub mod oci;
 pub mod report;
 pub mod runtimes;
@@ -450,6 +453,10 @@ fn linux_tier_in_lane(args: &BenchArgs, opts: &Options) -> Result<TierResult, Be
     use crate::lane::{Invocation, LinuxLane};
     // The guest is built (or found) out here, where its cache is writable.
     crate::guest::default_guest(false).map_err(BenchError::Guest)?;
+    // And the tools image (iperf3 and fio); without it those workloads are skipped.
+    if let Err(e) = crate::guest::default_tools() {
+        eprintln!("ember bench: no tools image, network and fio are not measured: {e}");
+    }
     let exe = std::env::current_exe().map_err(io_err("finding the ember binary"))?;
     eprintln!("ember bench: Linux tier: starting the Linux lane (this host's KVM cannot run Linux)");
     let mut lane = LinuxLane::start(&exe).map_err(BenchError::Lane)?;
@@ -724,6 +731,8 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
         }
     }
     pb.finish_and_clear();
+    let tool_results =
+        if tier == Tier::Linux { measure_with_tools(&avail, &setup, opts, &mut seq, &plain) } else { HashMap::new() };
     let mut context = report::Context::collect(&rows, &setup);
     let _ = std::fs::remove_dir_all(&setup.work);
     oci::sweep_cgroups(&setup.cgroup_base, &format!("ember-bench-{}-", std::process::id()));
@@ -733,6 +742,11 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
     for &rt in &avail {
         let row = rows.get_mut(&rt).expect("probed above");
         summarize(row, rt, &samples);
+        for (metric, by_rt) in &tool_results {
+            if let Some(v) = by_rt.get(&rt).and_then(|v| Summary::of(v)) {
+                row.workload.insert(metric.to_string(), v);
+            }
+        }
     }
     let lane = if inner {
         "nested: inside the Linux lane's outer machine (QEMU TCG, emulated AMD SVM, kvm_amd)".to_string()
@@ -757,6 +771,68 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
         context,
         samples,
     })
+}
+
+/// The Linux tier's workloads that need the tools image (see [`tools`]): `opts.runs` iperf3 runs
+/// (to a test network made for them and deleted afterwards) and fio runs per runtime that can do
+/// them. Metric name -> runtime -> values.
+fn measure_with_tools(
+    avail: &[Runtime],
+    setup: &Setup,
+    opts: &Options,
+    seq: &mut u64,
+    plain: &dyn Fn(String),
+) -> HashMap<&'static str, HashMap<Runtime, Vec<f64>>> {
+    let mut got: HashMap<&'static str, HashMap<Runtime, Vec<f64>>> = HashMap::new();
+    let tools = match tools::Tools::find() {
+        Ok(t) => t,
+        Err(e) => {
+            plain(format!("network and fio: not measured: {e}"));
+            return got;
+        }
+    };
+    let measured: Vec<Runtime> = avail
+        .iter()
+        .copied()
+        .filter(|r| matches!(r, Runtime::Host | Runtime::Crun | Runtime::Runc | Runtime::Ember))
+        .collect();
+    match tools::TestNet::create(&tools) {
+        Ok(net) => {
+            for round in 0..opts.runs {
+                for &rt in &measured {
+                    stop_if_interrupted();
+                    *seq += 1;
+                    match net.measure(rt, setup, &tools, *seq) {
+                        Ok(v) => got.entry("tcp_mbit_per_s").or_default().entry(rt).or_default().push(v),
+                        Err(e) => plain(format!("network: {} round {}: {e}", rt.name(), round + 1)),
+                    }
+                }
+            }
+        }
+        Err(e) => plain(format!("network: not measured: {e}")),
+    }
+    // fio needs O_DIRECT, which tmpfs (the work dir in the lane) lacks: the data file goes to the
+    // temp dir, the lane's 9p view of the host's.
+    let data = std::env::temp_dir().join(format!("ember-bench-fio-{}.img", std::process::id()));
+    if let Err(e) = tools::create_fio_file(&data) {
+        plain(format!("fio: not measured: cannot write {}: {e}", data.display()));
+        return got;
+    }
+    for round in 0..opts.runs {
+        for &rt in &measured {
+            stop_if_interrupted();
+            *seq += 1;
+            match tools::measure_fio(rt, setup, &tools, &data, *seq) {
+                Ok((seq_mib, iops)) => {
+                    got.entry("fio_read_mib_per_s").or_default().entry(rt).or_default().push(seq_mib);
+                    got.entry("fio_randread_iops").or_default().entry(rt).or_default().push(iops);
+                }
+                Err(e) => plain(format!("fio: {} round {}: {e}", rt.name(), round + 1)),
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&data);
+    got
 }
 
 /// Fills a runtime's summaries and pairwise ratios from the measured rounds.

@@ -98,11 +98,19 @@ impl Context {
                 "timed from outside by when each phase line arrives: cpu = awk loop of {} iterations; syscall = dd \
                  bs=1 count={} /dev/zero -> /dev/null (2 syscalls per byte); membw = dd bs=1M count={} /dev/zero -> \
                  /dev/null; fileio = dd bs=1M count={} conv=fsync to the runtime's own disk (host: a work dir, \
-                 containers: tmpfs /tmp, VMs: the initramfs); network: not measured",
+                 containers: tmpfs /tmp, VMs: the initramfs); fio = one run of [{}] per round \
+                 on one {} MiB file (host: the file, containers: bind-mounted, VMs: a read-only virtio-blk disk); \
+                 TCP = iperf3 -c for {} s (receiver's Mbit/s) from the runtime to an iperf3 server in a network \
+                 namespace of ember bench's own (host and containers: over a veth pair; VMs: virtio-net over a \
+                 tap); fio and iperf3 come from the tools image (guest-kernels/tools.sh) and run after the timed \
+                 rounds; not measured for qemu-microvm and docker",
                 super::runtimes::CPU_ITERS,
                 super::runtimes::SYSCALL_BYTES,
                 super::runtimes::MEMBW_MIB,
-                super::runtimes::FILEIO_MIB
+                super::runtimes::FILEIO_MIB,
+                super::tools::FIO_JOBS,
+                super::tools::FIO_FILE_MIB,
+                super::tools::IPERF_SECS
             ),
         }
     }
@@ -199,18 +207,21 @@ pub fn markdown(t: &TierResult) -> String {
     }
     if t.rows.iter().any(|r| !r.workload.is_empty()) {
         let _ = writeln!(o, "\n## Inside the payload (medians)\n");
-        let _ = writeln!(o, "| runtime | CPU loop ms | syscall ns | memory bandwidth MiB/s | file write MiB/s |");
-        let _ = writeln!(o, "|---|---|---|---|---|");
+        let _ = writeln!(o, "| runtime | CPU loop ms | syscall ns | memory bandwidth MiB/s | file write MiB/s | fio read MiB/s | fio 4k IOPS | TCP Mbit/s |");
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
         for r in t.rows.iter().filter(|r| !r.workload.is_empty()) {
             let g = |k: &str| r.workload.get(k).map_or("-".into(), |s| format!("{:.1}", s.median));
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.runtime,
                 g("cpu_loop_ms"),
                 g("syscall_ns"),
                 g("membw_mib_per_s"),
-                g("fileio_mib_per_s")
+                g("fileio_mib_per_s"),
+                g("fio_read_mib_per_s"),
+                g("fio_randread_iops"),
+                g("tcp_mbit_per_s")
             );
         }
         let _ = writeln!(o, "\nWorkloads: {}.", t.context.workloads);

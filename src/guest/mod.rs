@@ -6,7 +6,7 @@
 //! directory: they are written to a content-addressed folder in the cache and
 //! run from there. `build.sh` prints `KEY=value` lines on stdout (progress goes
 //! to stderr, i.e. straight to the user); ember remembers the last answer in
-//! `default-guest.env` beside them, so a cached boot costs no script at all.
+//! `build.sh.env` beside them, so a cached boot costs no script at all.
 //!
 //! Also here: how a command given after `--` reaches the guest's init
 //! (`ember.argv=`, see guest-kernels/init).
@@ -23,6 +23,7 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("build.sh", include_str!("../../guest-kernels/build.sh")),
     ("initramfs.sh", include_str!("../../guest-kernels/initramfs.sh")),
     ("rootfs.sh", include_str!("../../guest-kernels/rootfs.sh")),
+    ("tools.sh", include_str!("../../guest-kernels/tools.sh")),
     ("init", include_str!("../../guest-kernels/init")),
     ("microvm.config", include_str!("../../guest-kernels/microvm.config")),
     ("ember-exit.c", include_str!("../../guest-kernels/ember-exit.c")),
@@ -101,24 +102,28 @@ fn exists(a: &GuestArtifacts) -> bool {
     [&a.bzimage, &a.vmlinux, &a.initramfs].iter().all(|p| p.is_file())
 }
 
-/// The default guest, from the cache when it is there, built otherwise
-/// (progress on stderr). `force` rebuilds the answer by running the script.
-pub fn default_guest(force: bool) -> Result<GuestArtifacts, GuestError> {
+/// Runs one of the embedded scripts (`script`), or reuses its last answer:
+/// its stdout is remembered in `<script>.env` beside the scripts and reused
+/// while `valid` accepts it. Progress goes to the user's stderr.
+fn cached_script<T>(
+    script: &str,
+    force: bool,
+    parse: impl Fn(&str) -> Result<T, GuestError>,
+    valid: impl Fn(&T) -> bool,
+) -> Result<T, GuestError> {
     let dir = cache_dir().join(format!("scripts-{:016x}", scripts_hash()));
-    let remembered = dir.join("default-guest.env");
+    let remembered = dir.join(format!("{script}.env"));
     if !force {
-        if let Ok(text) = std::fs::read_to_string(&remembered) {
-            if let Ok(a) = parse_artifacts(&text) {
-                if exists(&a) {
-                    return Ok(a);
-                }
+        if let Some(t) = std::fs::read_to_string(&remembered).ok().and_then(|text| parse(&text).ok()) {
+            if valid(&t) {
+                return Ok(t);
             }
         }
     }
     write_scripts(&dir)?;
-    eprintln!("ember: preparing the default guest (cached in {})", cache_dir().display());
+    eprintln!("ember: running {script} (results cached in {})", cache_dir().display());
     let out = Command::new("bash")
-        .arg(dir.join("build.sh"))
+        .arg(dir.join(script))
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -127,54 +132,74 @@ pub fn default_guest(force: bool) -> Result<GuestArtifacts, GuestError> {
         return Err(GuestError::Build(out.status.code().unwrap_or(-1)));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let a = parse_artifacts(&text)?;
+    let t = parse(&text)?;
     let _ = std::fs::write(&remembered, text.as_bytes());
-    Ok(a)
+    Ok(t)
+}
+
+/// The default guest, from the cache when it is there, built otherwise
+/// (progress on stderr). `force` rebuilds the answer by running the script.
+pub fn default_guest(force: bool) -> Result<GuestArtifacts, GuestError> {
+    cached_script("build.sh", force, parse_artifacts, exists)
 }
 
 /// The default guest's root file system as an ext4 image (guest-kernels/rootfs.sh),
 /// from the cache when it is there, built otherwise (progress on stderr).
 /// This is the cached pristine copy: boot a copy of it when it may be written.
 pub fn default_rootfs() -> Result<PathBuf, GuestError> {
-    let dir = cache_dir().join(format!("scripts-{:016x}", scripts_hash()));
-    let remembered = dir.join("default-rootfs.env");
-    let parse = |text: &str| -> Option<PathBuf> {
-        text.lines().filter_map(|l| l.strip_prefix("EMBER_ROOTFS=")).last().map(PathBuf::from)
+    let parse = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("EMBER_ROOTFS="))
+            .last()
+            .map(PathBuf::from)
+            .ok_or(GuestError::Missing("EMBER_ROOTFS"))
     };
-    if let Some(p) = std::fs::read_to_string(&remembered).ok().as_deref().and_then(parse) {
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    write_scripts(&dir)?;
-    let out = Command::new("bash")
-        .arg(dir.join("rootfs.sh"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(GuestError::Spawn)?;
-    if !out.status.success() {
-        return Err(GuestError::Build(out.status.code().unwrap_or(-1)));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let p = parse(&text).ok_or(GuestError::Missing("EMBER_ROOTFS"))?;
-    let _ = std::fs::write(&remembered, text.as_bytes());
-    Ok(p)
+    cached_script("rootfs.sh", false, parse, |p: &PathBuf| p.is_file())
+}
+
+/// The benchmark tools image (guest-kernels/tools.sh): an ext4 file system with fio and iperf3
+/// and the libraries they load, for a guest to mount read-only as an extra disk
+/// (`--disk TOOLS,ro`, then `mount -o ro /dev/vdX /mnt && /mnt/bin/fio ...`). From the cache when
+/// it is there, built otherwise (progress on stderr). `/mnt/bin/*` are wrappers that run the
+/// binaries through the image's own dynamic loader, so they work wherever it is mounted.
+/// The same files, unpacked, are in [`tools_tree`] (for containers and the host).
+pub fn default_tools() -> Result<PathBuf, GuestError> {
+    let parse = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("EMBER_TOOLS="))
+            .next_back()
+            .map(PathBuf::from)
+            .ok_or(GuestError::Missing("EMBER_TOOLS"))
+    };
+    cached_script("tools.sh", false, parse, |p: &PathBuf| p.is_file() && tools_tree(p).join("bin/iperf3").is_file())
+}
+
+/// The directory tree the tools image `image` was made from (`bin/fio`, `bin/iperf3`, `lib/`, ...),
+/// kept beside it: bind-mount it into a container, or run its `bin/` on the host.
+pub fn tools_tree(image: &Path) -> PathBuf {
+    image.parent().unwrap_or(Path::new("/")).join("tree")
 }
 
 fn write_scripts(dir: &Path) -> Result<(), GuestError> {
     let err = |source| GuestError::Scripts { path: dir.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(err)?;
+    static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     for (name, text) in SCRIPTS {
         let path = dir.join(name);
-        if std::fs::read_to_string(&path).ok().as_deref() != Some(*text) {
-            std::fs::write(&path, text).map_err(err)?;
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(*text) {
+            continue;
         }
+        // Written aside and renamed into place: another process (or thread) may be running this
+        // very script, and bash reads a script as it goes; it keeps the old, complete file.
+        let seq = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{seq}", std::process::id()));
+        std::fs::write(&tmp, text).map_err(err)?;
         // The scripts run each other directly (build.sh -> initramfs.sh).
         if name.ends_with(".sh") {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
         }
+        std::fs::rename(&tmp, &path).map_err(err)?;
     }
     Ok(())
 }
