@@ -95,5 +95,7 @@ fn main() {
             median(exits)
         );
     }
-    println!("\nTimes are ember's own (from its start to the event), medians; in the nested lane they include TCG's emulation of the whole machine.");
+    println!(
+        "\nTimes are ember's own (from its start to the event), medians; in the nested lane they include TCG's emulation of the whole machine."
+    );
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ember::bench::measure::{launch, parse_timeline, Summary};
+use ember::bench::measure::{Summary, launch, parse_timeline};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
@@ -90,7 +90,9 @@ fn main() {
     }
 
     println!("\n## Tiny guest: ember vs QEMU microvm ({runs} interleaved runs, 16 MiB, 1 vCPU)\n");
-    println!("| VMM | first byte ms (median) | min | max | p95 | exit ms (median) | min | max | p95 | peak RSS MiB (median) |");
+    println!(
+        "| VMM | first byte ms (median) | min | max | p95 | exit ms (median) | min | max | p95 | peak RSS MiB (median) |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut medians = BTreeMap::new();
     for (name, s) in &samples {

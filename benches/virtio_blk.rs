@@ -32,7 +32,8 @@ fn build_guest(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
     let obj = dir.join("virtio_blk.o");
     let elf = dir.join("virtio_blk.elf");
-    let ok = Command::new("as").arg("--64").arg("-I").arg(&src).arg("-o").arg(&obj).arg(src.join("virtio_blk.S")).status();
+    let ok =
+        Command::new("as").arg("--64").arg("-I").arg(&src).arg("-o").arg(&obj).arg(src.join("virtio_blk.S")).status();
     assert!(ok.expect("run as").success());
     let ok = Command::new("ld")
         .args(["-m", "elf_x86_64", "-n", "--no-warn-rwx-segments", "-T"])
@@ -95,7 +96,10 @@ fn fast_lane(dir: &Path, runs: usize) {
     println!("\n## virtio-blk request round trip, fast lane ({runs} interleaved runs, {n} requests each)\n");
     println!("| path | µs per request | ratio to host pread |");
     println!("|---|---|---|");
-    println!("| guest: notify (ioeventfd) -> event loop -> pread -> used ring, polled | {per_req_us:.2} | {:.1}x |", per_req_us / pread_us);
+    println!(
+        "| guest: notify (ioeventfd) -> event loop -> pread -> used ring, polled | {per_req_us:.2} | {:.1}x |",
+        per_req_us / pread_us
+    );
     println!("| host: pread of 512 bytes (page cache) | {pread_us:.2} | 1.0x |");
 }
 
@@ -145,7 +149,12 @@ fn parse_fio(out: &str) -> std::collections::HashMap<String, (f64, f64, f64, f64
 /// The fio figures of one place: seq read MiB/s, seq write MiB/s, 4k IOPS at qd1 and qd16.
 fn fio_figures(out: &str) -> Option<[f64; 4]> {
     let m = parse_fio(out);
-    Some([m.get("seqread")?.0 / 1024.0, m.get("seqwrite")?.2 / 1024.0, m.get("randread-qd1")?.1, m.get("randread-qd16")?.1])
+    Some([
+        m.get("seqread")?.0 / 1024.0,
+        m.get("seqwrite")?.2 / 1024.0,
+        m.get("randread-qd1")?.1,
+        m.get("randread-qd16")?.1,
+    ])
 }
 
 /// Writes the 64 MiB data image (non-zero, so nothing can be sparse-skipped).
@@ -185,7 +194,19 @@ fn linux_lane_fio(lane: &mut ember::lane::LinuxLane, image: &Path, tools: &Path)
     let script = format!("mount -o ro /dev/vdb /mnt && /mnt/bin/fio --filename=/dev/vda {FIO_JOBS}");
     let o = lane
         .run_with_timeout(
-            &Invocation::new(["run", "--memory", "512M", "--disk", &disk, "--disk", &tools_disk, "--", "sh", "-c", &script]),
+            &Invocation::new([
+                "run",
+                "--memory",
+                "512M",
+                "--disk",
+                &disk,
+                "--disk",
+                &tools_disk,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ]),
             Duration::from_secs(600),
         )
         .expect("run ember in the lane");
@@ -211,20 +232,35 @@ fn linux_lane_fio(lane: &mut ember::lane::LinuxLane, image: &Path, tools: &Path)
     };
     println!("\n## virtio-blk in the Linux lane, fio (libaio, direct=1, 64 MiB raw image): {}\n", lane.describe());
     if nested {
-        println!("| test | guest (ember) | outer machine, same file | guest / outer | host, same file | guest / host |");
+        println!(
+            "| test | guest (ember) | outer machine, same file | guest / outer | host, same file | guest / host |"
+        );
         println!("|---|---|---|---|---|---|");
     } else {
         println!("| test | guest (ember) | host, same file | guest / host |");
         println!("|---|---|---|---|");
     }
-    let names = ["sequential read, bs=1M", "sequential write, bs=1M", "4k random read, iodepth 1", "4k random read, iodepth 16"];
+    let names = [
+        "sequential read, bs=1M",
+        "sequential write, bs=1M",
+        "4k random read, iodepth 1",
+        "4k random read, iodepth 16",
+    ];
     let units = ["MiB/s", "MiB/s", "IOPS", "IOPS"];
     let cell = |v: Option<f64>, unit: &str| v.map_or("n/a".to_string(), |v| format!("{v:.1} {unit}"));
     let ratio = |g: f64, r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{:.1}%", 100.0 * g / r));
     for i in 0..4 {
         let (g, h, u) = (guest[i], host.map(|h| h[i]), outer.map(|o| o[i]));
         if nested {
-            println!("| {} | {} | {} | {} | {} | {} |", names[i], cell(Some(g), units[i]), cell(u, units[i]), ratio(g, u), cell(h, units[i]), ratio(g, h));
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                names[i],
+                cell(Some(g), units[i]),
+                cell(u, units[i]),
+                ratio(g, u),
+                cell(h, units[i]),
+                ratio(g, h)
+            );
         } else {
             println!("| {} | {} | {} | {} |", names[i], cell(Some(g), units[i]), cell(h, units[i]), ratio(g, h));
         }
@@ -261,9 +297,18 @@ fn linux_lane_dd(lane: &mut ember::lane::LinuxLane, image: &Path, mib: u32) {
     println!("\n## virtio-blk in the Linux lane, busybox dd: {}\n", lane.describe());
     println!("| test | guest | host (same file) | guest / host |");
     println!("|---|---|---|---|");
-    println!("| sequential read, bs=1M, O_DIRECT | {guest_seq_r:.1} MiB/s | {host_seq:.1} MiB/s | {:.1}% |", 100.0 * guest_seq_r / host_seq);
-    println!("| sequential write, bs=1M, O_DIRECT+fsync | {guest_seq_w:.1} MiB/s | (read) {host_seq:.1} MiB/s | {:.1}% |", 100.0 * guest_seq_w / host_seq);
-    println!("| 4 KiB O_DIRECT reads | {guest_iops:.0} /s | {host_iops:.0} /s | {:.1}% |", 100.0 * guest_iops / host_iops);
+    println!(
+        "| sequential read, bs=1M, O_DIRECT | {guest_seq_r:.1} MiB/s | {host_seq:.1} MiB/s | {:.1}% |",
+        100.0 * guest_seq_r / host_seq
+    );
+    println!(
+        "| sequential write, bs=1M, O_DIRECT+fsync | {guest_seq_w:.1} MiB/s | (read) {host_seq:.1} MiB/s | {:.1}% |",
+        100.0 * guest_seq_w / host_seq
+    );
+    println!(
+        "| 4 KiB O_DIRECT reads | {guest_iops:.0} /s | {host_iops:.0} /s | {:.1}% |",
+        100.0 * guest_iops / host_iops
+    );
 }
 
 fn main() {

@@ -6,13 +6,14 @@
 #   /bin/busybox       Debian's busybox-static, with a symlink per applet
 #   /init              ember-init (the `init` script beside this file)
 #   /sbin/ember-exit   the exit-port helper, compiled from ember-exit.c
+#   /sbin/ember-getpid a getpid(2) loop, the syscall-cost workload of `ember bench`
 #   /etc/...           passwd, group, profile: enough for a root shell
 #   /dev/console       a char device node 5:1, so the kernel can open the
 #                      console for PID 1 (it runs before devtmpfs is mounted)
 #
 # The result is cached in ${XDG_CACHE_HOME:-~/.cache}/ember/initramfs-<hash>/
 # where <hash> covers every input: the busybox-static package version, gcc's
-# version, init, ember-exit.c and this script. A cached build is reused
+# version, init, ember-exit.c, ember-getpid.c and this script. A cached build is reused
 # as is; a new one is made in a temporary directory and renamed into place,
 # so an interrupted build leaves no half-made cache entry.
 #
@@ -34,7 +35,7 @@ usage: $(basename "$0") [--help]
 Builds (or reuses from the cache) the initramfs of ember's default guest and
 prints EMBER_INITRAMFS=<path> on stdout.
 
-Inputs: $here/init, $here/ember-exit.c, /bin/busybox from busybox-static
+Inputs: $here/init, $here/ember-exit.c, $here/ember-getpid.c, /bin/busybox from busybox-static
 (installed with apt-get when missing). Cache: \${XDG_CACHE_HOME:-~/.cache}/ember.
 EOF
 }
@@ -78,7 +79,7 @@ key=$(
 	{
 		echo "busybox-static $busybox_version"
 		gcc -dumpfullversion
-		cat "$here/init" "$here/ember-exit.c" "$self"
+		cat "$here/init" "$here/ember-exit.c" "$here/ember-getpid.c" "$self"
 	} | sha256sum | cut -c1-16
 )
 cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember
@@ -116,9 +117,11 @@ cp /bin/busybox "$root/bin/busybox"
 done
 
 mkdir -p "$root/sbin"
-gcc -Os -static -nostdlib -ffreestanding -fno-pie -no-pie -fno-stack-protector \
-	-fno-asynchronous-unwind-tables -Wall -Wextra -Werror -Wl,--build-id=none -s \
-	-o "$root/sbin/ember-exit" "$here/ember-exit.c"
+for prog in ember-exit ember-getpid; do
+	gcc -Os -static -nostdlib -ffreestanding -fno-pie -no-pie -fno-stack-protector \
+		-fno-asynchronous-unwind-tables -Wall -Wextra -Werror -Wl,--build-id=none -s \
+		-o "$root/sbin/$prog" "$here/$prog.c"
+done
 
 install -m 0755 "$here/init" "$root/init"
 

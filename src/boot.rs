@@ -30,8 +30,7 @@ use vm_memory::{
 
 use crate::config::KernelSource;
 use crate::layout::{
-    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START,
-    ZERO_PAGE_START,
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START, ZERO_PAGE_START,
 };
 use crate::memory::low_ram_end;
 use crate::x86::regs::EntryMode;
@@ -89,7 +88,9 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     /// The initrd does not fit between the kernel and the top of low RAM.
-    #[error("the initrd ({initrd_mib} MiB) does not fit in guest memory below {limit_mib} MiB next to the kernel: give the VM more --memory")]
+    #[error(
+        "the initrd ({initrd_mib} MiB) does not fit in guest memory below {limit_mib} MiB next to the kernel: give the VM more --memory"
+    )]
     InitrdTooBig {
         /// Size of the initrd.
         initrd_mib: u64,
@@ -405,10 +406,7 @@ mod tests {
     #[test]
     fn e820_matches_mapped_ram_below_gap() {
         let mem = create_guest_memory(256 << 20).unwrap();
-        assert_eq!(
-            e820_map(&mem),
-            vec![(0, 0x9fc00, 1), (0x9fc00, 0x400, 2), (0x10_0000, (256 << 20) - 0x10_0000, 1)]
-        );
+        assert_eq!(e820_map(&mem), vec![(0, 0x9fc00, 1), (0x9fc00, 0x400, 2), (0x10_0000, (256 << 20) - 0x10_0000, 1)]);
     }
 
     #[test]

@@ -66,10 +66,10 @@ impl Bus {
     ) -> Result<(), BusError> {
         let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange(name))?;
         // The nearest slot below `end` is the only one that can overlap.
-        if let Some((&b, s)) = self.slots.range(..end).next_back() {
-            if b + s.len > base {
-                return Err(BusError::Overlap { new: name, old: s.name, base, len });
-            }
+        if let Some((&b, s)) = self.slots.range(..end).next_back()
+            && b + s.len > base
+        {
+            return Err(BusError::Overlap { new: name, old: s.name, base, len });
         }
         self.slots.insert(base, Slot { len, name, device });
         Ok(())
@@ -136,7 +136,7 @@ mod tests {
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fd, &mut b));
         assert_eq!(b[0], 5);
-        assert!(bus.write(0x3f8, &[b'A']));
+        assert!(bus.write(0x3f8, b"A"));
         assert_eq!(dev.lock().unwrap().writes, vec![(0, vec![b'A'])]);
         assert_eq!(bus.device_name(0x3ff), Some("uart"));
     }

@@ -180,10 +180,14 @@ pub enum ConfigError {
     #[error("virtio devices (--disk, --net, --rng) need the in-kernel irqchip: drop --irqchip off")]
     VirtioWithoutIrqchip,
     /// A `--net` value we do not understand.
-    #[error("--net `{0}` is not understood: write tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create] (NAME: 1 to 15 bytes, no `/`, `:` or spaces)")]
+    #[error(
+        "--net `{0}` is not understood: write tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create] (NAME: 1 to 15 bytes, no `/`, `:` or spaces)"
+    )]
     BadNet(String),
     /// A MAC address that is malformed or not a unicast address.
-    #[error("--net: `{0}` is not a MAC address a NIC can have: write six hex pairs, e.g. 52:54:00:12:34:56, with the first octet even (unicast)")]
+    #[error(
+        "--net: `{0}` is not a MAC address a NIC can have: write six hex pairs, e.g. 52:54:00:12:34:56, with the first octet even (unicast)"
+    )]
     BadMac(String),
     /// Two devices on one tap.
     #[error("--net: tap {0} is named twice: a tap serves one device")]
@@ -321,10 +325,10 @@ impl VmConfig {
         if self.mem_size_bytes < (2 << 20) {
             return Err(ConfigError::MemoryTooSmall(pretty));
         }
-        if let Some(host) = host_mem_bytes() {
-            if self.mem_size_bytes > host {
-                return Err(ConfigError::MemoryTooLarge { asked: pretty, host: host >> 20 });
-            }
+        if let Some(host) = host_mem_bytes()
+            && self.mem_size_bytes > host
+        {
+            return Err(ConfigError::MemoryTooLarge { asked: pretty, host: host >> 20 });
         }
         if self.cmdline.len() >= layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong { len: self.cmdline.len() });
@@ -337,7 +341,9 @@ impl VmConfig {
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
-        if self.irqchip == IrqchipMode::Off && (!self.disks.is_empty() || !self.nets.is_empty() || self.rng == RngMode::On) {
+        if self.irqchip == IrqchipMode::Off
+            && (!self.disks.is_empty() || !self.nets.is_empty() || self.rng == RngMode::On)
+        {
             return Err(ConfigError::VirtioWithoutIrqchip);
         }
         for (i, n) in self.nets.iter().enumerate() {
@@ -352,7 +358,7 @@ impl VmConfig {
 /// `268435456` -> `256M`: the shortest exact spelling of a size.
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{}", bytes >> shift, unit);
         }
     }
@@ -430,7 +436,14 @@ mod tests {
         for bad in ["", "tap=", "tap0", "tap=a,tap=b", "tap=a,xyz", "tap=a234567890123456", "tap=a/b"] {
             assert!(matches!(parse_net(bad), Err(ConfigError::BadNet(_))), "{bad}");
         }
-        for bad in ["52:54:00:12:34", "52:54:00:12:34:5", "52:54:00:12:34:567", "zz:54:00:12:34:56", "01:00:5e:00:00:01", "52:54:00:12:34:56:78"] {
+        for bad in [
+            "52:54:00:12:34",
+            "52:54:00:12:34:5",
+            "52:54:00:12:34:567",
+            "zz:54:00:12:34:56",
+            "01:00:5e:00:00:01",
+            "52:54:00:12:34:56:78",
+        ] {
             assert!(matches!(parse_net(&format!("tap=a,mac={bad}")), Err(ConfigError::BadMac(_))), "{bad}");
         }
         let mut c = VmConfig::new(KernelSource::Builtin(&[]));

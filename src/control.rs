@@ -6,8 +6,8 @@
 //! event loop wakes on `stop_evt`, kicks every vCPU out of KVM_RUN and joins them.
 
 use std::sync::Mutex;
-use std::time::Instant;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 

@@ -244,11 +244,12 @@ pub fn run(
                     if let Some(c) = &console {
                         let _ = c.drained.read();
                         feed(c, &mut pending);
-                        if pending.is_empty() && !stdin_polled {
-                            if let Some(fd) = input_fd {
-                                add(fd, Token::Stdin)?;
-                                stdin_polled = true;
-                            }
+                        if pending.is_empty()
+                            && !stdin_polled
+                            && let Some(fd) = input_fd
+                        {
+                            add(fd, Token::Stdin)?;
+                            stdin_polled = true;
                         }
                     }
                 }
@@ -325,7 +326,16 @@ mod tests {
 
     #[test]
     fn tokens_round_trip() {
-        for t in [Token::Stop, Token::Stdin, Token::InputDrained, Token::Signal, Token::Queue(0), Token::Queue(u32::MAX), Token::Tap(0), Token::Tap(7)] {
+        for t in [
+            Token::Stop,
+            Token::Stdin,
+            Token::InputDrained,
+            Token::Signal,
+            Token::Queue(0),
+            Token::Queue(u32::MAX),
+            Token::Tap(0),
+            Token::Tap(7),
+        ] {
             assert_eq!(Token::from_u64(t.to_u64()), Some(t));
         }
         assert_eq!(Token::from_u64(4), None);

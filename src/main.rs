@@ -148,7 +148,8 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
         None => {
             let g = ember::guest::default_guest(false).map_err(|e| format!("{e}"))?;
             // A root disk carries the whole user space; the initramfs would shadow it.
-            let initrd = if a.root_disk.is_some() { a.initrd.clone() } else { Some(a.initrd.clone().unwrap_or(g.initramfs)) };
+            let initrd =
+                if a.root_disk.is_some() { a.initrd.clone() } else { Some(a.initrd.clone().unwrap_or(g.initramfs)) };
             (g.vmlinux, initrd)
         }
     };
@@ -326,9 +327,7 @@ fn run(args: RunArgs, start: Instant) -> u8 {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run(args, start),

@@ -44,26 +44,20 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     if size <= MMIO_GAP_START {
         vec![(GuestAddress(0), size as usize)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
-        ]
+        vec![(GuestAddress(0), MMIO_GAP_START as usize), (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize)]
     }
 }
 
 /// Maps `size` bytes of guest RAM (lazily) on the host.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size))
-        .map_err(|source| MemoryError::Mmap { size_mib: size >> 20, source })
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap { size_mib: size >> 20, source })
 }
 
 /// Tells KVM where guest RAM lives in the host's address space, one slot per region.
 pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
-        let host = mem
-            .get_host_address(region.start_addr())
-            .expect("a region's first byte is in guest memory") as u64;
+        let host = mem.get_host_address(region.start_addr()).expect("a region's first byte is in guest memory") as u64;
         let kvm_region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -73,19 +67,14 @@ pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Mem
         };
         // SAFETY: `host..host+len` is a live mapping owned by `mem`, which the
         // Vmm keeps alive for as long as the VM (and so this slot) exists.
-        unsafe { vm.set_user_memory_region(kvm_region) }
-            .map_err(|source| MemoryError::SetRegion { slot, source })?;
+        unsafe { vm.set_user_memory_region(kvm_region) }.map_err(|source| MemoryError::SetRegion { slot, source })?;
     }
     Ok(())
 }
 
 /// Last usable RAM address below 4 GiB, plus one (where the initrd may end).
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter()
-        .map(|r| r.start_addr().raw_value() + r.len())
-        .filter(|end| *end <= MMIO_GAP_START)
-        .max()
-        .unwrap_or(0)
+    mem.iter().map(|r| r.start_addr().raw_value() + r.len()).filter(|end| *end <= MMIO_GAP_START).max().unwrap_or(0)
 }
 
 /// Bytes of guest RAM the host has actually backed (pages the guest or the

@@ -378,7 +378,10 @@ mod tests {
         let mut s = ExitStats::default();
         let d = [b'H'];
         for addr in [0x3f8, 0x3f8, 0x3fd] {
-            s.record(&Exit { kind: ExitKind::IoOut, addr, data: &d, device: Some("serial (COM1)") }, Duration::from_micros(2));
+            s.record(
+                &Exit { kind: ExitKind::IoOut, addr, data: &d, device: Some("serial (COM1)") },
+                Duration::from_micros(2),
+            );
         }
         s.record(&Exit { kind: ExitKind::Hlt, addr: 0, data: &[], device: None }, Duration::from_micros(1));
         let dev = s.by_device();

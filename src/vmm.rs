@@ -33,17 +33,17 @@ use crate::control::{StopReason, VmControl};
 use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
+use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
-use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::layout;
 use crate::memory::{self, MemoryError};
-use crate::timeline::Timeline;
 use crate::stats::ExitStats;
+use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
 use crate::x86::{mptable, regs};
 
@@ -186,8 +186,7 @@ impl Vmm {
         // Check the files before touching KVM: a typo should not cost a VM.
         let format = boot::probe_kernel(&cfg.kernel)?;
         if let Some(initrd) = &cfg.initrd {
-            std::fs::File::open(initrd)
-                .map_err(|source| BootError::OpenInitrd { path: initrd.clone(), source })?;
+            std::fs::File::open(initrd).map_err(|source| BootError::OpenInitrd { path: initrd.clone(), source })?;
         }
         let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
         let virtio = open_virtio_devices(cfg, linux)?;
@@ -208,7 +207,8 @@ impl Vmm {
             IrqchipMode::Auto => cfg.cpus > 1 || linux || !virtio.is_empty(),
         };
         if irqchip {
-            vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
+            vm.set_tss_address(KVM_TSS_ADDRESS)
+                .map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
             vm.create_irq_chip().map_err(|source| VmmError::Kvm { what: "create the in-kernel irqchip", source })?;
             let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
             vm.create_pit2(pit).map_err(|source| VmmError::Kvm { what: "create the in-kernel PIT", source })?;
@@ -233,8 +233,7 @@ impl Vmm {
 
         // 6. Devices.
         let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
-        let input_drained =
-            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
+        let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
         let sink: Box<dyn Write + Send> = match &cfg.serial {
             SerialMode::Stdio => Box::new(std::fs::File::from(dup_stdout()?)),
             SerialMode::File(path) => Box::new(
@@ -259,7 +258,12 @@ impl Vmm {
         let mut pio = Bus::new();
         pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
         pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", Arc::new(Mutex::new(I8042::new(control.clone()))))?;
-        pio.insert(u64::from(layout::EXIT_PORT), 1, "exit device", Arc::new(Mutex::new(ExitDevice::new(control.clone()))))?;
+        pio.insert(
+            u64::from(layout::EXIT_PORT),
+            1,
+            "exit device",
+            Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
+        )?;
         for extra in &cfg.extra_pio {
             pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
         }
@@ -353,11 +357,14 @@ impl Vmm {
     }
 }
 
+/// A virtio device with the name its bus slot shows (in `--stats`, messages).
+type NamedDevice = (&'static str, Box<dyn VirtioDevice>);
+
 /// Opens the virtio devices `cfg` asks for, in bus order: the disks (the
 /// first becomes /dev/vda), the NICs (the first is eth0), then the entropy
 /// device. Host files and taps are checked here, before any KVM call.
-fn open_virtio_devices(cfg: &VmConfig, linux: bool) -> Result<Vec<(&'static str, Box<dyn VirtioDevice>)>, VmmError> {
-    let mut devices: Vec<(&'static str, Box<dyn VirtioDevice>)> = Vec::new();
+fn open_virtio_devices(cfg: &VmConfig, linux: bool) -> Result<Vec<NamedDevice>, VmmError> {
+    let mut devices: Vec<NamedDevice> = Vec::new();
     for disk in &cfg.disks {
         devices.push(("virtio-blk", Box::new(Block::open(disk)?)));
     }
@@ -413,15 +420,14 @@ fn create_virtio_transports(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
-    devices: Vec<(&'static str, Box<dyn VirtioDevice>)>,
+    devices: Vec<NamedDevice>,
 ) -> Result<(Vec<QueueEvent>, Vec<TapEvent>), VmmError> {
     let mut events = Vec::new();
     let mut taps = Vec::new();
     for (i, (name, device)) in devices.into_iter().enumerate() {
         let (base, irq) = virtio_slot(i);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
-        vm.register_irqfd(&irq_evt, irq)
-            .map_err(|source| VmmError::Kvm { what: "register a virtio irqfd", source })?;
+        vm.register_irqfd(&irq_evt, irq).map_err(|source| VmmError::Kvm { what: "register a virtio irqfd", source })?;
         let transport = MmioTransport::new(device, mem.clone(), irq_evt);
         let queues = transport.queue_count();
         let host_fd = transport.host_fd();

@@ -74,7 +74,8 @@ fn tiny_tier_on_every_runtime() {
     let tier = &json[0];
     assert_eq!(tier["tier"], "tiny");
     let rows = tier["rows"].as_array().unwrap();
-    let row = |name: &str| rows.iter().find(|r| r["runtime"] == name).unwrap_or_else(|| panic!("no {name} row: {tier}"));
+    let row =
+        |name: &str| rows.iter().find(|r| r["runtime"] == name).unwrap_or_else(|| panic!("no {name} row: {tier}"));
     assert!(row("docker")["status"].as_str().unwrap().starts_with("skipped"), "{}", row("docker"));
     for rt in &runtimes {
         let r = row(rt);
@@ -134,7 +135,11 @@ fn tiny_tier_on_every_runtime() {
     assert!(found.is_empty(), "left behind: {found:?}");
     for tool in ["crun", "runc"].into_iter().filter(|t| runtimes.contains(t)) {
         let list = Command::new(tool).arg("list").output().unwrap();
-        assert!(!String::from_utf8_lossy(&list.stdout).contains(&tag), "{tool} list: {}", String::from_utf8_lossy(&list.stdout));
+        assert!(
+            !String::from_utf8_lossy(&list.stdout).contains(&tag),
+            "{tool} list: {}",
+            String::from_utf8_lossy(&list.stdout)
+        );
     }
     let strays: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()

@@ -106,13 +106,13 @@ fn sigterm_stops_the_vm_and_restores_the_terminal() {
     let killer = std::thread::spawn(move || {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
-            if let Ok(pid) = std::fs::read_to_string(d2.join("pid")) {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    std::thread::sleep(Duration::from_millis(300));
-                    // SAFETY: sends a signal to the ember process this test started.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                    return;
-                }
+            if let Ok(pid) = std::fs::read_to_string(d2.join("pid"))
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                std::thread::sleep(Duration::from_millis(300));
+                // SAFETY: sends a signal to the ember process this test started.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

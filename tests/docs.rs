@@ -66,7 +66,10 @@ fn has_type(src: &str, ty: &str) -> bool {
     defines(src, ty)
         || src.lines().any(|l| {
             let t = l.trim_start();
-            t.starts_with("impl") && (t.contains(&format!(" {ty} ")) || t.contains(&format!(" {ty}<")) || t.contains(&format!(" {ty} {{")))
+            t.starts_with("impl")
+                && (t.contains(&format!(" {ty} "))
+                    || t.contains(&format!(" {ty}<"))
+                    || t.contains(&format!(" {ty} {{")))
         })
 }
 

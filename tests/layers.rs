@@ -107,11 +107,7 @@ fn demo_chapter_3_long_mode() {
     assert_eq!(run.stdout, format!("{REAL}{PROT}{LONG}"));
     check_uart_and_exit(&run, 0);
     // PG|ET|PE; PAE; LMA|LME.
-    assert!(
-        run.stderr.contains("stopped in long mode (64-bit): CR0=0x80000011 CR4=0x20 EFER=0x500"),
-        "{}",
-        run.stderr
-    );
+    assert!(run.stderr.contains("stopped in long mode (64-bit): CR0=0x80000011 CR4=0x20 EFER=0x500"), "{}", run.stderr);
 }
 
 #[test]
@@ -259,13 +255,15 @@ fn trace_exits_parse_back_to_what_the_guest_wrote() {
     run.expect_code(0);
     let exits: Vec<_> = run.stderr.lines().filter_map(parse_trace).collect();
     for (i, e) in exits.iter().take(k as usize).enumerate() {
-        assert_eq!((e.0, e.1.as_str(), e.2, &e.3[..], e.4.as_str()), (0, "io-out", 0x80, &[i as u8][..], "(unclaimed)"));
+        assert_eq!(
+            (e.0, e.1.as_str(), e.2, &e.3[..], e.4.as_str()),
+            (0, "io-out", 0x80, &[i as u8][..], "(unclaimed)")
+        );
     }
     assert_eq!((exits[k as usize].2, &exits[k as usize].3[..]), (0x84, &[0xef, 0xbe][..]));
     assert_eq!((exits[k as usize + 1].2, &exits[k as usize + 1].3[..]), (0x84, &[0xef, 0xbe, 0xad, 0xde][..]));
     // The UART's THR writes spell the guest's output, byte by byte.
-    let uart: Vec<u8> =
-        exits.iter().filter(|e| e.1 == "io-out" && e.2 == 0x3f8).flat_map(|e| e.3.clone()).collect();
+    let uart: Vec<u8> = exits.iter().filter(|e| e.1 == "io-out" && e.2 == 0x3f8).flat_map(|e| e.3.clone()).collect();
     assert_eq!(String::from_utf8(uart).unwrap(), run.stdout);
     assert!(exits.iter().filter(|e| e.2 == 0x3f8).all(|e| e.4 == "serial (COM1)"));
     let last = exits.last().expect("exits");

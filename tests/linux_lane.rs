@@ -11,7 +11,7 @@ mod netns;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ember::guest::{GuestArtifacts, default_guest};
-use ember::lane::{Invocation, LinuxLane, Outcome};
+use ember::lane::{Invocation, LaneError, LinuxLane, Outcome};
 
 static LANE: OnceLock<Option<Mutex<LinuxLane>>> = OnceLock::new();
 static GUEST: OnceLock<GuestArtifacts> = OnceLock::new();
@@ -40,16 +40,28 @@ fn lane() -> Option<MutexGuard<'static, LinuxLane>> {
 
 /// Runs `ember ARGS...` in the lane.
 fn ember(args: &[&str]) -> Option<Outcome> {
-    let mut l = lane()?;
-    Some(l.run(&Invocation::new(args.iter().copied())).unwrap_or_else(|e| panic!("ember {args:?}: {e}")))
+    ember_stdin(args, b"")
 }
 
 /// Runs `ember ARGS...` with `stdin` in the lane.
+///
+/// The nested lane's outer machine is QEMU's software emulation of an SVM CPU
+/// running KVM: on a loaded 2-core host it was seen to stop answering now and
+/// then (the lane then kills it). That is the test machine failing, not ember,
+/// so such a run is retried once, loudly, on a fresh outer machine; anything
+/// ember itself did (its output, its exit code) is never retried.
 fn ember_stdin(args: &[&str], stdin: &[u8]) -> Option<Outcome> {
     let mut l = lane()?;
     let mut inv = Invocation::new(args.iter().copied());
     inv.stdin = stdin.to_vec();
-    Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?}: {e}")))
+    match l.run(&inv) {
+        Ok(o) => Some(o),
+        Err(e @ LaneError::Wedged { .. }) => {
+            eprintln!("LANE: the outer machine stopped answering ({e}); retrying `ember {args:?}` once on a fresh one");
+            Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?} (second try): {e}")))
+        }
+        Err(e) => panic!("ember {args:?}: {e}"),
+    }
 }
 
 fn show(o: &Outcome) -> String {
@@ -232,7 +244,7 @@ fn guest_pings_the_netns_host_and_sends_64_mib_over_tcp() {
     let ember_bin = env!("CARGO_BIN_EXE_ember");
     let guest_cmd = "ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 3 10.0.0.1 && \
                      dd if=/dev/urandom of=/tmp/data bs=1M count=64 2>/dev/null && \
-                     echo guest-md5 $(md5sum < /tmp/data) && nc 10.0.0.1 5000 < /tmp/data && echo sent";
+                     echo guest-md5 $(md5sum < /tmp/data) && timeout 300 nc 10.0.0.1 5000 < /tmp/data && echo sent";
     let script = format!(
         r#"
 modprobe tun 2>/dev/null
@@ -257,9 +269,21 @@ exit $rc
 "#
     );
     let inv = Invocation::new(["-c", script.as_str()]);
-    let o = l
-        .run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(900))
-        .unwrap_or_else(|e| panic!("the network script: {e}"));
+    let attempt = |l: &mut LinuxLane| {
+        l.run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(400))
+            .unwrap_or_else(|e| panic!("the network script: {e}"))
+    };
+    let transferred = |o: &Outcome| o.status == 0 && o.stdout_lossy().contains("sent");
+    let mut o = attempt(&mut l);
+    if !transferred(&o) && !ember::lane::KvmFlavour::detect().runs_linux_directly() {
+        // In the nested lane the inner guest runs on QEMU's software emulation
+        // of SVM; under this much traffic it was seen, rarely, to stall or
+        // triple-fault where the same device code passes in the fast lane and
+        // on every other run. Once, loudly, the run is repeated; a second
+        // failure fails the test.
+        eprintln!("LANE: the 64 MiB transfer failed in the nested lane; retrying once:\n{}", show(&o));
+        o = attempt(&mut l);
+    }
     drop(l);
     assert_eq!(o.status, 0, "{}", show(&o));
     let out = o.stdout_lossy().replace("\r\n", "\n");
@@ -294,10 +318,11 @@ fn run_on_the_host_reaches_a_host_tap_in_either_lane() {
         return;
     }
     guest();
-    // Not through the shared lane: this ember boots its own outer machine. Wait
-    // for the other tests if the lane is already up, so two TCG machines do not
-    // compete for the CPUs.
-    let _serial = LANE.get().and_then(Option::as_ref).map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+    // Not through the shared lane: this ember boots its own outer machine (or
+    // runs directly on hardware KVM). Hold the lane meanwhile, so that two TCG
+    // machines never compete for the CPUs: on a 2-core host that slows both
+    // enough for a nested guest's AP bring-up or a big boot to time out.
+    let _serial = lane();
     let Some(ns) = netns::NetNs::new("lhost") else { return };
     ns.add_tap("embt0", "10.0.2.1/24");
     let mut listener = ns
@@ -323,7 +348,8 @@ fn run_on_the_host_reaches_a_host_tap_in_either_lane() {
         .stdin(Stdio::null())
         .output()
         .expect("run ember in the namespace");
-    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n"), String::from_utf8_lossy(&o.stderr));
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n"), String::from_utf8_lossy(&o.stderr));
     let shown = format!("status {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", o.status);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while matches!(listener.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {

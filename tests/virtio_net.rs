@@ -42,7 +42,8 @@ fn guest_arps_for_the_host_and_receives_injected_frames() {
     ns.add_tap("etap0", "10.0.0.1/24");
     let tap_mac = ns.mac_hex("etap0");
     let src = [0x02, 0, 0, 0, 0, 0x99];
-    let frames = vec![test_frame(&src, 0x88b5, 60, 1), test_frame(&src, 0x88b5, 1514, 2), test_frame(&src, 0x88b6, 64, 3)];
+    let frames =
+        vec![test_frame(&src, 0x88b5, 60, 1), test_frame(&src, 0x88b5, 1514, 2), test_frame(&src, 0x88b6, 64, 3)];
 
     // The host side: wait for the guest's ARP request, then inject the frames.
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -58,10 +59,12 @@ fn guest_arps_for_the_host_and_receives_injected_frames() {
             let deadline = Instant::now() + Duration::from_secs(15);
             let mut request = None;
             while Instant::now() < deadline && request.is_none() {
-                if let Some(f) = sock.recv() {
-                    if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[6..12] == GUEST_MAC {
-                        request = Some(f);
-                    }
+                if let Some(f) = sock.recv()
+                    && f.len() >= 42
+                    && f[12..14] == [0x08, 0x06]
+                    && f[6..12] == GUEST_MAC
+                {
+                    request = Some(f);
                 }
             }
             if request.is_some() {

@@ -40,7 +40,12 @@ impl Launch {
 
 /// Spawns `cmd` at `start` (or now), waits for `marker` on its stdout and for its exit.
 /// `on_spawn` gets the child's pid (to register it for Ctrl-C and timeouts).
-pub fn launch(cmd: &mut Command, marker: &str, start: Option<Instant>, on_spawn: impl FnOnce(u32)) -> std::io::Result<Launch> {
+pub fn launch(
+    cmd: &mut Command,
+    marker: &str,
+    start: Option<Instant>,
+    on_spawn: impl FnOnce(u32),
+) -> std::io::Result<Launch> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
     let start = start.unwrap_or_else(Instant::now);
     let mut child = cmd.spawn()?;
@@ -143,14 +148,16 @@ pub fn parse_timeline(stderr: &str) -> Vec<(String, f64)> {
         .lines()
         .filter(|l| l.trim_start().starts_with("[{\"event\""))
         .filter_map(|l| serde_json::from_str::<Vec<Event>>(l.trim()).ok())
-        .last()
+        .next_back()
         .map(|v| v.into_iter().map(|e| (e.event, e.ms)).collect())
         .unwrap_or_default()
 }
 
 /// Parses ember's `ember: guest memory touched: N KiB` line (printed with `--timeline`).
 pub fn parse_guest_touched_kib(stderr: &str) -> Option<u64> {
-    stderr.lines().find_map(|l| l.strip_prefix("ember: guest memory touched: ")?.strip_suffix(" KiB")?.trim().parse().ok())
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ember: guest memory touched: ")?.strip_suffix(" KiB")?.trim().parse().ok())
 }
 
 #[cfg(test)]
@@ -184,7 +191,13 @@ mod tests {
 
     #[test]
     fn launch_sees_the_marker() {
-        let l = launch(Command::new("sh").args(["-c", "echo hello; echo marker-line; exit 3"]), "marker-line", None, |_| {}).unwrap();
+        let l = launch(
+            Command::new("sh").args(["-c", "echo hello; echo marker-line; exit 3"]),
+            "marker-line",
+            None,
+            |_| {},
+        )
+        .unwrap();
         assert!(l.marker.is_some() && l.first_byte.is_some());
         assert!(l.first_byte <= l.marker && l.marker.unwrap() <= l.exit);
         assert_eq!(l.status, 3);

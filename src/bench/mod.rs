@@ -22,10 +22,10 @@
 //! deletes containers, cgroups and bundles, and exits 130.
 
 pub mod measure;
-pub mod tools;
 pub mod oci;
 pub mod report;
 pub mod runtimes;
+pub mod tools;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -52,7 +52,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "tiny", value_name = "TIER")]
     pub tier: String,
     /// Runtimes to compare (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "host,crun,runc,ember,qemu-microvm,docker", value_name = "LIST")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "host,crun,runc,ember,qemu-microvm,docker",
+        value_name = "LIST"
+    )]
     pub runtimes: Vec<String>,
     /// Density: instance counts started at once (comma-separated; empty: none).
     #[arg(long, value_delimiter = ',', default_value = "1,10,50", value_name = "LIST")]
@@ -339,39 +344,41 @@ fn install_signal_thread() {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    std::thread::spawn(move || loop {
-        let ts = libc::timespec { tv_sec: 0, tv_nsec: 100_000_000 };
-        // SAFETY: waits for the signals blocked above; no info struct requested.
-        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
-        if sig > 0 {
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            eprintln!("\nember bench: interrupted: tearing down what is running");
-            let all: Vec<Active> = active().take().map(|m| m.into_values().collect()).unwrap_or_default();
-            for a in &all {
-                kill_and_clean(a);
+    std::thread::spawn(move || {
+        loop {
+            let ts = libc::timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+            // SAFETY: waits for the signals blocked above; no info struct requested.
+            let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+            if sig > 0 {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+                eprintln!("\nember bench: interrupted: tearing down what is running");
+                let all: Vec<Active> = active().take().map(|m| m.into_values().collect()).unwrap_or_default();
+                for a in &all {
+                    kill_and_clean(a);
+                }
+                // Give the launching threads a moment to reap their children.
+                std::thread::sleep(Duration::from_millis(200));
+                for a in &all {
+                    runtimes::finish(&a.cleanup);
+                }
+                for d in WORK_DIRS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                // Twice: a launch being prepared when the signal came may have made its cgroup since.
+                for _ in 0..2 {
+                    oci::sweep_cgroups(&oci::own_memory_cgroup(), &format!("ember-bench-{}-", std::process::id()));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                oci::remove_empty_dirs(&CGROUP_PREFIXES.lock().unwrap_or_else(|p| p.into_inner()));
+                std::process::exit(128 + sig);
             }
-            // Give the launching threads a moment to reap their children.
-            std::thread::sleep(Duration::from_millis(200));
-            for a in &all {
-                runtimes::finish(&a.cleanup);
-            }
-            for d in WORK_DIRS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                let _ = std::fs::remove_dir_all(d);
-            }
-            // Twice: a launch being prepared when the signal came may have made its cgroup since.
-            for _ in 0..2 {
-                oci::sweep_cgroups(&oci::own_memory_cgroup(), &format!("ember-bench-{}-", std::process::id()));
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            oci::remove_empty_dirs(&CGROUP_PREFIXES.lock().unwrap_or_else(|p| p.into_inner()));
-            std::process::exit(128 + sig);
-        }
-        let now = Instant::now();
-        if let Some(m) = active().as_mut() {
-            for a in m.values_mut().filter(|a| a.deadline < now && a.pid.is_some()) {
-                log::warn!("bench: a launch passed its deadline: killing it");
-                kill_and_clean(a);
-                a.pid = None;
+            let now = Instant::now();
+            if let Some(m) = active().as_mut() {
+                for a in m.values_mut().filter(|a| a.deadline < now && a.pid.is_some()) {
+                    log::warn!("bench: a launch passed its deadline: killing it");
+                    kill_and_clean(a);
+                    a.pid = None;
+                }
             }
         }
     });
@@ -443,7 +450,9 @@ fn check(opts: &Options) -> u8 {
         println!("  Linux tier: runs inside the Linux lane's outer machine (QEMU TCG with emulated SVM)");
     }
     if oci::unified_has_controllers() {
-        println!("  cgroups: hybrid layout with controllers on /sys/fs/cgroup/unified: crun runs in a private mount namespace without it");
+        println!(
+            "  cgroups: hybrid layout with controllers on /sys/fs/cgroup/unified: crun runs in a private mount namespace without it"
+        );
     }
     if missing == 0 { 0 } else { 1 }
 }
@@ -481,7 +490,8 @@ fn linux_tier_in_lane(args: &BenchArgs, opts: &Options) -> Result<TierResult, Be
         Ok(v) if out.status == 0 => v,
         _ => {
             let err = out.stderr_lossy();
-            let tail: String = err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String =
+                err.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
             return Err(BenchError::Inner { status: out.status, stderr: tail });
         }
     };
@@ -508,7 +518,8 @@ fn ensure_cgroups_mounted() {
 
 fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, BenchError> {
     let base = if inner { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let work = base.join(format!("ember-bench-{}-{}", std::process::id(), if tier == Tier::Tiny { "tiny" } else { "linux" }));
+    let work =
+        base.join(format!("ember-bench-{}-{}", std::process::id(), if tier == Tier::Tiny { "tiny" } else { "linux" }));
     WORK_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(work.clone());
     std::fs::create_dir_all(&work).map_err(io_err(format!("creating {}", work.display())))?;
     let rootfs = oci::create_rootfs(&work).map_err(io_err("building the busybox rootfs"))?;
@@ -516,8 +527,10 @@ fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, Bench
     // The tiny tier's VM payload: ember's `echo` guest, which prints its
     // command line and exits, as `echo MARKER` does in the containers.
     let tiny_guest = work.join("echo-guest.elf");
-    std::fs::write(&tiny_guest, crate::demo::ECHO_GUEST).map_err(io_err(format!("writing {}", tiny_guest.display())))?;
-    let linux = if tier == Tier::Linux { Some(crate::guest::default_guest(false).map_err(BenchError::Guest)?) } else { None };
+    std::fs::write(&tiny_guest, crate::demo::ECHO_GUEST)
+        .map_err(io_err(format!("writing {}", tiny_guest.display())))?;
+    let linux =
+        if tier == Tier::Linux { Some(crate::guest::default_guest(false).map_err(BenchError::Guest)?) } else { None };
     let mem_arg = opts.memory.clone().unwrap_or_else(|| if tier == Tier::Tiny { "32M".into() } else { "256M".into() });
     let mem_bytes = crate::config::parse_size(&mem_arg).unwrap_or(32 << 20);
     let cgroup_base = oci::own_memory_cgroup();
@@ -612,11 +625,8 @@ fn run_one(rt: Runtime, setup: &Setup, prepared: runtimes::Prepared, release: Op
         let err = String::from_utf8_lossy(&l.stderr);
         let tail: Vec<&str> = err.lines().filter(|l| !l.starts_with("[{\"event\"")).collect();
         let tail = tail[tail.len().saturating_sub(4)..].join(" | ");
-        s.error = Some(format!(
-            "status {}{}: {tail}",
-            l.status,
-            if l.marker.is_none() { ", marker not seen" } else { "" }
-        ));
+        s.error =
+            Some(format!("status {}{}: {tail}", l.status, if l.marker.is_none() { ", marker not seen" } else { "" }));
     }
     s
 }
@@ -879,11 +889,14 @@ fn summarize(row: &mut RuntimeResult, rt: Runtime, samples: &[Sample]) {
     row.vs_ember = ratios(rt, Runtime::Ember, samples);
 }
 
+/// A workload column: (key, unit label, conversion from the raw figure).
+pub type WorkloadMetric = (&'static str, &'static str, fn(f64) -> f64);
+
 /// (phase, metric name with its unit, ms -> metric).
-pub fn workload_metrics() -> [(&'static str, &'static str, fn(f64) -> f64); 4] {
+pub fn workload_metrics() -> [WorkloadMetric; 4] {
     [
         ("cpu", "cpu_loop_ms", |ms| ms),
-        ("syscall", "syscall_ns", |ms| ms * 1e6 / (2 * runtimes::SYSCALL_BYTES) as f64),
+        ("syscall", "syscall_ns", |ms| ms * 1e6 / runtimes::SYSCALL_CALLS as f64),
         ("membw", "membw_mib_per_s", |ms| runtimes::MEMBW_MIB as f64 / (ms / 1e3)),
         ("fileio", "fileio_mib_per_s", |ms| runtimes::FILEIO_MIB as f64 / (ms / 1e3)),
     ]
@@ -901,8 +914,7 @@ fn ratios(a: Runtime, b: Runtime, samples: &[Sample]) -> Option<Ratios> {
     let mut rounds: Vec<usize> = xa.keys().filter(|k| xb.contains_key(k)).copied().collect();
     rounds.sort();
     let pick = |g: &dyn Fn(&Sample) -> Option<f64>| {
-        let (va, vb): (Vec<f64>, Vec<f64>) =
-            rounds.iter().filter_map(|r| Some((g(xa[r])?, g(xb[r])?))).unzip();
+        let (va, vb): (Vec<f64>, Vec<f64>) = rounds.iter().filter_map(|r| Some((g(xa[r])?, g(xb[r])?))).unzip();
         measure::pairwise_ratio(&va, &vb)
     };
     Some(Ratios {
@@ -950,7 +962,13 @@ mod tests {
         assert_eq!(o.runtimes, [Runtime::Crun, Runtime::Ember]);
         assert!(o.density.is_empty());
         assert_eq!(o.tiers, [Tier::Tiny, Tier::Linux]);
-        for bad in [&["--runtimes", "lxc"][..], &["--tier", "huge"], &["--runs", "0"], &["--density", "0"], &["--memory", "lots"]] {
+        for bad in [
+            &["--runtimes", "lxc"][..],
+            &["--tier", "huge"],
+            &["--runs", "0"],
+            &["--density", "0"],
+            &["--memory", "lots"],
+        ] {
             let e = parse_options(&args(bad)).unwrap_err();
             assert!(matches!(e, BenchError::Usage(_)), "{bad:?}: {e}");
         }
@@ -958,7 +976,15 @@ mod tests {
 
     #[test]
     fn ratios_pair_rounds() {
-        let s = |rt: &str, run, ms| Sample { runtime: rt.into(), run, ok: true, startup_ms: Some(ms), exit_ms: ms, mem_kib: 10, ..Default::default() };
+        let s = |rt: &str, run, ms| Sample {
+            runtime: rt.into(),
+            run,
+            ok: true,
+            startup_ms: Some(ms),
+            exit_ms: ms,
+            mem_kib: 10,
+            ..Default::default()
+        };
         let v = vec![s("host", 0, 1.0), s("ember", 0, 2.0), s("host", 1, 2.0), s("ember", 1, 6.0)];
         let r = ratios(Runtime::Ember, Runtime::Host, &v).unwrap();
         assert_eq!(r.startup.unwrap().median, 2.5);

@@ -53,7 +53,14 @@ pub fn hide_unified_cgroup() -> io::Result<()> {
         if libc::unshare(libc::CLONE_NEWNS) != 0 {
             return Err(io::Error::last_os_error());
         }
-        if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
             return Err(io::Error::last_os_error());
         }
         if libc::umount2(c"/sys/fs/cgroup/unified".as_ptr(), libc::MNT_DETACH) != 0 {
@@ -78,7 +85,27 @@ pub fn create_rootfs(dir: &Path) -> io::Result<PathBuf> {
             let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
         }
     }
+    build_getpid(&root.join("sbin"), dir)?;
     Ok(root)
+}
+
+/// Compiles `ember-getpid` (the syscall-cost workload; the same source the
+/// default guest's initramfs carries) into `sbin`, with the flags initramfs.sh uses.
+fn build_getpid(sbin: &Path, work: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(sbin)?;
+    let src = work.join("ember-getpid.c");
+    std::fs::write(&src, crate::guest::GETPID_SOURCE)?;
+    let out = Command::new("gcc")
+        .args(["-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-pie", "-no-pie", "-fno-stack-protector"])
+        .args(["-fno-asynchronous-unwind-tables", "-Wl,--build-id=none", "-s", "-o"])
+        .arg(sbin.join("ember-getpid"))
+        .arg(&src)
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running gcc to build ember-getpid (apt-get install gcc): {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!("gcc failed on ember-getpid.c: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(())
 }
 
 /// The container's limits: the VM's `--cpus` and `--memory`.
@@ -94,7 +121,13 @@ pub struct Limits {
 pub const CPU_PERIOD_US: u64 = 100_000;
 
 /// The OCI config.json for `args` in `rootfs`, limited by `limits`, in cgroup `cgroups_path`.
-pub fn config_json(args: &[String], rootfs: &Path, hostname: &str, limits: Limits, cgroups_path: &str) -> serde_json::Value {
+pub fn config_json(
+    args: &[String],
+    rootfs: &Path,
+    hostname: &str,
+    limits: Limits,
+    cgroups_path: &str,
+) -> serde_json::Value {
     let ns = |t: &str| serde_json::json!({ "type": t });
     serde_json::json!({
         "ociVersion": "1.0.2",
@@ -128,7 +161,13 @@ pub fn config_json(args: &[String], rootfs: &Path, hostname: &str, limits: Limit
 }
 
 /// Writes a bundle directory for one container: `config.json` pointing at the shared `rootfs`.
-pub fn create_bundle(bundle: &Path, rootfs: &Path, args: &[String], limits: Limits, cgroups_path: &str) -> io::Result<()> {
+pub fn create_bundle(
+    bundle: &Path,
+    rootfs: &Path,
+    args: &[String],
+    limits: Limits,
+    cgroups_path: &str,
+) -> io::Result<()> {
     std::fs::create_dir_all(bundle)?;
     let cfg = config_json(args, rootfs, "ember-bench", limits, cgroups_path);
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&cfg).expect("JSON of plain values"))
@@ -144,7 +183,9 @@ pub fn create_memory_cgroup(name: &str) -> io::Result<PathBuf> {
 }
 
 fn memory_root() -> Option<PathBuf> {
-    cgroup_roots().into_iter().find(|r| r.join("memory.max_usage_in_bytes").exists() || r.join("cgroup.controllers").exists())
+    cgroup_roots()
+        .into_iter()
+        .find(|r| r.join("memory.max_usage_in_bytes").exists() || r.join("cgroup.controllers").exists())
 }
 
 /// This process's cgroup in the memory hierarchy (e.g. `/user.slice/x`), where ember bench
@@ -226,7 +267,14 @@ impl JoinTimer {
     pub fn new() -> io::Result<JoinTimer> {
         // SAFETY: a fresh anonymous shared mapping; checked for failure below.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -310,7 +358,8 @@ mod tests {
         assert_eq!(c["process"]["args"][1], "hi");
         assert_eq!(c["linux"]["resources"]["cpu"]["quota"], 200_000);
         assert_eq!(c["linux"]["resources"]["memory"]["limit"], 64 << 20);
-        let ns: Vec<&str> = c["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        let ns: Vec<&str> =
+            c["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
         assert_eq!(ns, ["pid", "mount", "ipc", "uts", "network"]);
         assert_eq!(c["linux"]["cgroupsPath"], "/p/c");
     }

@@ -56,18 +56,18 @@ impl Context {
             .unwrap_or_default();
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
         let mut guest_hashes = BTreeMap::new();
-        let cmdline;
-        if setup.tier == Tier::Tiny {
-            guest_hashes.insert("echo guest (ember demo --save-guest PATH --guest echo)".into(), sha256(&setup.tiny_guest));
-            cmdline = super::runtimes::MARKER.into();
+        let cmdline = if setup.tier == Tier::Tiny {
+            guest_hashes
+                .insert("echo guest (ember demo --save-guest PATH --guest echo)".into(), sha256(&setup.tiny_guest));
+            super::runtimes::MARKER.into()
         } else {
             if let Some(g) = &setup.linux {
                 guest_hashes.insert(format!("vmlinux {}", g.kernel_release), sha256(&g.vmlinux));
                 guest_hashes.insert("bzImage (qemu)".into(), sha256(&g.bzimage));
                 guest_hashes.insert("initramfs".into(), sha256(&g.initramfs));
             }
-            cmdline = format!("{} ember.argv=<sh -c payload>", super::runtimes::LINUX_CMDLINE);
-        }
+            format!("{} ember.argv=<sh -c payload>", super::runtimes::LINUX_CMDLINE)
+        };
         let cgroups = if super::oci::unified_has_controllers() {
             "hybrid v1 + unified v2 with controllers: crun runs in a private mount namespace \
              (unshare CLONE_NEWNS in a pre_exec hook) where /sys/fs/cgroup/unified is unmounted, so it uses v1"
@@ -83,7 +83,11 @@ impl Context {
             kernel,
             kvm: crate::lane::KvmFlavour::detect().to_string(),
             lane: String::new(),
-            versions: rows.values().filter(|r| !r.version.is_empty()).map(|r| (r.runtime.clone(), r.version.clone())).collect(),
+            versions: rows
+                .values()
+                .filter(|r| !r.version.is_empty())
+                .map(|r| (r.runtime.clone(), r.version.clone()))
+                .collect(),
             guest_hashes,
             cmdline,
             cgroups,
@@ -95,8 +99,8 @@ impl Context {
                 inflated: a child inherits its parent's peak RSS at exec"
                 .into(),
             workloads: format!(
-                "timed from outside by when each phase line arrives: cpu = awk loop of {} iterations; syscall = dd \
-                 bs=1 count={} /dev/zero -> /dev/null (2 syscalls per byte); membw = dd bs=1M count={} /dev/zero -> \
+                "timed from outside by when each phase line arrives: cpu = awk loop of {} iterations; syscall = {} \
+                 getpid(2) calls in a loop (ember-getpid, a static binary: guest-kernels/ember-getpid.c); membw = dd bs=1M count={} /dev/zero -> \
                  /dev/null; fileio = dd bs=1M count={} conv=fsync to the runtime's own disk (host: a work dir, \
                  containers: tmpfs /tmp, VMs: the initramfs); fio = one run of [{}] per round \
                  on one {} MiB file (host: the file, containers: bind-mounted, VMs: a read-only virtio-blk disk); \
@@ -105,7 +109,7 @@ impl Context {
                  tap); fio and iperf3 come from the tools image (guest-kernels/tools.sh) and run after the timed \
                  rounds; not measured for qemu-microvm and docker",
                 super::runtimes::CPU_ITERS,
-                super::runtimes::SYSCALL_BYTES,
+                super::runtimes::SYSCALL_CALLS,
                 super::runtimes::MEMBW_MIB,
                 super::runtimes::FILEIO_MIB,
                 super::tools::FIO_JOBS,
@@ -151,7 +155,8 @@ pub fn markdown(t: &TierResult) -> String {
             let _ = writeln!(o, "| measure (median) | crun | ember | ember / crun (pairwise) | ember beats crun? |");
             let _ = writeln!(o, "|---|---|---|---|---|");
             let yes = |r: Option<Summary>| if r.is_some_and(|r| r.median < 1.0) { "**yes**" } else { "no" };
-            let _ = writeln!(o, "| start-up to marker, ms | {cs:.2} | {es:.2} | {} | {} |", ratio(p_start), yes(p_start));
+            let _ =
+                writeln!(o, "| start-up to marker, ms | {cs:.2} | {es:.2} | {} | {} |", ratio(p_start), yes(p_start));
             let _ = writeln!(o, "| launch to exit, ms | {cx:.2} | {ex:.2} | {} | {} |", ratio(p_exit), yes(p_exit));
             let _ = writeln!(o, "| memory, MiB | {} | {} | {} | {} |", mib(cm), mib(em), ratio(p_mem), yes(p_mem));
             let both = yes(p_start) != "no" && yes(p_mem) != "no";
@@ -189,7 +194,10 @@ pub fn markdown(t: &TierResult) -> String {
     }
     if !t.density.is_empty() {
         let _ = writeln!(o, "\n## Density: N instances started at once\n");
-        let _ = writeln!(o, "| runtime | N | ok | start-up median ms | start-up p95 ms | exit median ms | total memory MiB |");
+        let _ = writeln!(
+            o,
+            "| runtime | N | ok | start-up median ms | start-up p95 ms | exit median ms | total memory MiB |"
+        );
         let _ = writeln!(o, "|---|---|---|---|---|---|---|");
         for d in &t.density {
             let _ = writeln!(
@@ -207,7 +215,10 @@ pub fn markdown(t: &TierResult) -> String {
     }
     if t.rows.iter().any(|r| !r.workload.is_empty()) {
         let _ = writeln!(o, "\n## Inside the payload (medians)\n");
-        let _ = writeln!(o, "| runtime | CPU loop ms | syscall ns | memory bandwidth MiB/s | file write MiB/s | fio read MiB/s | fio 4k IOPS | TCP Mbit/s |");
+        let _ = writeln!(
+            o,
+            "| runtime | CPU loop ms | syscall ns | memory bandwidth MiB/s | file write MiB/s | fio read MiB/s | fio 4k IOPS | TCP Mbit/s |"
+        );
         let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
         for r in t.rows.iter().filter(|r| !r.workload.is_empty()) {
             let g = |k: &str| r.workload.get(k).map_or("-".into(), |s| format!("{:.1}", s.median));
@@ -302,8 +313,14 @@ pub fn plot_svg(results: &[TierResult]) -> Result<String, String> {
         for (i, t) in results.iter().enumerate() {
             let ok: Vec<&RuntimeResult> = t.rows.iter().filter(|r| r.startup_ms.is_some()).collect();
             let panels: [(&str, Vec<f64>); 2] = [
-                ("start-up to marker, ms (median, log)", ok.iter().map(|r| r.startup_ms.map_or(0.0, |s| s.median)).collect()),
-                ("memory, MiB (median, log)", ok.iter().map(|r| r.mem_kib.map_or(0.0, |s| s.median / 1024.0)).collect()),
+                (
+                    "start-up to marker, ms (median, log)",
+                    ok.iter().map(|r| r.startup_ms.map_or(0.0, |s| s.median)).collect(),
+                ),
+                (
+                    "memory, MiB (median, log)",
+                    ok.iter().map(|r| r.mem_kib.map_or(0.0, |s| s.median / 1024.0)).collect(),
+                ),
             ];
             for (j, (title, vals)) in panels.iter().enumerate() {
                 let area = &rows[i * 2 + j];

@@ -87,11 +87,12 @@ pub const PHASE: &str = "ember-bench: phase ";
 
 /// The in-payload workloads, timed from outside by when each phase line arrives.
 /// Returns (phase name, what one unit is, units) for the report, and the script.
-pub fn linux_script(io_dir: &str) -> String {
+/// `getpid` is where the runtime finds `ember-getpid` (guest-kernels/ember-getpid.c).
+pub fn linux_script(io_dir: &str, getpid: &str) -> String {
     format!(
         "echo '{MARKER}'; \
          echo '{PHASE}cpu'; awk 'BEGIN{{for(i=0;i<{CPU_ITERS};i++)s+=i*i; print s}}' >/dev/null; \
-         echo '{PHASE}syscall'; dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} 2>/dev/null; \
+         echo '{PHASE}syscall'; {getpid} {SYSCALL_CALLS}; \
          echo '{PHASE}membw'; dd if=/dev/zero of=/dev/null bs=1M count={MEMBW_MIB} 2>/dev/null; \
          echo '{PHASE}fileio'; dd if=/dev/zero of={io_dir}/ember-bench-io bs=1M count={FILEIO_MIB} conv=fsync 2>/dev/null; \
          rm -f {io_dir}/ember-bench-io; \
@@ -101,8 +102,10 @@ pub fn linux_script(io_dir: &str) -> String {
 
 /// Iterations of the awk CPU loop.
 pub const CPU_ITERS: u64 = 300_000;
-/// `dd bs=1` bytes: two system calls (read + write) per byte.
-pub const SYSCALL_BYTES: u64 = 50_000;
+/// getpid(2) calls made by `ember-getpid`.
+pub const SYSCALL_CALLS: u64 = 200_000;
+/// Where `ember-getpid` sits in a container's root and in the default guest.
+pub const GETPID_PATH: &str = "/sbin/ember-getpid";
 /// MiB copied from /dev/zero to /dev/null.
 pub const MEMBW_MIB: u64 = 256;
 /// MiB written (and fsynced) to the runtime's disk.
@@ -173,10 +176,7 @@ pub struct Prepared {
 /// Probes whether `rt` can run here: Ok(version) or Err(reason to skip).
 pub fn probe(rt: Runtime) -> Result<String, String> {
     let version = |prog: &str, arg: &str| -> Result<String, String> {
-        let out = Command::new(prog)
-            .arg(arg)
-            .output()
-            .map_err(|e| format!("{prog} not installed ({e})"))?;
+        let out = Command::new(prog).arg(arg).output().map_err(|e| format!("{prog} not installed ({e})"))?;
         let text = String::from_utf8_lossy(&out.stdout);
         Ok(text.lines().next().unwrap_or("").trim().to_string())
     };
@@ -193,7 +193,11 @@ pub fn probe(rt: Runtime) -> Result<String, String> {
     };
     match rt {
         Runtime::Host => {
-            if Path::new("/bin/busybox").is_file() { version("/bin/busybox", "--help") } else { Err("no /bin/busybox".into()) }
+            if Path::new("/bin/busybox").is_file() {
+                version("/bin/busybox", "--help")
+            } else {
+                Err("no /bin/busybox".into())
+            }
         }
         Runtime::Crun => {
             root()?;
@@ -241,7 +245,7 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
     let payload: Vec<String> = if tiny {
         vec!["/bin/echo".into(), MARKER.into()]
     } else {
-        vec!["/bin/sh".into(), "-c".into(), linux_script("/tmp")]
+        vec!["/bin/sh".into(), "-c".into(), linux_script("/tmp", GETPID_PATH)]
     };
     let mut cleanup = Cleanup::default();
     let base = s.cgroup_base.as_str();
@@ -252,7 +256,8 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
                 c.args(["echo", MARKER]);
             } else {
                 std::fs::create_dir_all(&io_dir)?;
-                c.args(["sh", "-c", &linux_script(&io_dir.to_string_lossy())]);
+                let getpid = s.rootfs.join(GETPID_PATH.trim_start_matches('/'));
+                c.args(["sh", "-c", &linux_script(&io_dir.to_string_lossy(), &getpid.to_string_lossy())]);
             }
             (c, MARKER)
         }
@@ -308,7 +313,11 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
             } else {
                 let g = s.linux.as_ref().expect("Linux tier has the guest");
                 let argv = crate::guest::encode_argv(&payload).map_err(std::io::Error::other)?;
-                c.arg(&g.bzimage).arg("-initrd").arg(&g.initramfs).arg("-append").arg(format!("{LINUX_CMDLINE} {argv}"));
+                c.arg(&g.bzimage)
+                    .arg("-initrd")
+                    .arg(&g.initramfs)
+                    .arg("-append")
+                    .arg(format!("{LINUX_CMDLINE} {argv}"));
                 (c, MARKER)
             }
         }

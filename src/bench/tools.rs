@@ -250,9 +250,7 @@ fn patch_bundle(dir: &Path, tools: &Tools, netns: Option<&str>, data: Option<&Pa
         }
     }
     if let Some(mounts) = cfg.get_mut("mounts").and_then(|v| v.as_array_mut()) {
-        let bind = |src: &Path, dst: &str| {
-            serde_json::json!({ "destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"] })
-        };
+        let bind = |src: &Path, dst: &str| serde_json::json!({ "destination": dst, "type": "bind", "source": src, "options": ["rbind", "ro"] });
         mounts.push(bind(&tools.tree, "/opt/tools"));
         if let Some(d) = data {
             mounts.push(bind(d, "/data.img"));
@@ -332,7 +330,8 @@ mod tests {
 
     #[test]
     fn fio_terse_lines_parse() {
-        let out = "noise\n3;fio-3.33;seqread;0;0;65536;1048576;1024;62;x\n3;fio-3.33;randread-qd16;0;0;1;2048;512;3000;y\n";
+        let out =
+            "noise\n3;fio-3.33;seqread;0;0;65536;1048576;1024;62;x\n3;fio-3.33;randread-qd16;0;0;1;2048;512;3000;y\n";
         assert_eq!(fio_figures(out), Some((1024.0, 512.0)));
         assert_eq!(fio_figures("3;fio-3.33;seqread;0;0;1;2;3;4;5"), None);
     }

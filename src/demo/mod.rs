@@ -46,7 +46,11 @@ pub fn run_demo(start: Instant, quiet: bool) -> Result<RunOutcome, VmmError> {
     let vmm = Vmm::new(&cfg, timeline.clone())?;
     say(format!(
         "[ember] KVM: opened /dev/kvm, created a VM{}, mapped {} MiB of guest RAM (lazily: untouched pages cost nothing)",
-        if vmm.irqchip { " with in-kernel PIC/IOAPIC/PIT" } else { " (no irqchip: this guest polls, it needs no interrupts)" },
+        if vmm.irqchip {
+            " with in-kernel PIC/IOAPIC/PIT"
+        } else {
+            " (no irqchip: this guest polls, it needs no interrupts)"
+        },
         cfg.mem_size_bytes >> 20
     ));
     say(format!(

@@ -32,10 +32,10 @@ impl BusDevice for ExitDevice {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset == 0 {
-            if let Some(&status) = data.first() {
-                self.control.stop(StopReason::GuestExit(status));
-            }
+        if offset == 0
+            && let Some(&status) = data.first()
+        {
+            self.control.stop(StopReason::GuestExit(status));
         }
     }
 }

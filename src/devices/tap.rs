@@ -40,7 +40,9 @@ pub enum TapError {
     #[error("`{0}` is not a network interface name: 1 to 15 bytes, no `/`, `:`, whitespace or NUL")]
     BadName(String),
     /// No interface of that name (and no `,create`).
-    #[error("tap {0} does not exist in this network namespace: create it (ip tuntap add dev {0} mode tap) or add `,create`")]
+    #[error(
+        "tap {0} does not exist in this network namespace: create it (ip tuntap add dev {0} mode tap) or add `,create`"
+    )]
     Missing(String),
     /// `,create` for a name that is taken.
     #[error("tap {0} already exists: drop `,create` to use it")]

@@ -27,7 +27,12 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("init", include_str!("../../guest-kernels/init")),
     ("microvm.config", include_str!("../../guest-kernels/microvm.config")),
     ("ember-exit.c", include_str!("../../guest-kernels/ember-exit.c")),
+    ("ember-getpid.c", include_str!("../../guest-kernels/ember-getpid.c")),
 ];
+
+/// Source of `ember-getpid`, the getpid(2) loop in the default guest's
+/// initramfs; `ember bench` builds the same program for the host and containers.
+pub const GETPID_SOURCE: &str = include_str!("../../guest-kernels/ember-getpid.c");
 
 /// Errors building or finding the default guest.
 #[derive(Debug, Error)]
@@ -86,7 +91,7 @@ fn parse_artifacts(text: &str) -> Result<GuestArtifacts, GuestError> {
     let get = |key: &'static str| {
         text.lines()
             .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-            .last()
+            .next_back()
             .map(str::to_string)
             .ok_or(GuestError::Missing(key))
     };
@@ -113,12 +118,11 @@ fn cached_script<T>(
 ) -> Result<T, GuestError> {
     let dir = cache_dir().join(format!("scripts-{:016x}", scripts_hash()));
     let remembered = dir.join(format!("{script}.env"));
-    if !force {
-        if let Some(t) = std::fs::read_to_string(&remembered).ok().and_then(|text| parse(&text).ok()) {
-            if valid(&t) {
-                return Ok(t);
-            }
-        }
+    if !force
+        && let Some(t) = std::fs::read_to_string(&remembered).ok().and_then(|text| parse(&text).ok())
+        && valid(&t)
+    {
+        return Ok(t);
     }
     write_scripts(&dir)?;
     eprintln!("ember: running {script} (results cached in {})", cache_dir().display());
@@ -150,7 +154,7 @@ pub fn default_rootfs() -> Result<PathBuf, GuestError> {
     let parse = |text: &str| {
         text.lines()
             .filter_map(|l| l.strip_prefix("EMBER_ROOTFS="))
-            .last()
+            .next_back()
             .map(PathBuf::from)
             .ok_or(GuestError::Missing("EMBER_ROOTFS"))
     };
@@ -236,7 +240,8 @@ mod tests {
 
     #[test]
     fn artifacts_parse() {
-        let t = "noise\nEMBER_BZIMAGE=/c/bz\nEMBER_VMLINUX=/c/vm\nEMBER_INITRAMFS=/c/i.gz\nEMBER_KERNEL_RELEASE=6.1.1\n";
+        let t =
+            "noise\nEMBER_BZIMAGE=/c/bz\nEMBER_VMLINUX=/c/vm\nEMBER_INITRAMFS=/c/i.gz\nEMBER_KERNEL_RELEASE=6.1.1\n";
         let a = parse_artifacts(t).unwrap();
         assert_eq!(a.bzimage, PathBuf::from("/c/bz"));
         assert_eq!(a.kernel_release, "6.1.1");

@@ -42,9 +42,7 @@ impl KvmFlavour {
         let dev = root.join("dev/kvm");
         if !dev.exists() {
             let cpuinfo = std::fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();
-            return KvmFlavour::Absent {
-                cpu_has_hw_virt: cpu_has_hw_virt(&cpuinfo),
-            };
+            return KvmFlavour::Absent { cpu_has_hw_virt: cpu_has_hw_virt(&cpuinfo) };
         }
         if let Err(e) = OpenOptions::new().read(true).write(true).open(&dev)
             && e.kind() == ErrorKind::PermissionDenied
@@ -85,17 +83,10 @@ fn cpu_has_hw_virt(cpuinfo: &str) -> bool {
 impl fmt::Display for KvmFlavour {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            KvmFlavour::Absent {
-                cpu_has_hw_virt: true,
-            } => {
-                write!(
-                    f,
-                    "no /dev/kvm (the CPU has VMX/SVM: modprobe kvm_intel or kvm_amd)"
-                )
+            KvmFlavour::Absent { cpu_has_hw_virt: true } => {
+                write!(f, "no /dev/kvm (the CPU has VMX/SVM: modprobe kvm_intel or kvm_amd)")
             }
-            KvmFlavour::Absent {
-                cpu_has_hw_virt: false,
-            } => {
+            KvmFlavour::Absent { cpu_has_hw_virt: false } => {
                 write!(f, "no /dev/kvm: Linux guests run in the nested lane")
             }
             KvmFlavour::NotPermitted => {
@@ -104,10 +95,7 @@ impl fmt::Display for KvmFlavour {
             KvmFlavour::Intel => write!(f, "hardware VMX (kvm_intel)"),
             KvmFlavour::Amd => write!(f, "hardware SVM (kvm_amd)"),
             KvmFlavour::Pvm => write!(f, "software (kvm_pvm): Linux guests run in the nested lane"),
-            KvmFlavour::Other => write!(
-                f,
-                "unknown KVM backend: Linux guests run in the nested lane"
-            ),
+            KvmFlavour::Other => write!(f, "unknown KVM backend: Linux guests run in the nested lane"),
         }
     }
 }
@@ -131,11 +119,7 @@ mod tests {
             // A regular file stands in for the device node: it opens read-write.
             fs::write(root.join("dev/kvm"), b"").unwrap();
         }
-        fs::write(
-            root.join("proc/cpuinfo"),
-            format!("processor\t: 0\nflags\t\t: fpu {flags} sse\n"),
-        )
-        .unwrap();
+        fs::write(root.join("proc/cpuinfo"), format!("processor\t: 0\nflags\t\t: fpu {flags} sse\n")).unwrap();
         root
     }
 
@@ -157,20 +141,10 @@ mod tests {
     #[test]
     fn absent() {
         let root = fake_root(&[], false, "svm");
-        assert_eq!(
-            KvmFlavour::detect_at(&root),
-            KvmFlavour::Absent {
-                cpu_has_hw_virt: true
-            }
-        );
+        assert_eq!(KvmFlavour::detect_at(&root), KvmFlavour::Absent { cpu_has_hw_virt: true });
         fs::remove_dir_all(root).unwrap();
         let root = fake_root(&[], false, "");
-        assert_eq!(
-            KvmFlavour::detect_at(&root),
-            KvmFlavour::Absent {
-                cpu_has_hw_virt: false
-            }
-        );
+        assert_eq!(KvmFlavour::detect_at(&root), KvmFlavour::Absent { cpu_has_hw_virt: false });
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -180,9 +154,6 @@ mod tests {
         assert!(KvmFlavour::Intel.runs_linux_directly());
         assert!(KvmFlavour::Pvm.needs_nested_lane());
         assert_eq!(KvmFlavour::Amd.to_string(), "hardware SVM (kvm_amd)");
-        assert_eq!(
-            KvmFlavour::Pvm.to_string(),
-            "software (kvm_pvm): Linux guests run in the nested lane"
-        );
+        assert_eq!(KvmFlavour::Pvm.to_string(), "software (kvm_pvm): Linux guests run in the nested lane");
     }
 }

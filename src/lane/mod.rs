@@ -53,8 +53,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use flavour::KvmFlavour;
-pub use wire::HostTap;
 use nested::OuterMachine;
+pub use wire::HostTap;
 
 /// Errors of the Linux lane.
 #[derive(Debug, thiserror::Error)]
@@ -102,9 +102,7 @@ pub enum LaneError {
     #[error(transparent)]
     Tap(#[from] crate::devices::tap::TapError),
     /// The outer machine stopped answering; it was killed and the next `run` boots a new one.
-    #[error(
-        "the outer machine stopped answering after {after:?}; it was killed (the next run restarts it)\n{log}"
-    )]
+    #[error("the outer machine stopped answering after {after:?}; it was killed (the next run restarts it)\n{log}")]
     Wedged {
         /// How long the invocation had been running.
         after: Duration,
@@ -127,10 +125,7 @@ pub struct Invocation {
 impl Invocation {
     /// An invocation with these arguments, empty stdin and no extra environment.
     pub fn new<I: IntoIterator<Item = S>, S: Into<OsString>>(args: I) -> Invocation {
-        Invocation {
-            args: args.into_iter().map(Into::into).collect(),
-            ..Default::default()
-        }
+        Invocation { args: args.into_iter().map(Into::into).collect(), ..Default::default() }
     }
 }
 
@@ -197,12 +192,7 @@ impl Default for LaneConfig {
             .map_or(Duration::from_secs(120), Duration::from_secs);
         let mut writable = vec![std::env::temp_dir()];
         if let Ok(extra) = std::env::var("EMBER_LANE_WRITABLE") {
-            writable.extend(
-                extra
-                    .split(':')
-                    .filter(|s| !s.is_empty())
-                    .map(PathBuf::from),
-            );
+            writable.extend(extra.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
         }
         LaneConfig {
             force_nested,
@@ -219,11 +209,7 @@ impl Default for LaneConfig {
 
 enum Kind {
     Direct,
-    Nested {
-        machine: Option<Box<OuterMachine>>,
-        boots: u32,
-        last_boot: Duration,
-    },
+    Nested { machine: Option<Box<OuterMachine>>, boots: u32, last_boot: Duration },
 }
 
 /// A machine that can run Linux guests, and the way to run ember invocations on it.
@@ -243,39 +229,22 @@ impl LinuxLane {
 
     /// Like [`start`](Self::start) with an explicit configuration.
     pub fn start_with(ember_bin: &Path, config: LaneConfig) -> Result<LinuxLane, LaneError> {
-        let ember_bin = std::path::absolute(ember_bin).map_err(|source| LaneError::Io {
-            what: format!("resolving {}", ember_bin.display()),
-            source,
-        })?;
+        let ember_bin = std::path::absolute(ember_bin)
+            .map_err(|source| LaneError::Io { what: format!("resolving {}", ember_bin.display()), source })?;
         if !ember_bin.is_file() {
-            return Err(LaneError::Unavailable(format!(
-                "no ember binary at {}",
-                ember_bin.display()
-            )));
+            return Err(LaneError::Unavailable(format!("no ember binary at {}", ember_bin.display())));
         }
         let flavour = KvmFlavour::detect();
         let nested = config.force_nested.unwrap_or(flavour.needs_nested_lane());
         let kind = if nested {
             let machine = OuterMachine::boot(&config, false)?;
             let last_boot = machine.boot_time;
-            log::info!(
-                "lane: outer machine ready in {last_boot:?} (kernel {})",
-                machine.release
-            );
-            Kind::Nested {
-                machine: Some(Box::new(machine)),
-                boots: 1,
-                last_boot,
-            }
+            log::info!("lane: outer machine ready in {last_boot:?} (kernel {})", machine.release);
+            Kind::Nested { machine: Some(Box::new(machine)), boots: 1, last_boot }
         } else {
             Kind::Direct
         };
-        Ok(LinuxLane {
-            ember_bin,
-            config,
-            flavour,
-            kind,
-        })
+        Ok(LinuxLane { ember_bin, config, flavour, kind })
     }
 
     /// Sets the per-invocation timeout for later runs.
@@ -300,44 +269,26 @@ impl LinuxLane {
     /// Runs ember with `inv`, killing it after `timeout` ([`LaneError::Timeout`]; the lane stays
     /// usable). If the outer machine itself stops answering it is killed ([`LaneError::Wedged`]) and
     /// the next run boots a fresh one.
-    pub fn run_with_timeout(
-        &mut self,
-        inv: &Invocation,
-        timeout: Duration,
-    ) -> Result<Outcome, LaneError> {
+    pub fn run_with_timeout(&mut self, inv: &Invocation, timeout: Duration) -> Result<Outcome, LaneError> {
         let bin = self.ember_bin.clone();
         self.run_program(&bin, inv, timeout)
     }
 
     /// Runs any host `program` (e.g. `/bin/sh` with a script that sets up a network namespace and
     /// runs ember inside it) on the lane's machine, like [`LinuxLane::run_with_timeout`] runs ember.
-    pub fn run_program(
-        &mut self,
-        program: &Path,
-        inv: &Invocation,
-        timeout: Duration,
-    ) -> Result<Outcome, LaneError> {
+    pub fn run_program(&mut self, program: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome, LaneError> {
         match &mut self.kind {
             Kind::Direct => run_direct(program, inv, timeout),
-            Kind::Nested {
-                machine,
-                boots,
-                last_boot,
-            } => {
+            Kind::Nested { machine, boots, last_boot } => {
                 if machine.is_none() {
                     let m = OuterMachine::boot(&self.config, false)?;
                     *boots += 1;
                     *last_boot = m.boot_time;
                     *machine = Some(Box::new(m));
                 }
-                let Some(m) = machine.as_mut() else {
-                    unreachable!("booted above")
-                };
+                let Some(m) = machine.as_mut() else { unreachable!("booted above") };
                 let result = m.run(program, inv, timeout);
-                if matches!(
-                    result,
-                    Err(LaneError::Wedged { .. } | LaneError::OuterMachine { .. })
-                ) {
+                if matches!(result, Err(LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) {
                     *machine = None; // dropping kills it
                 }
                 result
@@ -349,11 +300,7 @@ impl LinuxLane {
     pub fn describe(&self) -> String {
         match &self.kind {
             Kind::Direct => format!("direct: {}", self.flavour),
-            Kind::Nested {
-                machine,
-                boots,
-                last_boot,
-            } => {
+            Kind::Nested { machine, boots, last_boot } => {
                 let release = machine.as_ref().map_or("(stopped)", |m| m.release.as_str());
                 format!(
                     "nested: QEMU TCG {}, kvm_amd npt=1, {} GiB, {} vCPUs, outer kernel {release}, booted in {:.1} s{}; host: {}",
@@ -361,11 +308,7 @@ impl LinuxLane {
                     f64::from(self.config.memory_mib) / 1024.0,
                     self.config.cpus,
                     last_boot.as_secs_f64(),
-                    if *boots > 1 {
-                        format!(" ({boots} boots)")
-                    } else {
-                        String::new()
-                    },
+                    if *boots > 1 { format!(" ({boots} boots)") } else { String::new() },
                     self.flavour,
                 )
             }
@@ -380,19 +323,13 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
         .args(&inv.args)
         .env_clear()
         .env("PATH", wire::INNER_PATH)
-        .env(
-            "HOME",
-            std::env::var_os("HOME").unwrap_or_else(|| "/root".into()),
-        )
+        .env("HOME", std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
         .envs(inv.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| LaneError::Spawn {
-            what: bin.display().to_string(),
-            source,
-        })?;
+        .map_err(|source| LaneError::Spawn { what: bin.display().to_string(), source })?;
     let mut stdin = child.stdin.take();
     let data = inv.stdin.clone();
     let feeder = std::thread::spawn(move || {
@@ -415,19 +352,13 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
             Ok(None) if start.elapsed() >= timeout => {
                 let _ = child.kill();
                 break (
-                    child.wait().map_err(|source| LaneError::Io {
-                        what: "waiting for ember".into(),
-                        source,
-                    })?,
+                    child.wait().map_err(|source| LaneError::Io { what: "waiting for ember".into(), source })?,
                     true,
                 );
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(source) => {
-                return Err(LaneError::Io {
-                    what: "waiting for ember".into(),
-                    source,
-                });
+                return Err(LaneError::Io { what: "waiting for ember".into(), source });
             }
         }
     };
@@ -435,22 +366,11 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
     if timed_out {
-        return Err(LaneError::Timeout {
-            after: timeout,
-            stdout,
-            stderr,
-        });
+        return Err(LaneError::Timeout { after: timeout, stdout, stderr });
     }
     use std::os::unix::process::ExitStatusExt;
-    let status = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Ok(Outcome {
-        status,
-        stdout,
-        stderr,
-        elapsed: start.elapsed(),
-    })
+    let status = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Ok(Outcome { status, stdout, stderr, elapsed: start.elapsed() })
 }
 
 /// `ember run`'s fallback where Linux guests need the nested lane: boots the outer machine, runs
@@ -463,28 +383,18 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
 /// machine, bridged inside to a tap NAME that the inner ember opens (see [`LaneConfig::host_taps`]).
 pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32, LaneError> {
     let mut config = LaneConfig::default();
-    if !config
-        .force_nested
-        .unwrap_or(KvmFlavour::detect().needs_nested_lane())
-    {
+    if !config.force_nested.unwrap_or(KvmFlavour::detect().needs_nested_lane()) {
         use std::os::unix::process::ExitStatusExt;
         let status = Command::new(ember_bin)
             .args(ember_args)
             .status()
-            .map_err(|source| LaneError::Spawn {
-                what: ember_bin.display().to_string(),
-                source,
-            })?;
-        return Ok(status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
+            .map_err(|source| LaneError::Spawn { what: ember_bin.display().to_string(), source })?;
+        return Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)));
     }
-    let ember_bin = std::path::absolute(ember_bin).map_err(|source| LaneError::Io {
-        what: format!("resolving {}", ember_bin.display()),
-        source,
-    })?;
-    let (host_taps, ember_args) = wire::host_taps(ember_args)
-        .map_err(|e| LaneError::Unavailable(format!("--net: {e}")))?;
+    let ember_bin = std::path::absolute(ember_bin)
+        .map_err(|source| LaneError::Io { what: format!("resolving {}", ember_bin.display()), source })?;
+    let (host_taps, ember_args) =
+        wire::host_taps(ember_args).map_err(|e| LaneError::Unavailable(format!("--net: {e}")))?;
     config.host_taps = host_taps;
     let mut machine = OuterMachine::boot(&config, true)?;
     let mut env = Vec::new();
@@ -493,11 +403,7 @@ pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32,
             env.push((key.to_string(), v));
         }
     }
-    let inv = Invocation {
-        args: ember_args,
-        stdin: Vec::new(),
-        env,
-    };
+    let inv = Invocation { args: ember_args, stdin: Vec::new(), env };
     let raw = RawTerminal::enter();
     let status = machine.stream(&ember_bin, &inv);
     drop(raw);

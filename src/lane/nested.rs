@@ -39,8 +39,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::wire::{self, AgentMessage, LineBuffer, MarkerStripper, Redirect};
-use crate::devices::tap::{self, TapError};
 use super::{Invocation, LaneConfig, LaneError, Outcome};
+use crate::devices::tap::{self, TapError};
 
 /// The outer machine's build script, embedded so an installed ember needs no source tree.
 const BUILD_SCRIPT: &str = include_str!("../../guest-kernels/lane/build-outer.sh");
@@ -80,25 +80,17 @@ pub fn build_artifacts(scratch: &Path) -> Result<Artifacts, LaneError> {
         .arg(dir.join("build-outer.sh"))
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| LaneError::Spawn {
-            what: "bash (build-outer.sh)".into(),
-            source,
-        })?;
+        .map_err(|source| LaneError::Spawn { what: "bash (build-outer.sh)".into(), source })?;
     let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
     if !out.status.success() {
-        return Err(LaneError::Unavailable(format!(
-            "building the outer machine failed ({}): {stderr}",
-            out.status
-        )));
+        return Err(LaneError::Unavailable(format!("building the outer machine failed ({}): {stderr}", out.status)));
     }
     let kv = wire::parse_kv(&String::from_utf8_lossy(&out.stdout));
     let get = |key: &str| {
         kv.iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.clone())
-            .ok_or_else(|| {
-                LaneError::Unavailable(format!("build-outer.sh printed no {key}= ({stderr})"))
-            })
+            .ok_or_else(|| LaneError::Unavailable(format!("build-outer.sh printed no {key}= ({stderr})")))
     };
     Ok(Artifacts {
         kernel: get("LANE_KERNEL")?.into(),
@@ -151,11 +143,7 @@ impl OuterMachine {
         }
     }
 
-    fn boot_in(
-        config: &LaneConfig,
-        interactive: bool,
-        dir: PathBuf,
-    ) -> Result<OuterMachine, LaneError> {
+    fn boot_in(config: &LaneConfig, interactive: bool, dir: PathBuf) -> Result<OuterMachine, LaneError> {
         let t = Instant::now();
         let artifacts = build_artifacts(&dir)?;
         log::debug!("lane: artifacts ready in {:?}: {artifacts:?}", t.elapsed());
@@ -169,19 +157,12 @@ impl OuterMachine {
             UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))
         };
         let ctl_listener = listen("ctl")?;
-        let stream_listeners = if interactive {
-            Some([listen("in")?, listen("out")?, listen("err")?])
-        } else {
-            None
-        };
+        let stream_listeners = if interactive { Some([listen("in")?, listen("out")?, listen("err")?]) } else { None };
 
         let mut cmd = qemu_command(config, &artifacts, &dir, interactive);
         let log = fs::File::create(dir.join("qemu.log")).map_err(io("creating qemu.log".into()))?;
         let log2 = log.try_clone().map_err(io("dup qemu.log".into()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0);
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
         // SAFETY: the closure only calls prctl(2), which is async-signal-safe, between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
@@ -204,23 +185,16 @@ impl OuterMachine {
                 return Err(qemu_tap_error(config, &dir).map_or(e, LaneError::Tap));
             }
         };
-        let streams =
-            match stream_listeners
-                .as_ref()
-                .map(|[i, o, e]| -> Result<Streams, LaneError> {
-                    Ok(Streams {
-                        input: accept(i, &mut child)?,
-                        output: accept(o, &mut child)?,
-                        error: accept(e, &mut child)?,
-                    })
-                }) {
-                Some(Err(e)) => {
-                    stop_child(&mut child, keeper);
-                    return Err(e);
-                }
-                Some(Ok(s)) => Some(s),
-                None => None,
-            };
+        let streams = match stream_listeners.as_ref().map(|[i, o, e]| -> Result<Streams, LaneError> {
+            Ok(Streams { input: accept(i, &mut child)?, output: accept(o, &mut child)?, error: accept(e, &mut child)? })
+        }) {
+            Some(Err(e)) => {
+                stop_child(&mut child, keeper);
+                return Err(e);
+            }
+            Some(Ok(s)) => Some(s),
+            None => None,
+        };
 
         let mut machine = OuterMachine {
             child,
@@ -242,16 +216,10 @@ impl OuterMachine {
                 Ok(machine)
             }
             Wait::Message(AgentMessage::Fail(reason)) => Err(machine.fail(&reason)),
-            Wait::Message(other) => {
-                Err(machine.fail(&format!("unexpected agent message {other:?}")))
-            }
-            Wait::Deadline => {
-                Err(machine.fail(&format!("no `ready` within {:?}", config.boot_timeout)))
-            }
-            Wait::Gone => Err(qemu_tap_error(config, &machine.dir).map_or_else(
-                || machine.fail("QEMU exited or closed the control port before `ready`"),
-                LaneError::Tap,
-            )),
+            Wait::Message(other) => Err(machine.fail(&format!("unexpected agent message {other:?}"))),
+            Wait::Deadline => Err(machine.fail(&format!("no `ready` within {:?}", config.boot_timeout))),
+            Wait::Gone => Err(qemu_tap_error(config, &machine.dir)
+                .map_or_else(|| machine.fail("QEMU exited or closed the control port before `ready`"), LaneError::Tap)),
         }
     }
 
@@ -270,16 +238,12 @@ impl OuterMachine {
                     log::debug!("lane: host tap {} bridged", t.name);
                 }
                 Wait::Message(AgentMessage::Done { status, .. }) => {
-                    return Err(self.fail(&format!(
-                        "bridging host tap {} inside the machine failed (status {status})",
-                        t.name
-                    )));
+                    return Err(
+                        self.fail(&format!("bridging host tap {} inside the machine failed (status {status})", t.name))
+                    );
                 }
                 _ => {
-                    return Err(self.fail(&format!(
-                        "no answer to bridging host tap {}",
-                        t.name
-                    )));
+                    return Err(self.fail(&format!("no answer to bridging host tap {}", t.name)));
                 }
             }
         }
@@ -297,15 +261,9 @@ impl OuterMachine {
         let console = fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
         let reason = console
             .lines()
-            .find_map(|l| {
-                l.split_once("ember-lane-init: FAIL: ")
-                    .map(|(_, r)| r.to_string())
-            })
+            .find_map(|l| l.split_once("ember-lane-init: FAIL: ").map(|(_, r)| r.to_string()))
             .unwrap_or_else(|| reason.to_string());
-        LaneError::OuterMachine {
-            reason,
-            log: console_tail(&self.dir),
-        }
+        LaneError::OuterMachine { reason, log: console_tail(&self.dir) }
     }
 
     /// Waits for the next control message, until `deadline` or until QEMU goes away.
@@ -332,12 +290,7 @@ impl OuterMachine {
             match self.ctl.read(&mut buf) {
                 Ok(0) => return Wait::Gone,
                 Ok(n) => self.lines.push(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) =>
-                {
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
                     if !matches!(self.child.try_wait(), Ok(None)) {
                         return Wait::Gone;
                     }
@@ -350,10 +303,7 @@ impl OuterMachine {
     fn send(&mut self, line: &str) -> Result<(), LaneError> {
         self.ctl
             .write_all(format!("{line}\n").as_bytes())
-            .map_err(|source| LaneError::Io {
-                what: "writing to the agent's control port".into(),
-                source,
-            })
+            .map_err(|source| LaneError::Io { what: "writing to the agent's control port".into(), source })
     }
 
     fn new_request(
@@ -365,87 +315,53 @@ impl OuterMachine {
         let id = self.next_id;
         self.next_id += 1;
         let req = self.dir.join("req").join(id.to_string());
-        let io = |what: &'static str| {
-            move |source| LaneError::Io {
-                what: what.into(),
-                source,
-            }
-        };
+        let io = |what: &'static str| move |source| LaneError::Io { what: what.into(), source };
         fs::create_dir_all(&req).map_err(io("creating a request dir"))?;
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-        let redirect = if redirect_files {
-            Redirect::Files(&req)
-        } else {
-            Redirect::Inherit
-        };
+        let redirect = if redirect_files { Redirect::Files(&req) } else { Redirect::Inherit };
         let script = wire::render_run_script(&cwd, &inv.env, program, &inv.args, redirect);
         fs::write(req.join("run.sh"), script).map_err(io("writing run.sh"))?;
         if redirect_files {
-            fs::write(req.join("stdin"), &inv.stdin)
-                .map_err(io("writing the invocation's stdin"))?;
+            fs::write(req.join("stdin"), &inv.stdin).map_err(io("writing the invocation's stdin"))?;
         }
         Ok((id, req))
     }
 
     /// Runs `program` with `inv` inside the machine. `Err(LaneError::Wedged)` means the agent did not
     /// answer in time and the machine must be discarded.
-    pub fn run(
-        &mut self,
-        program: &Path,
-        inv: &Invocation,
-        timeout: Duration,
-    ) -> Result<Outcome, LaneError> {
+    pub fn run(&mut self, program: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome, LaneError> {
         let (id, req) = self.new_request(program, inv, true)?;
         let start = Instant::now();
-        self.send(&format!(
-            "run {id} {}",
-            timeout.as_secs_f64().ceil().max(1.0) as u64
-        ))?;
+        self.send(&format!("run {id} {}", timeout.as_secs_f64().ceil().max(1.0) as u64))?;
         let deadline = start + timeout + AGENT_GRACE;
         let status = loop {
             match self.wait(Some(deadline)) {
                 Wait::Message(AgentMessage::Done { id: got, status }) if got == id => break status,
                 Wait::Message(other) => log::warn!("lane: unexpected agent message {other:?}"),
                 Wait::Deadline => {
-                    return Err(LaneError::Wedged {
-                        after: start.elapsed(),
-                        log: console_tail(&self.dir),
-                    });
+                    return Err(LaneError::Wedged { after: start.elapsed(), log: console_tail(&self.dir) });
                 }
                 Wait::Gone => return Err(self.fail("the outer machine died during an invocation")),
             }
         };
         let elapsed = start.elapsed();
         let read = |name: &str| {
-            fs::read(req.join(name)).map_err(|source| LaneError::Io {
-                what: format!("reading the invocation's {name}"),
-                source,
-            })
+            fs::read(req.join(name))
+                .map_err(|source| LaneError::Io { what: format!("reading the invocation's {name}"), source })
         };
         let (stdout, stderr) = (read("stdout")?, read("stderr")?);
         let _ = fs::remove_dir_all(&req);
         if status == STATUS_SIGKILL && elapsed + Duration::from_millis(500) >= timeout {
-            return Err(LaneError::Timeout {
-                after: timeout,
-                stdout,
-                stderr,
-            });
+            return Err(LaneError::Timeout { after: timeout, stdout, stderr });
         }
-        Ok(Outcome {
-            status,
-            stdout,
-            stderr,
-            elapsed,
-        })
+        Ok(Outcome { status, stdout, stderr, elapsed })
     }
 
     /// Runs `program` with `inv.args`/`inv.env` inside the machine with its stdin, stdout and stderr
     /// connected to this process's (`inv.stdin` is ignored); returns its exit status.
     pub fn stream(&mut self, program: &Path, inv: &Invocation) -> Result<i32, LaneError> {
         let Some(streams) = self.streams.take() else {
-            return Err(LaneError::Unavailable(
-                "this outer machine was booted without streams".into(),
-            ));
+            return Err(LaneError::Unavailable("this outer machine was booted without streams".into()));
         };
         let (id, _req) = self.new_request(program, inv, false)?;
         let marker = end_marker();
@@ -508,53 +424,23 @@ impl Drop for OuterMachine {
 }
 
 fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, interactive: bool) -> Command {
-    let rw: Vec<String> = config
-        .writable
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    let append = format!(
-        "console=ttyS0 quiet loglevel=0 panic=-1 ember_lanedir={} ember_rw={}",
-        dir.display(),
-        rw.join(",")
-    );
+    let rw: Vec<String> = config.writable.iter().map(|p| p.display().to_string()).collect();
+    let append =
+        format!("console=ttyS0 quiet loglevel=0 panic=-1 ember_lanedir={} ember_rw={}", dir.display(), rw.join(","));
     let mut cmd = Command::new(&a.qemu);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", &config.cpu_model])
-        .args([
-            "-smp",
-            &config.cpus.to_string(),
-            "-m",
-            &format!("{}M", config.memory_mib),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
+        .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&a.kernel)
         .arg("-initrd")
         .arg(&a.initramfs)
         .args(["-append", &append])
-        .args([
-            "-serial",
-            &format!("file:{}", dir.join("console.log").display()),
-        ])
+        .args(["-serial", &format!("file:{}", dir.join("console.log").display())])
         .args(["-device", "virtio-serial-pci,max_ports=8"]);
     let mut port = |name: &str| {
-        cmd.args([
-            "-chardev",
-            &format!(
-                "socket,id={name},path={}",
-                dir.join(format!("{name}.sock")).display()
-            ),
-        ]);
-        cmd.args([
-            "-device",
-            &format!("virtserialport,chardev={name},name=ember.{name}"),
-        ]);
+        cmd.args(["-chardev", &format!("socket,id={name},path={}", dir.join(format!("{name}.sock")).display())]);
+        cmd.args(["-device", &format!("virtserialport,chardev={name},name=ember.{name}")]);
     };
     port("ctl");
     if interactive {
@@ -564,10 +450,7 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, interactive: boo
     }
     let mut share = |path: &str, tag: &str, ro: bool| {
         let ro = if ro { ",readonly=on" } else { "" };
-        cmd.args([
-            "-virtfs",
-            &format!("local,path={path},mount_tag={tag},security_model=none,multidevs=remap{ro}"),
-        ]);
+        cmd.args(["-virtfs", &format!("local,path={path},mount_tag={tag},security_model=none,multidevs=remap{ro}")]);
     };
     share("/", "hostroot", true);
     for (i, p) in rw.iter().enumerate() {
@@ -577,17 +460,8 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, interactive: boo
     for (i, t) in config.host_taps.iter().enumerate() {
         // QEMU's option syntax escapes a comma by doubling it.
         let name = t.name.replace(',', ",,");
-        cmd.args([
-            "-netdev",
-            &format!("tap,id=hn{i},ifname={name},script=no,downscript=no,vhost=off"),
-        ]);
-        cmd.args([
-            "-device",
-            &format!(
-                "virtio-net-pci,netdev=hn{i},mac={}",
-                wire::outer_nic_mac(&t.name)
-            ),
-        ]);
+        cmd.args(["-netdev", &format!("tap,id=hn{i},ifname={name},script=no,downscript=no,vhost=off")]);
+        cmd.args(["-device", &format!("virtio-net-pci,netdev=hn{i},mac={}", wire::outer_nic_mac(&t.name))]);
     }
     cmd
 }
@@ -628,8 +502,7 @@ fn qemu_tap_error(config: &LaneConfig, dir: &Path) -> Option<TapError> {
 /// Paths go into QEMU's comma-separated options and the space-separated kernel command line.
 fn check_share_path(p: &Path) -> Result<(), LaneError> {
     let s = p.to_str().unwrap_or("");
-    if !p.is_absolute() || s.is_empty() || s == "/" || s.contains([',', ' ', '\t', '\n', '"', '\''])
-    {
+    if !p.is_absolute() || s.is_empty() || s == "/" || s.contains([',', ' ', '\t', '\n', '"', '\'']) {
         return Err(LaneError::Unavailable(format!(
             "cannot share {} into the outer machine: it must be an absolute directory path other than / \
              without commas, quotes or spaces",
@@ -637,10 +510,7 @@ fn check_share_path(p: &Path) -> Result<(), LaneError> {
         )));
     }
     if !p.is_dir() {
-        return Err(LaneError::Unavailable(format!(
-            "writable share {} is not a directory",
-            p.display()
-        )));
+        return Err(LaneError::Unavailable(format!("writable share {} is not a directory", p.display())));
     }
     Ok(())
 }
@@ -660,22 +530,14 @@ fn spawn_kept(mut cmd: Command, qemu: &Path) -> Result<(Child, Keeper), LaneErro
             let _ = child_tx.send(cmd.spawn());
             let _ = stop_rx.recv();
         })
-        .map_err(|source| LaneError::Spawn {
-            what: "the lane's keeper thread".into(),
-            source,
-        })?;
-    let spawned = child_rx
-        .recv()
-        .unwrap_or_else(|_| Err(io::Error::other("keeper thread died")));
+        .map_err(|source| LaneError::Spawn { what: "the lane's keeper thread".into(), source })?;
+    let spawned = child_rx.recv().unwrap_or_else(|_| Err(io::Error::other("keeper thread died")));
     match spawned {
         Ok(child) => Ok((child, (stop_tx, handle))),
         Err(source) => {
             drop(stop_tx);
             let _ = handle.join();
-            Err(LaneError::Spawn {
-                what: format!("{} (apt-get install -y qemu-system-x86)", qemu.display()),
-                source,
-            })
+            Err(LaneError::Spawn { what: format!("{} (apt-get install -y qemu-system-x86)", qemu.display()), source })
         }
     }
 }
@@ -687,16 +549,8 @@ fn stop_child(child: &mut Child, keeper: Keeper) {
     let _ = keeper.1.join();
 }
 
-fn accept_until(
-    l: &UnixListener,
-    child: &mut Child,
-    deadline: Instant,
-    dir: &Path,
-) -> Result<UnixStream, LaneError> {
-    l.set_nonblocking(true).map_err(|source| LaneError::Io {
-        what: "listener".into(),
-        source,
-    })?;
+fn accept_until(l: &UnixListener, child: &mut Child, deadline: Instant, dir: &Path) -> Result<UnixStream, LaneError> {
+    l.set_nonblocking(true).map_err(|source| LaneError::Io { what: "listener".into(), source })?;
     loop {
         match l.accept() {
             Ok((s, _)) => {
@@ -705,16 +559,12 @@ fn accept_until(
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
             Err(source) => {
-                return Err(LaneError::Io {
-                    what: "accepting QEMU's chardev connection".into(),
-                    source,
-                });
+                return Err(LaneError::Io { what: "accepting QEMU's chardev connection".into(), source });
             }
         }
         if !matches!(child.try_wait(), Ok(None)) || Instant::now() > deadline {
             return Err(LaneError::OuterMachine {
-                reason: "QEMU did not connect its chardev sockets (it exited or hung at startup)"
-                    .into(),
+                reason: "QEMU did not connect its chardev sockets (it exited or hung at startup)".into(),
                 log: console_tail(dir),
             });
         }
@@ -750,26 +600,14 @@ fn pump_output(mut from: UnixStream, mut to: Box<dyn Write + Send>, marker: &[u8
 fn pump_input(mut to: UnixStream, stop: fs::File) {
     let mut buf = vec![0u8; 64 * 1024];
     let stopped = |timeout_ms: i32| {
-        let mut fd = libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut fd = libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut fd, 1, timeout_ms) != 0 }
     };
     loop {
         let mut fds = [
-            libc::pollfd {
-                fd: libc::STDIN_FILENO,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
@@ -810,10 +648,7 @@ fn stop_pipe() -> Result<(fs::File, fs::File), LaneError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two-element array on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(LaneError::Io {
-            what: "pipe2".into(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(LaneError::Io { what: "pipe2".into(), source: io::Error::last_os_error() });
     }
     use std::os::fd::FromRawFd;
     // SAFETY: both fds were just created and are owned by nothing else.
@@ -822,10 +657,7 @@ fn stop_pipe() -> Result<(fs::File, fs::File), LaneError> {
 
 fn end_marker() -> String {
     let mut bytes = [0u8; 16];
-    if fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_err()
-    {
+    if fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         let t = now.map_or(0, |d| d.as_nanos()) ^ u128::from(std::process::id());
         bytes.copy_from_slice(&t.to_le_bytes());
@@ -855,10 +687,8 @@ fn create_lane_dir() -> Result<PathBuf, LaneError> {
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = tmp.join(format!("ember-lane-{}-{n}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("req")).map_err(|source| LaneError::Io {
-        what: format!("creating {}", dir.display()),
-        source,
-    })?;
+    fs::create_dir_all(dir.join("req"))
+        .map_err(|source| LaneError::Io { what: format!("creating {}", dir.display()), source })?;
     Ok(dir)
 }
 
@@ -867,10 +697,7 @@ fn console_tail(dir: &Path) -> String {
     let mut out = String::new();
     for (name, title) in [("qemu.log", "QEMU"), ("console.log", "outer console")] {
         let text = fs::read_to_string(dir.join(name)).unwrap_or_default();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.contains("TCG doesn't support requested feature"))
-            .collect();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("TCG doesn't support requested feature")).collect();
         if !lines.is_empty() {
             out.push_str(&format!("--- {title} (last lines) ---\n"));
             for l in &lines[lines.len().saturating_sub(25)..] {

@@ -184,17 +184,13 @@ impl AgentMessage {
         let line = line.trim_end_matches(['\r', '\n']);
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
-            "ready" => Some(AgentMessage::Ready {
-                release: rest.to_string(),
-            }),
+            "ready" => Some(AgentMessage::Ready { release: rest.to_string() }),
             "fail" => Some(AgentMessage::Fail(rest.to_string())),
             "done" => {
                 let mut it = rest.split(' ');
                 let id = it.next()?.parse().ok()?;
                 let status = it.next()?.parse().ok()?;
-                it.next()
-                    .is_none()
-                    .then_some(AgentMessage::Done { id, status })
+                it.next().is_none().then_some(AgentMessage::Done { id, status })
             }
             _ => None,
         }
@@ -233,11 +229,7 @@ impl MarkerStripper {
     /// A stripper for `marker` (non-empty).
     pub fn new(marker: &[u8]) -> MarkerStripper {
         assert!(!marker.is_empty(), "empty end marker");
-        MarkerStripper {
-            marker: marker.to_vec(),
-            held: Vec::new(),
-            done: false,
-        }
+        MarkerStripper { marker: marker.to_vec(), held: Vec::new(), done: false }
     }
 
     /// Feeds a chunk; returns the bytes safe to pass on. After the marker, everything is dropped.
@@ -254,10 +246,7 @@ impl MarkerStripper {
         }
         // Keep the longest suffix that is a proper prefix of the marker.
         let max = self.held.len().min(self.marker.len() - 1);
-        let keep = (1..=max)
-            .rev()
-            .find(|&n| self.held.ends_with(&self.marker[..n]))
-            .unwrap_or(0);
+        let keep = (1..=max).rev().find(|&n| self.held.ends_with(&self.marker[..n])).unwrap_or(0);
         let out = self.held[..self.held.len() - keep].to_vec();
         self.held.drain(..self.held.len() - keep);
         out
@@ -283,13 +272,7 @@ mod tests {
     #[test]
     fn kv_lines() {
         let kv = parse_kv("noise\nLANE_KERNEL=/boot/vmlinuz\nA=b=c\n=x\nbad key=1\nA=d\n");
-        assert_eq!(
-            kv,
-            vec![
-                ("LANE_KERNEL".into(), "/boot/vmlinuz".into()),
-                ("A".into(), "d".into())
-            ]
-        );
+        assert_eq!(kv, vec![("LANE_KERNEL".into(), "/boot/vmlinuz".into()), ("A".into(), "d".into())]);
     }
 
     #[test]
@@ -308,16 +291,8 @@ mod tests {
             &[&["%s\\0".into()][..], &nasty[..]].concat(),
             Redirect::Inherit,
         );
-        let out = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(OsString::from_vec(script))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("/bin/sh").arg("-c").arg(OsString::from_vec(script)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let mut expected = Vec::new();
         for a in &nasty {
             expected.extend_from_slice(a.as_bytes());
@@ -337,10 +312,7 @@ mod tests {
         );
         let text = String::from_utf8(script).unwrap();
         assert!(text.starts_with("cd '/no such dir' 2>/dev/null || cd /\nexec /usr/bin/env -i "));
-        assert!(
-            text.ends_with(" <'/r/7/stdin' >'/r/7/stdout' 2>'/r/7/stderr'\n"),
-            "{text}"
-        );
+        assert!(text.ends_with(" <'/r/7/stdin' >'/r/7/stdout' 2>'/r/7/stderr'\n"), "{text}");
         let inherit = render_run_script(
             Path::new("/no such dir"),
             &[("K".into(), "v".into())],
@@ -348,19 +320,22 @@ mod tests {
             &["-c", "pwd; echo $K; echo $HOME"],
             Redirect::Inherit,
         );
-        let out = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(OsString::from_vec(inherit))
-            .output()
-            .unwrap();
+        let out = Command::new("/bin/sh").arg("-c").arg(OsString::from_vec(inherit)).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "/\nv\n/root\n");
     }
 
     #[test]
     fn host_taps_are_found_and_create_is_dropped_for_the_inner_ember() {
         let args: Vec<OsString> = [
-            "run", "--net", "tap=a0,create,mac=52:54:00:00:00:01", "--memory", "1G", "--net=tap=b1", "--",
-            "--net", "tap=not-an-option",
+            "run",
+            "--net",
+            "tap=a0,create,mac=52:54:00:00:00:01",
+            "--memory",
+            "1G",
+            "--net=tap=b1",
+            "--",
+            "--net",
+            "tap=not-an-option",
         ]
         .iter()
         .map(OsString::from)
@@ -368,16 +343,20 @@ mod tests {
         let (taps, inner) = host_taps(&args).unwrap();
         assert_eq!(
             taps,
-            vec![
-                HostTap { name: "a0".into(), create: true },
-                HostTap { name: "b1".into(), create: false }
-            ]
+            vec![HostTap { name: "a0".into(), create: true }, HostTap { name: "b1".into(), create: false }]
         );
         let inner: Vec<&str> = inner.iter().map(|a| a.to_str().unwrap()).collect();
         assert_eq!(
             inner,
             [
-                "run", "--net", "tap=a0,mac=52:54:00:00:00:01", "--memory", "1G", "--net=tap=b1", "--", "--net",
+                "run",
+                "--net",
+                "tap=a0,mac=52:54:00:00:00:01",
+                "--memory",
+                "1G",
+                "--net=tap=b1",
+                "--",
+                "--net",
                 "tap=not-an-option"
             ]
         );
@@ -392,18 +371,10 @@ mod tests {
     fn agent_messages() {
         assert_eq!(
             AgentMessage::parse("ready 6.1.0-56-amd64"),
-            Some(AgentMessage::Ready {
-                release: "6.1.0-56-amd64".into()
-            })
+            Some(AgentMessage::Ready { release: "6.1.0-56-amd64".into() })
         );
-        assert_eq!(
-            AgentMessage::parse("done 12 3\n"),
-            Some(AgentMessage::Done { id: 12, status: 3 })
-        );
-        assert_eq!(
-            AgentMessage::parse("fail no /dev/kvm"),
-            Some(AgentMessage::Fail("no /dev/kvm".into()))
-        );
+        assert_eq!(AgentMessage::parse("done 12 3\n"), Some(AgentMessage::Done { id: 12, status: 3 }));
+        assert_eq!(AgentMessage::parse("fail no /dev/kvm"), Some(AgentMessage::Fail("no /dev/kvm".into())));
         assert_eq!(AgentMessage::parse("done x 3"), None);
         assert_eq!(AgentMessage::parse("done 1 2 3"), None);
         assert_eq!(AgentMessage::parse("hello"), None);

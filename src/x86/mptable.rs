@@ -117,8 +117,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableE
         return Err(MptableError::TooManyCpus(num_cpus));
     }
     let table_addr = MPTABLE_START + 16;
-    mem.write_slice(&floating_pointer(table_addr as u32), GuestAddress(MPTABLE_START))
-        .map_err(MptableError::Write)?;
+    mem.write_slice(&floating_pointer(table_addr as u32), GuestAddress(MPTABLE_START)).map_err(MptableError::Write)?;
     mem.write_slice(&config_table(num_cpus), GuestAddress(table_addr)).map_err(MptableError::Write)
 }
 

@@ -67,7 +67,7 @@ pub const BOOT_GDT: [u64; 5] = [
 
 /// Turns a GDT entry back into the `kvm_segment` KVM wants in `kvm_sregs`.
 fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     // With G=1 the limit counts 4 KiB pages.

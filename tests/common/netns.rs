@@ -23,7 +23,9 @@ impl NetNs {
         match Command::new("ip").args(["netns", "add", &name]).output() {
             Ok(o) if o.status.success() => {}
             other => {
-                eprintln!("SKIPPED: cannot create a network namespace ({other:?}): network tests need root and iproute2");
+                eprintln!(
+                    "SKIPPED: cannot create a network namespace ({other:?}): network tests need root and iproute2"
+                );
                 return None;
             }
         }
@@ -109,13 +111,23 @@ impl PacketSocket {
         sll.sll_ifindex = ifindex as i32;
         // SAFETY: binds with a sockaddr_ll of the right size.
         let r = unsafe {
-            libc::bind(fd.as_raw_fd(), &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            libc::bind(
+                fd.as_raw_fd(),
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
         };
         assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
         let tv = libc::timeval { tv_sec: timeout.as_secs() as i64, tv_usec: timeout.subsec_micros() as i64 };
         // SAFETY: sets SO_RCVTIMEO from a timeval.
         unsafe {
-            libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32)
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
         };
         PacketSocket { fd }
     }

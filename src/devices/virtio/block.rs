@@ -39,8 +39,8 @@ use std::path::PathBuf;
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
-    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -219,10 +219,8 @@ impl Block {
                     return ioerr;
                 }
                 let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-                let in_range = sector
-                    .checked_add(total / SECTOR_SIZE)
-                    .is_some_and(|end| end <= self.capacity_sectors);
-                if total % SECTOR_SIZE != 0 || !in_range {
+                let in_range = sector.checked_add(total / SECTOR_SIZE).is_some_and(|end| end <= self.capacity_sectors);
+                if !total.is_multiple_of(SECTOR_SIZE) || !in_range {
                     guest_warn!(
                         "virtio-blk: {total} bytes at sector {sector}: not whole sectors, or past the end ({} sectors)",
                         self.capacity_sectors
@@ -232,7 +230,11 @@ impl Block {
                 let mut offset = sector * SECTOR_SIZE;
                 for d in data {
                     if let Err(e) = self.transfer(write, d, offset, mem) {
-                        guest_warn!("virtio-blk: {} of {} bytes at {offset}: {e}", if write { "write" } else { "read" }, d.len());
+                        guest_warn!(
+                            "virtio-blk: {} of {} bytes at {offset}: {e}",
+                            if write { "write" } else { "read" },
+                            d.len()
+                        );
                         return ioerr;
                     }
                     offset += u64::from(d.len());
@@ -376,7 +378,8 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut f = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH;
+        let mut f =
+            1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE | 1 << VIRTIO_BLK_F_FLUSH;
         if self.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -425,8 +428,8 @@ mod tests {
     use super::*;
     use crate::devices::virtio::testutil::{self, DATA, desc, publish, used};
     use std::io::{Read, Write};
-    use vm_memory::GuestAddress;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT as NEXT, VRING_DESC_F_WRITE as WRITE};
+    use vm_memory::GuestAddress;
 
     const NEXT_: u16 = NEXT as u16;
     const W: u16 = WRITE as u16;

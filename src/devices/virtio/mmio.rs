@@ -231,7 +231,10 @@ impl MmioTransport {
         match self.queues.get(i) {
             Some(q) if setup && !q.ready() => Some(i),
             Some(_) => {
-                guest_warn!("virtio-mmio: {what} of queue {i} outside queue setup (status {:#x}): ignored", self.status);
+                guest_warn!(
+                    "virtio-mmio: {what} of queue {i} outside queue setup (status {:#x}): ignored",
+                    self.status
+                );
                 None
             }
             None => {
@@ -324,7 +327,8 @@ impl MmioTransport {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES => {
-                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+                let negotiating =
+                    self.status & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
                 if !negotiating {
                     guest_warn!("virtio-mmio: DRIVER_FEATURES written outside negotiation: ignored");
                     return;
@@ -370,7 +374,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             guest_warn!("virtio-mmio: {}-byte read at {offset:#x}: registers are 32-bit", data.len());
             data.fill(0);
             return;
@@ -387,7 +391,7 @@ impl BusDevice for MmioTransport {
             guest_warn!("virtio-mmio: {}-byte write at {offset:#x}: registers are 32-bit", data.len());
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             guest_warn!("virtio-mmio: misaligned write at {offset:#x}: ignored");
             return;
         }
@@ -542,7 +546,10 @@ mod tests {
         t.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
         t.w(VIRTIO_MMIO_DRIVER_FEATURES, 0);
         t.driver_ok();
-        assert_eq!(t.log(), vec!["reset".to_string(), "reset".into(), "reset".into(), format!("activate {:#x}", V1 | 1 << 3)]);
+        assert_eq!(
+            t.log(),
+            vec!["reset".to_string(), "reset".into(), "reset".into(), format!("activate {:#x}", V1 | 1 << 3)]
+        );
     }
 
     #[test]
@@ -595,13 +602,13 @@ mod tests {
     #[test]
     fn bad_queue_sizes_and_addresses_need_reset() {
         for (size, desc) in [
-            (32u32, testutil::DESC),   // above QUEUE_NUM_MAX
-            (6, testutil::DESC),       // not a power of two
-            (0, testutil::DESC),       // empty
+            (32u32, testutil::DESC),    // above QUEUE_NUM_MAX
+            (6, testutil::DESC),        // not a power of two
+            (0, testutil::DESC),        // empty
             (0x1_0008, testutil::DESC), // does not fit 16 bits
-            (8, testutil::DESC + 8),   // misaligned descriptor table
-            (8, 0xfff_0000),           // outside guest RAM
-            (8, u64::MAX - 15),        // wraps
+            (8, testutil::DESC + 8),    // misaligned descriptor table
+            (8, 0xfff_0000),            // outside guest RAM
+            (8, u64::MAX - 15),         // wraps
         ] {
             let mut t = transport();
             assert!(t.negotiate(V1));

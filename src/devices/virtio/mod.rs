@@ -81,7 +81,7 @@ static GUEST_WARNINGS: AtomicU64 = AtomicU64::new(0);
 /// in every 1000, so a hostile guest cannot flood the host's log.
 pub(crate) fn guest_warn_args(args: std::fmt::Arguments) {
     let n = GUEST_WARNINGS.fetch_add(1, Ordering::Relaxed);
-    if n < 20 || n % 1000 == 0 {
+    if n < 20 || n.is_multiple_of(1000) {
         log::warn!("{args} (guest warning #{})", n + 1);
     }
 }

@@ -250,7 +250,8 @@ impl Net {
             return Err(format!("{} bytes: shorter than a vnet and an Ethernet header", self.tx_buf.len()));
         }
         let hdr = VnetHeader::parse(&self.tx_buf);
-        hdr.check_tx(self.tx_buf.len() - VNET_HDR_LEN, self.acked).map_err(|e| format!("bad vnet header ({e}): {hdr:?}"))
+        hdr.check_tx(self.tx_buf.len() - VNET_HDR_LEN, self.acked)
+            .map_err(|e| format!("bad vnet header ({e}): {hdr:?}"))
     }
 
     /// Sends one transmit chain to the tap; the chain is always returned with length 0.
@@ -489,7 +490,9 @@ mod tests {
     fn rig(features: u64) -> (Net, std::fs::File, GuestMemoryMmap, Queue) {
         let mut fds = [0; 2];
         // SAFETY: socketpair fills two fresh descriptors, owned below.
-        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) }, 0);
+        let rc =
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+        assert_eq!(rc, 0);
         // SAFETY: fresh descriptors from socketpair.
         let (a, b) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
         let mut net = Net::new(Tap::fake(a), [0x52, 0x54, 0, 1, 2, 3]);
@@ -549,18 +552,26 @@ mod tests {
     #[test]
     fn vnet_header_checks() {
         let csum = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
-        let ok = VnetHeader { flags: csum, gso_type: 1, hdr_len: 54, gso_size: 1448, csum_start: 34, csum_offset: 16, num_buffers: 0 };
+        let ok = VnetHeader {
+            flags: csum,
+            gso_type: 1,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
         assert_eq!(ok.check_tx(60000, ALL), Ok(()));
         assert_eq!(VnetHeader::default().check_tx(60, 1 << VIRTIO_F_VERSION_1), Ok(()), "plain frame, no offloads");
         assert!(ok.check_tx(60000, 1 << VIRTIO_NET_F_CSUM).is_err(), "TSO4 not negotiated");
         assert!(ok.check_tx(40, ALL).is_err(), "hdr_len and checksum past the frame");
         for bad in [
-            VnetHeader { gso_type: 3, ..ok },        // UDP (UFO) not offered
-            VnetHeader { gso_type: 0x7f, ..ok },     // garbage
-            VnetHeader { gso_type: 0x80, ..ok },     // ECN alone
+            VnetHeader { gso_type: 3, ..ok },    // UDP (UFO) not offered
+            VnetHeader { gso_type: 0x7f, ..ok }, // garbage
+            VnetHeader { gso_type: 0x80, ..ok }, // ECN alone
             VnetHeader { gso_size: 0, ..ok },
-            VnetHeader { flags: 0, ..ok },           // GSO without NEEDS_CSUM
-            VnetHeader { flags: 0x80, ..ok },        // unknown flag
+            VnetHeader { flags: 0, ..ok },    // GSO without NEEDS_CSUM
+            VnetHeader { flags: 0x80, ..ok }, // unknown flag
             VnetHeader { csum_start: 0xffff, csum_offset: 0xffff, ..ok },
             VnetHeader { hdr_len: 60001, ..ok },
         ] {
