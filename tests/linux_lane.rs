@@ -57,11 +57,18 @@ fn ember_stdin(args: &[&str], stdin: &[u8]) -> Option<Outcome> {
     match l.run(&inv) {
         Ok(o) => Some(o),
         Err(e @ LaneError::Wedged { .. }) => {
-            eprintln!("LANE: the outer machine stopped answering ({e}); retrying `ember {args:?}` once on a fresh one");
+            loud(&format!("LANE: the outer machine stopped answering ({e}); retrying `ember {args:?}` once on a fresh one"));
             Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?} (second try): {e}")))
         }
         Err(e) => panic!("ember {args:?}: {e}"),
     }
+}
+
+/// Says something on the real stderr, past the test harness's capture: a
+/// retry must be visible in CI's log even when the test then passes.
+fn loud(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
 fn show(o: &Outcome) -> String {
@@ -281,7 +288,7 @@ exit $rc
         // triple-fault where the same device code passes in the fast lane and
         // on every other run. Once, loudly, the run is repeated; a second
         // failure fails the test.
-        eprintln!("LANE: the 64 MiB transfer failed in the nested lane; retrying once:\n{}", show(&o));
+        loud(&format!("LANE: the 64 MiB transfer failed in the nested lane; retrying once:\n{}", show(&o)));
         o = attempt(&mut l);
     }
     drop(l);
@@ -325,39 +332,51 @@ fn run_on_the_host_reaches_a_host_tap_in_either_lane() {
     let _serial = lane();
     let Some(ns) = netns::NetNs::new("lhost") else { return };
     ns.add_tap("embt0", "10.0.2.1/24");
-    let mut listener = ns
-        .command("busybox")
-        .args(["nc", "-l", "-p", "5000"])
-        .stdin(Stdio::piped()) // held open: nc ends when the guest closes, not on stdin's EOF
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start busybox nc in the namespace");
-    let mut from_nc = listener.stdout.take().expect("piped");
-    let received = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = from_nc.read_to_end(&mut v);
-        v
-    });
-    let guest_cmd = "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 3 10.0.2.1 && \
-                     dd if=/dev/urandom of=/tmp/data bs=1M count=4 2>/dev/null && \
-                     echo guest-md5 $(md5sum < /tmp/data) && nc 10.0.2.1 5000 < /tmp/data && echo sent";
-    let o = ns
-        .command("timeout")
-        .args(["600", env!("CARGO_BIN_EXE_ember"), "run", "--net", "tap=embt0", "--", "sh", "-c", guest_cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ember in the namespace");
-    let (stdout, stderr) =
-        (String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n"), String::from_utf8_lossy(&o.stderr));
-    let shown = format!("status {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", o.status);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while matches!(listener.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    // One try: a busybox nc listener in the namespace, then ember on the tap.
+    let attempt = || {
+        let mut listener = ns
+            .command("busybox")
+            .args(["nc", "-l", "-p", "5000"])
+            .stdin(Stdio::piped()) // held open: nc ends when the guest closes, not on stdin's EOF
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start busybox nc in the namespace");
+        let mut from_nc = listener.stdout.take().expect("piped");
+        let received = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = from_nc.read_to_end(&mut v);
+            v
+        });
+        let guest_cmd = "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 3 10.0.2.1 && \
+                         dd if=/dev/urandom of=/tmp/data bs=1M count=4 2>/dev/null && \
+                         echo guest-md5 $(md5sum < /tmp/data) && timeout 120 nc 10.0.2.1 5000 < /tmp/data && echo sent";
+        let o = ns
+            .command("timeout")
+            .args(["300", env!("CARGO_BIN_EXE_ember"), "run", "--net", "tap=embt0", "--", "sh", "-c", guest_cmd])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ember in the namespace");
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n"), String::from_utf8_lossy(&o.stderr));
+        let shown = format!("status {:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}", o.status);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while matches!(listener.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = listener.kill();
+        let _ = listener.wait();
+        let data = received.join().unwrap_or_default();
+        (o, stdout, shown, data)
+    };
+    let (mut o, mut stdout, mut shown, mut data) = attempt();
+    if o.status.code() != Some(0) && !ember::lane::KvmFlavour::detect().runs_linux_directly() {
+        // As in the 64 MiB test: the nested lane's software-emulated SVM
+        // machine was seen, rarely, to stall a TCP transfer; once, loudly, the
+        // run is repeated, and a second failure fails the test.
+        loud(&format!("LANE: the host-tap run failed in the nested lane; retrying once:\n{shown}"));
+        (o, stdout, shown, data) = attempt();
     }
-    let _ = listener.kill();
-    let _ = listener.wait();
-    let data = received.join().unwrap_or_default();
     assert_eq!(o.status.code(), Some(0), "{shown}");
     assert!(stdout.contains("3 packets transmitted, 3 packets received"), "ping: {shown}");
     let guest_md5 = stdout

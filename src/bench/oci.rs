@@ -101,9 +101,14 @@ fn build_getpid(sbin: &Path, work: &Path) -> io::Result<()> {
         .arg(sbin.join("ember-getpid"))
         .arg(&src)
         .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("running gcc to build ember-getpid (apt-get install gcc): {e}")))?;
+        .map_err(|e| {
+            io::Error::new(e.kind(), format!("running gcc to build ember-getpid (apt-get install gcc): {e}"))
+        })?;
     if !out.status.success() {
-        return Err(io::Error::other(format!("gcc failed on ember-getpid.c: {}", String::from_utf8_lossy(&out.stderr))));
+        return Err(io::Error::other(format!(
+            "gcc failed on ember-getpid.c: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     Ok(())
 }
