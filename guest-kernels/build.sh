@@ -61,27 +61,8 @@ start=$SECONDS
 stage() { printf 'ember: kernel: [%3ds] %s\n' $((SECONDS - start)) "$*" >&2; }
 die() { printf 'ember: kernel: error: %s\n' "$*" >&2; exit 1; }
 
-# Install the Debian packages in "$@" that are not installed yet.
-ensure_packages() {
-	local missing=() pkg
-	for pkg in "$@"; do
-		dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
-			missing+=("$pkg")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	stage "installing ${missing[*]} with apt-get"
-	# Wait for another apt/dpkg to finish instead of failing on its lock.
-	local apt=(apt-get -y -q -o DPkg::Lock::Timeout=600)
-	if [ "$(id -u)" -ne 0 ]; then
-		command -v sudo >/dev/null || die "need root to install: ${missing[*]}"
-		apt=(sudo "${apt[@]}")
-	fi
-	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2; then
-		DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >&2
-		DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2 ||
-			die "apt-get install ${missing[*]} failed"
-	fi
-}
+# ensure_packages: install what is missing (lib.sh).
+. "$here/lib.sh"
 
 [ -f "$fragment" ] || die "config fragment $fragment not found"
 [ -f "$here/initramfs.sh" ] || die "$here/initramfs.sh not found"

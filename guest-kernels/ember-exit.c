@@ -22,22 +22,7 @@
 
 #define EMBER_EXIT_PORT 0x501
 
-/* x86_64 Linux system call numbers (arch/x86/entry/syscalls/syscall_64.tbl). */
-#define SYS_write 1
-#define SYS_ioperm 173
-#define SYS_exit 60
-
-static long syscall3(long nr, long a, long b, long c)
-{
-	long ret;
-
-	/* The syscall instruction clobbers rcx (return rip) and r11 (rflags). */
-	__asm__ volatile("syscall"
-			 : "=a"(ret)
-			 : "a"(nr), "D"(a), "S"(b), "d"(c)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
+#include "freestanding.h"
 
 static void die(const char *msg, unsigned long len)
 {
@@ -48,7 +33,6 @@ static void die(const char *msg, unsigned long len)
 
 #define DIE(s) die(s, sizeof(s) - 1)
 
-/* Called from _start with the initial stack: argc, argv[0], argv[1], ... */
 __attribute__((used)) static void start_c(long *sp)
 {
 	long argc = sp[0];
@@ -74,12 +58,3 @@ __attribute__((used)) static void start_c(long *sp)
 	/* The VMM stopped us in the OUT above; reaching here means no exit device. */
 	DIE("ember-exit: port 0x501 did not stop the VM (no exit device?)\n");
 }
-
-/* The ELF entry point: pass the initial stack pointer to start_c, with the
- * stack aligned to 16 bytes as the SysV ABI requires at a call. */
-__asm__(".globl _start\n"
-	"_start:\n"
-	"	mov %rsp, %rdi\n"
-	"	and $-16, %rsp\n"
-	"	call start_c\n"
-	"	hlt\n");

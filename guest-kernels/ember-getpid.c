@@ -14,24 +14,8 @@
  *       -fno-stack-protector -o ember-getpid ember-getpid.c
  */
 
-/* x86_64 Linux system call numbers (arch/x86/entry/syscalls/syscall_64.tbl). */
-#define SYS_write 1
-#define SYS_getpid 39
-#define SYS_exit 60
+#include "freestanding.h"
 
-static long syscall3(long nr, long a, long b, long c)
-{
-	long ret;
-
-	/* The syscall instruction clobbers rcx (return rip) and r11 (rflags). */
-	__asm__ volatile("syscall"
-			 : "=a"(ret)
-			 : "a"(nr), "D"(a), "S"(b), "d"(c)
-			 : "rcx", "r11", "memory");
-	return ret;
-}
-
-/* Called from _start with the initial stack: argc, argv[0], argv[1], ... */
 __attribute__((used)) static void start_c(long *sp)
 {
 	static const char usage[] = "usage: ember-getpid N (number of getpid calls)\n";
@@ -51,12 +35,3 @@ __attribute__((used)) static void start_c(long *sp)
 	syscall3(SYS_exit, 0, 0, 0);
 	__builtin_unreachable();
 }
-
-/* The ELF entry point: pass the initial stack pointer to start_c, with the
- * stack aligned to 16 bytes as the SysV ABI requires at a call. */
-__asm__(".globl _start\n"
-	"_start:\n"
-	"	mov %rsp, %rdi\n"
-	"	and $-16, %rsp\n"
-	"	call start_c\n"
-	"	hlt\n");

@@ -49,27 +49,8 @@ esac
 stage() { printf 'ember: initramfs: %s\n' "$*" >&2; }
 die() { printf 'ember: initramfs: error: %s\n' "$*" >&2; exit 1; }
 
-# Install the Debian packages in "$@" that are not installed yet.
-ensure_packages() {
-	local missing=() pkg
-	for pkg in "$@"; do
-		dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
-			missing+=("$pkg")
-	done
-	[ ${#missing[@]} -eq 0 ] && return 0
-	stage "installing ${missing[*]} with apt-get"
-	# Wait for another apt/dpkg to finish instead of failing on its lock.
-	local apt=(apt-get -y -q -o DPkg::Lock::Timeout=600)
-	if [ "$(id -u)" -ne 0 ]; then
-		command -v sudo >/dev/null || die "need root to install: ${missing[*]}"
-		apt=(sudo "${apt[@]}")
-	fi
-	if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2; then
-		DEBIAN_FRONTEND=noninteractive "${apt[@]}" update >&2
-		DEBIAN_FRONTEND=noninteractive "${apt[@]}" install "${missing[@]}" >&2 ||
-			die "apt-get install ${missing[*]} failed"
-	fi
-}
+# ensure_packages: install what is missing (lib.sh).
+. "$here/lib.sh"
 
 ensure_packages busybox-static gcc libc6-dev cpio gzip
 [ -x /bin/busybox ] || die "/bin/busybox missing although busybox-static is installed"
@@ -79,7 +60,7 @@ key=$(
 	{
 		echo "busybox-static $busybox_version"
 		gcc -dumpfullversion
-		cat "$here/init" "$here/ember-exit.c" "$here/ember-getpid.c" "$self"
+		cat "$here/init" "$here/freestanding.h" "$here/ember-exit.c" "$here/ember-getpid.c" "$self"
 	} | sha256sum | cut -c1-16
 )
 cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember

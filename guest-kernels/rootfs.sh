@@ -41,16 +41,9 @@ esac
 stage() { printf 'ember: rootfs: %s\n' "$*" >&2; }
 die() { printf 'ember: rootfs: error: %s\n' "$*" >&2; exit 1; }
 
-need() {
-	command -v "$1" >/dev/null && return 0
-	local sudo=
-	[ "$(id -u)" -eq 0 ] || sudo=sudo
-	stage "installing $2 with apt-get"
-	DEBIAN_FRONTEND=noninteractive $sudo apt-get -y -q -o DPkg::Lock::Timeout=600 install "$2" >&2 ||
-		die "apt-get install $2 failed"
-}
-need mkfs.ext4 e2fsprogs
-need cpio cpio
+# ensure_packages: install what is missing (lib.sh).
+. "$here/lib.sh"
+ensure_packages e2fsprogs cpio
 
 initramfs=$(bash "$here/initramfs.sh" | sed -n 's/^EMBER_INITRAMFS=//p')
 [ -f "$initramfs" ] || die "initramfs.sh printed no EMBER_INITRAMFS line"

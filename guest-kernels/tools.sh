@@ -58,17 +58,9 @@ esac
 stage() { printf 'ember: tools: %s\n' "$*" >&2; }
 die() { printf 'ember: tools: error: %s\n' "$*" >&2; exit 1; }
 
-need() {
-	command -v "$1" >/dev/null && return 0
-	local sudo=
-	[ "$(id -u)" -eq 0 ] || sudo=sudo
-	stage "installing $2 with apt-get"
-	DEBIAN_FRONTEND=noninteractive $sudo apt-get -y -q -o DPkg::Lock::Timeout=600 install "$2" >&2 ||
-		die "apt-get install $2 failed"
-}
-need mkfs.ext4 e2fsprogs
-need fio fio
-need iperf3 iperf3
+# ensure_packages: install what is missing (lib.sh).
+. "$here/lib.sh"
+ensure_packages e2fsprogs fio iperf3
 
 tools=(fio iperf3)
 loader=/lib64/ld-linux-x86-64.so.2

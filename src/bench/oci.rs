@@ -95,6 +95,7 @@ fn build_getpid(sbin: &Path, work: &Path) -> io::Result<()> {
     std::fs::create_dir_all(sbin)?;
     let src = work.join("ember-getpid.c");
     std::fs::write(&src, crate::guest::GETPID_SOURCE)?;
+    std::fs::write(work.join("freestanding.h"), crate::guest::FREESTANDING_HEADER)?;
     let out = Command::new("gcc")
         .args(["-Os", "-static", "-nostdlib", "-ffreestanding", "-fno-pie", "-no-pie", "-fno-stack-protector"])
         .args(["-fno-asynchronous-unwind-tables", "-Wl,--build-id=none", "-s", "-o"])

@@ -26,6 +26,8 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("tools.sh", include_str!("../../guest-kernels/tools.sh")),
     ("init", include_str!("../../guest-kernels/init")),
     ("microvm.config", include_str!("../../guest-kernels/microvm.config")),
+    ("lib.sh", include_str!("../../guest-kernels/lib.sh")),
+    ("freestanding.h", include_str!("../../guest-kernels/freestanding.h")),
     ("ember-exit.c", include_str!("../../guest-kernels/ember-exit.c")),
     ("ember-getpid.c", include_str!("../../guest-kernels/ember-getpid.c")),
 ];
@@ -33,6 +35,8 @@ const SCRIPTS: &[(&str, &str)] = &[
 /// Source of `ember-getpid`, the getpid(2) loop in the default guest's
 /// initramfs; `ember bench` builds the same program for the host and containers.
 pub const GETPID_SOURCE: &str = include_str!("../../guest-kernels/ember-getpid.c");
+/// The header `ember-getpid.c` includes (raw system calls, the ELF entry point).
+pub const FREESTANDING_HEADER: &str = include_str!("../../guest-kernels/freestanding.h");
 
 /// Errors building or finding the default guest.
 #[derive(Debug, Error)]
