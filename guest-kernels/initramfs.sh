@@ -7,6 +7,7 @@
 #   /init              ember-init (the `init` script beside this file)
 #   /sbin/ember-exit   the exit-port helper, compiled from ember-exit.c
 #   /sbin/ember-getpid a getpid(2) loop, the syscall-cost workload of `ember bench`
+#   /sbin/ember-exec   enters a container image's root as its user (ember run IMAGE)
 #   /etc/...           passwd, group, profile: enough for a root shell
 #   /dev/console       a char device node 5:1, so the kernel can open the
 #                      console for PID 1 (it runs before devtmpfs is mounted)
@@ -60,7 +61,7 @@ key=$(
 	{
 		echo "busybox-static $busybox_version"
 		gcc -dumpfullversion
-		cat "$here/init" "$here/freestanding.h" "$here/ember-exit.c" "$here/ember-getpid.c" "$self"
+		cat "$here/init" "$here/freestanding.h" "$here/ember-exit.c" "$here/ember-getpid.c" "$here/ember-exec.c" "$self"
 	} | sha256sum | cut -c1-16
 )
 cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember
@@ -104,10 +105,14 @@ for prog in ember-exit ember-getpid; do
 		-o "$root/sbin/$prog" "$here/$prog.c"
 done
 
+# ember-exec uses libc (stdio, the passwd parsing), linked statically: it runs
+# inside images that may have no libc of their own.
+gcc -Os -static -Wall -Wextra -Werror -s -o "$root/sbin/ember-exec" "$here/ember-exec.c"
+
 install -m 0755 "$here/init" "$root/init"
 
 # Mount points (init mounts onto them) and the usual skeleton.
-for d in dev proc sys tmp run root etc mnt; do mkdir -p "$root/$d"; done
+for d in dev proc sys tmp run root etc mnt newroot; do mkdir -p "$root/$d"; done
 chmod 1777 "$root/tmp"
 chmod 0700 "$root/root"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"

@@ -51,6 +51,7 @@ pub mod demo;
 pub mod devices;
 pub mod event_loop;
 pub mod guest;
+pub mod image;
 pub mod lane;
 pub mod layout;
 pub mod memory;

@@ -29,8 +29,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a VM.
+    /// Boot a VM: the default guest (`ember run -- CMD`), a container image
+    /// (`ember run IMAGE [CMD...]`), or a kernel of your own (`--kernel`).
     Run(RunArgs),
+    /// Pull an image into ember's store (from a registry, or import an archive)
+    /// and build its root file system.
+    Pull {
+        /// The image: [REGISTRY/]NAME[:TAG|@DIGEST], oci:DIR[:REF],
+        /// oci-archive:FILE[:REF] or docker-archive:FILE[:REF].
+        #[arg(value_name = "IMAGE")]
+        image: String,
+        /// Speak plain HTTP to this registry (loopback registries always are).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
+    },
+    /// List the images in ember's store.
+    Images,
+    /// Remove images from ember's store (and what no other image uses).
+    Rmi {
+        /// The images, as pulled.
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+    },
+    /// Print a shell completion script (e.g. `ember completions bash > /etc/bash_completion.d/ember`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Compare start-up, memory and speed of one payload on the host, in
     /// containers (crun, runc) and in VMs (ember, QEMU microvm).
     Bench(ember::bench::BenchArgs),
@@ -132,9 +157,62 @@ struct RunArgs {
     /// No virtio-rng device (Linux guests get one by default).
     #[arg(long)]
     no_rng: bool,
-    /// Command for the default guest's init to run (after `--`); none: a shell.
-    #[arg(last = true, value_name = "CMD")]
-    command: Vec<std::ffi::OsString>,
+    /// An environment variable for the image's command (KEY=VALUE, or KEY to
+    /// pass ember's own); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
+    env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines, # comments).
+    #[arg(long, value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Working directory of the image's command.
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// User of the image's command: a name or UID, optionally :GROUP or :GID.
+    #[arg(short = 'u', long, value_name = "USER[:GROUP]")]
+    user: Option<String>,
+    /// Replace the image's Entrypoint (and drop its Cmd); "" for none.
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+    /// The guest's hostname (default: --name, or a random id).
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// A name for this VM (also its hostname unless --hostname is given).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Accepted for `docker run` habits: input is interactive when stdin is a terminal.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Accepted for `docker run` habits: the console is a terminal when stdin is one.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Speak plain HTTP to this registry (loopback registries always are).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
+    /// `IMAGE [CMD [ARG...]]`: run a container image, CMD replacing its Cmd.
+    /// `-- CMD [ARG...]`: run CMD in the default guest; nothing: a shell.
+    #[arg(value_name = "IMAGE [CMD]...", trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<std::ffi::OsString>,
+}
+
+impl RunArgs {
+    /// Splits `rest` like `docker run`: `(Some(IMAGE), CMD)` when the first
+    /// word after the options is an image, `(None, CMD)` when `--` came first.
+    /// clap drops a `--` before the first positional, so the raw argv tells.
+    fn image_and_command(&self, raw: &[std::ffi::OsString]) -> (Option<String>, Vec<std::ffi::OsString>) {
+        let n = self.rest.len();
+        if n == 0 {
+            return (None, vec![]);
+        }
+        if raw.len() > n && raw[raw.len() - n - 1] == "--" && raw[raw.len() - n..] == self.rest[..] {
+            return (None, self.rest.clone());
+        }
+        let image = self.rest[0].to_string_lossy().into_owned();
+        let mut cmd = self.rest[1..].to_vec();
+        if cmd.first().is_some_and(|c| c == "--") {
+            cmd.remove(0);
+        }
+        (Some(image), cmd)
+    }
 }
 
 /// The kernel command line a Linux guest gets unless --cmdline says otherwise:
@@ -142,8 +220,90 @@ struct RunArgs {
 /// resets at once (ember reports a crash), no boot chatter.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet";
 
-fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
-    let (kernel, initrd) = match &a.kernel {
+/// A run's own temporary files (an image run's initrd, a `dir:` image's disk),
+/// in a private directory under the temp dir (which the Linux lane shares),
+/// removed when the run ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch, String> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!("ember-run-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A VM to boot, and for image runs what must live as long as it.
+struct Plan {
+    cfg: VmConfig,
+    /// Temporary files of an image run.
+    _scratch: Option<Scratch>,
+    /// The image's root file system disk (first in `cfg.disks`).
+    image_disk: Option<String>,
+}
+
+/// Prints an error with its chain of causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg += &format!(": {s_msg}");
+        }
+        src = s.source();
+    }
+    msg
+}
+
+/// The image part of an image run: pull/import, root file system, the init's
+/// spec appended to the initramfs.
+fn prepare_image(a: &RunArgs, image: &str, cmd: &[std::ffi::OsString], base_initrd: &std::path::Path) -> Result<(Scratch, PathBuf, PathBuf), String> {
+    use ember::image;
+    let scratch = Scratch::new()?;
+    let opts = image::PullOptions { insecure: a.insecure_registry.clone(), refresh: false };
+    let prepared = image::prepare(image, &opts, &scratch.0).map_err(|e| chain(&e))?;
+    let run = image::spec::RunOptions {
+        env: a.env.clone(),
+        env_files: a.env_file.clone(),
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+        entrypoint: a.entrypoint.clone(),
+        hostname: a.hostname.clone(),
+        name: a.name.clone(),
+    };
+    let spec = image::spec::make_spec(&prepared.config, &run, cmd).map_err(|e| chain(&e))?;
+    let initrd = scratch.0.join("initrd");
+    image::spec::write_initrd(base_initrd, &spec, &initrd).map_err(|e| chain(&e))?;
+    Ok((scratch, initrd, prepared.rootfs))
+}
+
+fn build_config(a: &RunArgs) -> Result<Plan, String> {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (image, command) = a.image_and_command(&raw);
+    if image.is_none() {
+        let docker_only = [
+            (!a.env.is_empty(), "-e/--env"),
+            (!a.env_file.is_empty(), "--env-file"),
+            (a.workdir.is_some(), "-w/--workdir"),
+            (a.user.is_some(), "-u/--user"),
+            (a.entrypoint.is_some(), "--entrypoint"),
+            (a.hostname.is_some(), "--hostname"),
+        ];
+        if let Some((_, flag)) = docker_only.iter().find(|(given, _)| *given) {
+            return Err(format!("{flag} applies to container images: ember run [OPTIONS] IMAGE [CMD...]"));
+        }
+    } else if a.root_disk.is_some() {
+        return Err("--root-disk cannot be combined with an image: the image is the root".into());
+    }
+    let (kernel, mut initrd) = match &a.kernel {
         Some(k) => (k.clone(), a.initrd.clone()),
         None => {
             let g = ember::guest::default_guest(false).map_err(|e| format!("{e}"))?;
@@ -153,12 +313,21 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
             (g.vmlinux, initrd)
         }
     };
+    let mut scratch = None;
+    let mut image_disk = None;
+    if let Some(image) = &image {
+        let base = initrd.clone().ok_or("an image run needs an initramfs with ember's init (--initrd)")?;
+        let (s, combined, rootfs) = prepare_image(a, image, &command, &base)?;
+        initrd = Some(combined);
+        image_disk = Some(format!("{},ro,id=ember-image", rootfs.display()));
+        scratch = Some(s);
+    }
     let mut cfg = VmConfig::new(KernelSource::Path(kernel));
     cfg.initrd = initrd;
     cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
-    if !a.command.is_empty() {
+    if image.is_none() && !command.is_empty() {
         use std::os::unix::ffi::OsStrExt;
-        let args: Vec<&[u8]> = a.command.iter().map(|s| s.as_bytes()).collect();
+        let args: Vec<&[u8]> = command.iter().map(|s| s.as_bytes()).collect();
         let argv = ember::guest::encode_argv(&args).map_err(|e| e.to_string())?;
         cfg.cmdline = format!("{} {argv}", cfg.cmdline);
     }
@@ -175,6 +344,9 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
         IrqchipArg::On => IrqchipMode::On,
         IrqchipArg::Off => IrqchipMode::Off,
     };
+    if let Some(d) = &image_disk {
+        cfg.disks.push(config::parse_disk(d).map_err(|e| e.to_string())?);
+    }
     if let Some(root) = &a.root_disk {
         let disk = config::parse_disk(root).map_err(|e| e.to_string().replace("--disk", "--root-disk"))?;
         cfg.cmdline = format!("{} root=/dev/vda {}", cfg.cmdline, if disk.read_only { "ro" } else { "rw" });
@@ -191,7 +363,57 @@ fn build_config(a: &RunArgs) -> Result<VmConfig, String> {
         (_, true) => RngMode::Off,
         _ => RngMode::Auto,
     };
-    Ok(cfg)
+    Ok(Plan { cfg, _scratch: scratch, image_disk })
+}
+
+/// The VM options of `a` as command-line words, for the inner ember of the
+/// Linux lane when the outer one has resolved an image into kernel, initrd and disk.
+fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec!["run".into()];
+    let KernelSource::Path(k) = &cfg.kernel else { return v };
+    v.extend(["--kernel".into(), k.clone().into_os_string()]);
+    if let Some(i) = &cfg.initrd {
+        v.extend(["--initrd".into(), i.clone().into_os_string()]);
+    }
+    let mut push = |k: &str, val: String| {
+        v.push(k.into());
+        v.push(val.into());
+    };
+    push("--cmdline", cfg.cmdline.clone());
+    push("--cpus", a.cpus.to_string());
+    push("--memory", a.memory.clone());
+    push("--serial", a.serial.clone());
+    push("--disk", image_disk.to_string());
+    for d in &a.disk {
+        push("--disk", d.clone());
+    }
+    for n in &a.net {
+        push("--net", n.clone());
+    }
+    let irq = match a.irqchip {
+        IrqchipArg::Auto => "auto",
+        IrqchipArg::On => "on",
+        IrqchipArg::Off => "off",
+    };
+    push("--irqchip", irq.to_string());
+    match a.timeline {
+        Some(TimelineFormat::Table) => v.push("--timeline=table".into()),
+        Some(TimelineFormat::Json) => v.push("--timeline=json".into()),
+        None => {}
+    }
+    if a.stats {
+        v.push("--stats".into());
+    }
+    if let Some(n) = a.trace_exits {
+        v.push(format!("--trace-exits={n}").into());
+    }
+    if a.rng {
+        v.push("--rng".into());
+    }
+    if a.no_rng {
+        v.push("--no-rng".into());
+    }
+    v
 }
 
 /// Prints an error with its chain of causes.
@@ -234,7 +456,8 @@ fn error_code(e: &VmmError) -> u8 {
 /// virtualization such as kvm_pvm), a Linux kernel is booted inside the Linux
 /// lane's emulated SVM machine instead (`ember::lane`). Returns the exit code
 /// when that path was taken.
-fn maybe_fallback(args: &RunArgs, cfg: &VmConfig) -> Option<u8> {
+fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
+    let cfg = &plan.cfg;
     use ember::boot::{KernelFormat, probe_kernel};
     use ember::lane::flavour::KvmFlavour;
     let linux = matches!(probe_kernel(&cfg.kernel), Ok(KernelFormat::BzImage | KernelFormat::Elf { linux_note: true }));
@@ -257,7 +480,11 @@ fn maybe_fallback(args: &RunArgs, cfg: &VmConfig) -> Option<u8> {
     // as they are: the lane hands each host tap to the machine and bridges it
     // to a tap of the same name inside.
     let mut inner: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    if args.kernel.is_none() {
+    if let Some(disk) = &plan.image_disk {
+        // The image is resolved here, on the host side (store and cache are
+        // shared with the machine read-only, the run's initrd through /tmp).
+        inner = vm_args(args, cfg, disk);
+    } else if args.kernel.is_none() {
         let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
         let KernelSource::Path(k) = &cfg.kernel else { return None };
         let mut extra = vec!["--kernel".into(), k.clone().into_os_string()];
@@ -283,22 +510,23 @@ fn maybe_fallback(args: &RunArgs, cfg: &VmConfig) -> Option<u8> {
 }
 
 fn run(args: RunArgs, start: Instant) -> u8 {
-    let cfg = match build_config(&args) {
-        Ok(c) => c,
+    let plan = match build_config(&args) {
+        Ok(p) => p,
         Err(msg) => {
             eprintln!("ember: {msg}");
             return EXIT_VMM_ERROR;
         }
     };
+    let cfg = &plan.cfg;
     if let Err(e) = cfg.validate() {
         eprintln!("ember: {e}");
         return EXIT_VMM_ERROR;
     }
-    if let Some(code) = maybe_fallback(&args, &cfg) {
+    if let Some(code) = maybe_fallback(&args, &plan) {
         return code;
     }
     let timeline = Arc::new(Timeline::new(start));
-    let outcome = Vmm::new(&cfg, timeline.clone()).and_then(|vmm| vmm.run());
+    let outcome = Vmm::new(cfg, timeline.clone()).and_then(|vmm| vmm.run());
     timeline.mark("ember: VM torn down");
     let code = match &outcome {
         Ok(o) => exit_code_for(&o.reason),
@@ -332,6 +560,47 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(args, start),
         Command::Bench(args) => ember::bench::main(args),
+        Command::Pull { image, insecure_registry } => {
+            let o = ember::image::PullOptions { insecure: insecure_registry, refresh: true };
+            match ember::image::pull(&image, &o) {
+                Ok(rec) => {
+                    println!("{} {}", rec.name, rec.manifest_digest);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("ember: {}", chain(&e));
+                    EXIT_VMM_ERROR
+                }
+            }
+        }
+        Command::Images => match ember::image::list_table() {
+            Ok(t) => {
+                print!("{t}");
+                0
+            }
+            Err(e) => {
+                eprintln!("ember: {}", chain(&e));
+                EXIT_VMM_ERROR
+            }
+        },
+        Command::Rmi { images } => {
+            let mut code = 0;
+            for i in images {
+                match ember::image::remove(&i) {
+                    Ok(rec) => println!("removed {} ({})", rec.name, rec.config_digest),
+                    Err(e) => {
+                        eprintln!("ember: {}", chain(&e));
+                        code = EXIT_VMM_ERROR;
+                    }
+                }
+            }
+            code
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ember", &mut std::io::stdout());
+            0
+        }
         Command::Demo { save_guest: Some(path), guest, .. } => match std::fs::write(
             &path,
             match guest {

@@ -30,6 +30,7 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("freestanding.h", include_str!("../../guest-kernels/freestanding.h")),
     ("ember-exit.c", include_str!("../../guest-kernels/ember-exit.c")),
     ("ember-getpid.c", include_str!("../../guest-kernels/ember-getpid.c")),
+    ("ember-exec.c", include_str!("../../guest-kernels/ember-exec.c")),
 ];
 
 /// Source of `ember-getpid`, the getpid(2) loop in the default guest's
