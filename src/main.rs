@@ -265,7 +265,11 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// The image part of an image run: pull/import, root file system, the init's
 /// spec appended to the initramfs.
-fn prepare_image(a: &RunArgs, image: &str, cmd: &[std::ffi::OsString], base_initrd: &std::path::Path) -> Result<(Scratch, PathBuf, PathBuf), String> {
+fn prepare_image(
+    a: &RunArgs,
+    image: &str,
+    cmd: &[std::ffi::OsString],
+) -> Result<(Scratch, ember::image::spec::RunSpec, PathBuf), String> {
     use ember::image;
     let scratch = Scratch::new()?;
     let opts = image::PullOptions { insecure: a.insecure_registry.clone(), refresh: false };
@@ -280,9 +284,7 @@ fn prepare_image(a: &RunArgs, image: &str, cmd: &[std::ffi::OsString], base_init
         name: a.name.clone(),
     };
     let spec = image::spec::make_spec(&prepared.config, &run, cmd).map_err(|e| chain(&e))?;
-    let initrd = scratch.0.join("initrd");
-    image::spec::write_initrd(base_initrd, &spec, &initrd).map_err(|e| chain(&e))?;
-    Ok((scratch, initrd, prepared.rootfs))
+    Ok((scratch, spec, prepared.rootfs))
 }
 
 fn build_config(a: &RunArgs) -> Result<Plan, String> {
@@ -303,6 +305,11 @@ fn build_config(a: &RunArgs) -> Result<Plan, String> {
     } else if a.root_disk.is_some() {
         return Err("--root-disk cannot be combined with an image: the image is the root".into());
     }
+    // The image first: its errors come before any kernel build.
+    let prepared = match &image {
+        Some(i) => Some(prepare_image(a, i, &command)?),
+        None => None,
+    };
     let (kernel, mut initrd) = match &a.kernel {
         Some(k) => (k.clone(), a.initrd.clone()),
         None => {
@@ -315,9 +322,10 @@ fn build_config(a: &RunArgs) -> Result<Plan, String> {
     };
     let mut scratch = None;
     let mut image_disk = None;
-    if let Some(image) = &image {
+    if let Some((s, spec, rootfs)) = prepared {
         let base = initrd.clone().ok_or("an image run needs an initramfs with ember's init (--initrd)")?;
-        let (s, combined, rootfs) = prepare_image(a, image, &command, &base)?;
+        let combined = s.0.join("initrd");
+        ember::image::spec::write_initrd(&base, &spec, &combined).map_err(|e| chain(&e))?;
         initrd = Some(combined);
         image_disk = Some(format!("{},ro,id=ember-image", rootfs.display()));
         scratch = Some(s);

@@ -95,15 +95,24 @@ fn unique_name(prefix: &str) -> String {
 }
 
 impl Store {
-    /// The default location.
+    /// The default location: `$EMBER_IMAGE_STORE`, else `images/` in ember's cache.
     pub fn default_root() -> PathBuf {
-        crate::guest::cache_dir().join("images")
+        match std::env::var_os("EMBER_IMAGE_STORE").filter(|v| !v.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => crate::guest::cache_dir().join("images"),
+        }
     }
 
-    /// Opens (creating) the store; `exclusive` for garbage collection.
+    /// Opens (creating) the store; `exclusive` for garbage collection. A store
+    /// on a read-only file system (the Linux lane's view of the host) opens
+    /// for reading: what is in it can run, nothing can be added.
     pub fn open(root: &Path, exclusive: bool) -> Result<Store, ImageError> {
         for d in ["blobs/sha256", "images", "rootfs", "tmp"] {
-            fs::create_dir_all(root.join(d)).map_err(io_err("cannot create", &root.join(d)))?;
+            if let Err(e) = fs::create_dir_all(root.join(d)) {
+                if !(e.raw_os_error() == Some(libc::EROFS) && root.join(d).is_dir()) {
+                    return Err(ImageError::Io(format!("cannot create {}", root.join(d).display()), e));
+                }
+            }
         }
         let lock_path = root.join(".lock");
         let lock = File::options()
@@ -111,6 +120,7 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(&lock_path)
+            .or_else(|_| File::open(&lock_path))
             .map_err(io_err("cannot open", &lock_path))?;
         let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
         // SAFETY: flock on a file descriptor we own; no memory is passed.
