@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Boot a VM: the default guest (`ember run -- CMD`), a container image
     /// (`ember run IMAGE [CMD...]`), or a kernel of your own (`--kernel`).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Pull an image into ember's store (from a registry, or import an archive)
     /// and build its root file system.
     Pull {
@@ -566,7 +566,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run(args) => run(args, start),
+        Command::Run(args) => run(*args, start),
         Command::Bench(args) => ember::bench::main(args),
         Command::Pull { image, insecure_registry } => {
             let o = ember::image::PullOptions { insecure: insecure_registry, refresh: true };

@@ -193,7 +193,17 @@ fn image_config_and_docker_run_overrides() {
     expect(&["run", "--entrypoint", "/bin/echo", &img, "hi", "there"], 0, "hi there\n");
     // --hostname and Docker's /etc files.
     expect(
-        &["run", "--hostname", "box", "-i", "-t", &img, "sh", "-c", "hostname; cat /etc/hostname; grep -c box /etc/hosts"],
+        &[
+            "run",
+            "--hostname",
+            "box",
+            "-i",
+            "-t",
+            &img,
+            "sh",
+            "-c",
+            "hostname; cat /etc/hostname; grep -c box /etc/hosts",
+        ],
         0,
         "box\nbox\n1\n",
     );
@@ -204,7 +214,11 @@ fn a_missing_entrypoint_exits_127_like_docker() {
     let f = fixture();
     let Some(o) = vm(&["run", &f.image("base"), "no-such-program"]) else { return };
     assert_eq!(o.status, 127, "{}", show(&o));
-    assert!(text(&o).contains("executable file not found") || o.stderr_lossy().contains("executable file not found"), "{}", show(&o));
+    assert!(
+        text(&o).contains("executable file not found") || o.stderr_lossy().contains("executable file not found"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
@@ -221,7 +235,10 @@ fn layers_are_applied_with_whiteouts_links_devices_and_modes() {
          /srv/null 666 0 0 1 character special file\n/opq/c 600 0 0 1 regular file\n/etc/passwd\nkept\n",
     );
     // The xattr made it into the image (read on the host side: busybox has no getfattr).
-    let rec = std::fs::read_dir(f.store.join("rootfs")).unwrap().flatten().find(|e| e.path().extension().is_some_and(|x| x == "sqfs"));
+    let rec = std::fs::read_dir(f.store.join("rootfs"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "sqfs"));
     let sqfs = rec.expect("a built root file system").path();
     let x = run(Command::new("rdsquashfs").arg("-x").arg("/bin/cap").arg(&sqfs));
     assert!(x.contains("user.ember") && x.contains("xattr-kept"), "{x}");
@@ -233,7 +250,8 @@ fn the_guest_sees_what_umoci_unpacks() {
     let bundle = f.dir.join("bundle");
     let _ = std::fs::remove_dir_all(&bundle);
     run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:base", f.layout.display())).arg(&bundle));
-    let Some(o) = vm(&["run", &f.image("base"), "sh", "-c", "find / -xdev | sort | xargs stat -c '%n %a %u %g %F'"]) else {
+    let Some(o) = vm(&["run", &f.image("base"), "sh", "-c", "find / -xdev | sort | xargs stat -c '%n %a %u %g %F'"])
+    else {
         return;
     };
     assert_eq!(o.status, 0, "{}", show(&o));
@@ -278,7 +296,11 @@ fn writes_are_discarded_between_runs() {
     let f = fixture();
     let img = f.image("base");
     expect(&["run", &img, "sh", "-c", "echo changed > /data/keep.txt; touch /new; rm /bin/wc; echo ok"], 0, "ok\n");
-    expect(&["run", &img, "sh", "-c", "cat /data/keep.txt; test -e /new || echo no-new; test -e /bin/wc && echo wc"], 0, "kept\nno-new\nwc\n");
+    expect(
+        &["run", &img, "sh", "-c", "cat /data/keep.txt; test -e /new || echo no-new; test -e /bin/wc && echo wc"],
+        0,
+        "kept\nno-new\nwc\n",
+    );
 }
 
 #[test]
@@ -331,7 +353,8 @@ fn registry_pulls_zstd_manifest_lists_auth_corruption_and_the_cache() {
     let o = host_ember(&fresh, &["pull", &format!("{}/test/corrupt:1", reg.addr)]);
     assert_eq!(o.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&o.stderr).contains("corrupt"), "{}", String::from_utf8_lossy(&o.stderr));
-    let kept: Vec<_> = std::fs::read_dir(fresh.join("blobs/sha256")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let kept: Vec<_> =
+        std::fs::read_dir(fresh.join("blobs/sha256")).unwrap().flatten().map(|e| e.file_name()).collect();
     let victim_hex = victim.parent().unwrap().file_name().unwrap();
     assert!(!kept.iter().any(|k| k == victim_hex), "the corrupt blob was kept");
 
@@ -383,14 +406,23 @@ fn registry_basic_auth_from_docker_config() {
                 let _ = std::fs::remove_file(docker_config.join("config.json"));
             }
         }
-        Command::new(bin()).args(["pull", &image]).env("EMBER_IMAGE_STORE", &store).env("DOCKER_CONFIG", &docker_config).output().unwrap()
+        Command::new(bin())
+            .args(["pull", &image])
+            .env("EMBER_IMAGE_STORE", &store)
+            .env("DOCKER_CONFIG", &docker_config)
+            .output()
+            .unwrap()
     };
     let o = pull(None);
     assert_eq!(o.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&o.stderr).contains("docker login"), "{}", String::from_utf8_lossy(&o.stderr));
     let o = pull(Some("ember:wrong"));
     assert_eq!(o.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("refused access with the credentials"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("refused access with the credentials"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = pull(Some("ember:s3cret"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -418,8 +450,14 @@ fn archives_and_directories() {
     let f = fixture();
     let da = f.dir.join("image.docker.tar");
     let oa = f.dir.join("image.oci.tar");
-    run(Command::new("skopeo").args(["copy", "--quiet"]).arg(f.image("base")).arg(format!("docker-archive:{}:test/base:1", da.display())));
-    run(Command::new("skopeo").args(["copy", "--quiet"]).arg(f.image("base")).arg(format!("oci-archive:{}:base", oa.display())));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(f.image("base"))
+        .arg(format!("docker-archive:{}:test/base:1", da.display())));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(f.image("base"))
+        .arg(format!("oci-archive:{}:base", oa.display())));
     let store = f.dir.join("store-archives");
     let docker_ref = format!("docker-archive:{}:test/base:1", da.display());
     let oci_ref = format!("oci-archive:{}:base", oa.display());
@@ -446,7 +484,11 @@ fn archives_and_directories() {
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
     let o = host_ember(&store, &["pull", &format!("docker-archive:{}", cut.display())]);
     assert_eq!(o.status.code(), Some(125), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a readable image archive"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a readable image archive"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// A layer tar whose one entry is `../escape` (the tar crate refuses to
@@ -523,4 +565,60 @@ fn completions_cover_the_image_commands() {
     for w in ["pull", "images", "rmi", "--entrypoint", "--env-file"] {
         assert!(s.contains(w), "bash completions lack {w}");
     }
+}
+
+/// A Debian 12 root (`debootstrap --variant=minbase`, plus perl-base's perl
+/// and python3-minimal) as a tar, made once and cached in ember's cache: the
+/// first run fetches ~40 MB of packages from Debian's archive.
+fn debian_root_tar() -> PathBuf {
+    let cache = ember::guest::cache_dir().join("test-images");
+    std::fs::create_dir_all(&cache).unwrap();
+    let tar = cache.join("debian-bookworm-minbase-python3.tar");
+    if tar.is_file() {
+        return tar;
+    }
+    let lock = std::fs::File::create(cache.join(".debian.lock")).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if tar.is_file() {
+        return tar;
+    }
+    let root = cache.join(format!("debian-root.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    eprintln!("image_run: building a Debian root with debootstrap (first run only)");
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", "--include=python3-minimal", "bookworm"])
+        .arg(&root)
+        .arg("http://deb.debian.org/debian"));
+    let tmp = cache.join(format!("debian.tar.{}", std::process::id()));
+    run(Command::new("tar").args(["--numeric-owner", "--xattrs", "-C"]).arg(&root).arg("-cf").arg(&tmp).arg("."));
+    std::fs::rename(&tmp, &tar).unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+    tar
+}
+
+#[test]
+fn a_debian_image_runs_its_own_programs() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED: /dev/kvm absent");
+        return;
+    }
+    let f = fixture();
+    let layer = std::fs::read(debian_root_tar()).unwrap();
+    let cfg = Config {
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        cmd: Some(vec!["bash"]),
+        ..Default::default()
+    };
+    let layout = f.dir.join("debian-layout");
+    write_image(&layout, "12", &[layer], &cfg);
+    let store = f.dir.join("store-debian");
+    let image = format!("oci:{}:12", layout.display());
+    let o = host_ember(&store, &["pull", &image]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let script = "apt-get --version | head -n1 | cut -d' ' -f1; perl -e 'print 6*7, qq(\\n)'; \
+                  python3 -c 'import os, socket, select; print(6*7, os.getuid())'; \
+                  . /etc/os-release; echo $ID $VERSION_ID; id -un";
+    let Some(o) = vm_with(&store, &["run", "--memory", "512M", &image, "bash", "-c", script]) else { return };
+    assert_eq!((o.status, text(&o).as_str()), (0, "apt\n42\n42 0\ndebian 12\nroot\n"), "{}", show(&o));
 }

@@ -27,13 +27,13 @@ fn open(p: &Path) -> Result<File, ImageError> {
 pub fn import_oci_dir(store: &Store, dir: &Path, tag: Option<&str>, name: &str) -> Result<ImageRecord, ImageError> {
     let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
     let index_path = dir.join("index.json");
-    let index_bytes = fs::read(&index_path).map_err(|e| {
-        ImageError::Io(format!("{} is not an OCI image layout (no index.json)", dir.display()), e)
-    })?;
+    let index_bytes = fs::read(&index_path)
+        .map_err(|e| ImageError::Io(format!("{} is not an OCI image layout (no index.json)", dir.display()), e))?;
     let Document::Index(index) = manifest::parse_document(&index_bytes, Some(manifest::OCI_INDEX))? else {
         return Err(ImageError::Unsupported("an index.json that is not an index".into()));
     };
-    let names: Vec<&str> = index.manifests.iter().filter_map(|d| d.annotations.get(REF_NAME).map(|s| s.as_str())).collect();
+    let names: Vec<&str> =
+        index.manifests.iter().filter_map(|d| d.annotations.get(REF_NAME).map(|s| s.as_str())).collect();
     let top = match tag {
         Some(t) => index.manifests.iter().find(|d| d.annotations.get(REF_NAME).is_some_and(|n| n == t)),
         None if index.manifests.len() == 1 => index.manifests.first(),
@@ -93,14 +93,18 @@ fn unpack_files(archive: &Path, into: &Path) -> Result<(), ImageError> {
         let mut entry = entry.map_err(bad)?;
         let path = entry.path().map_err(bad)?.into_owned();
         let Some(rel) = safe_relative(&path) else {
-            return Err(ImageError::BadArchive(archive.display().to_string(), format!("unsafe path {}", path.display())));
+            return Err(ImageError::BadArchive(
+                archive.display().to_string(),
+                format!("unsafe path {}", path.display()),
+            ));
         };
         if entry.header().entry_type().is_file() {
             let dst = into.join(&rel);
             if let Some(p) = dst.parent() {
                 fs::create_dir_all(p).map_err(|e| ImageError::Io(format!("cannot create {}", p.display()), e))?;
             }
-            let mut out = File::create(&dst).map_err(|e| ImageError::Io(format!("cannot create {}", dst.display()), e))?;
+            let mut out =
+                File::create(&dst).map_err(|e| ImageError::Io(format!("cannot create {}", dst.display()), e))?;
             let want = entry.header().size().unwrap_or(0);
             let n = io::copy(&mut entry, &mut out).map_err(bad)?;
             if n != want {
@@ -119,7 +123,12 @@ impl Drop for TempDir {
 }
 
 /// Imports from an `oci-archive:` tar.
-pub fn import_oci_archive(store: &Store, file: &Path, tag: Option<&str>, name: &str) -> Result<ImageRecord, ImageError> {
+pub fn import_oci_archive(
+    store: &Store,
+    file: &Path,
+    tag: Option<&str>,
+    name: &str,
+) -> Result<ImageRecord, ImageError> {
     let tmp = TempDir(store.temp_path("oci-archive"));
     unpack_files(file, &tmp.0)?;
     import_oci_dir(store, &tmp.0, tag, name)
@@ -146,12 +155,16 @@ pub fn import_docker_archive(
     let tmp = TempDir(store.temp_path("docker-archive"));
     unpack_files(file, &tmp.0)?;
     let mpath = tmp.0.join("manifest.json");
-    let bytes = fs::read(&mpath)
-        .map_err(|_| ImageError::BadArchive(file.display().to_string(), "no manifest.json (not a docker save archive)".into()))?;
+    let bytes = fs::read(&mpath).map_err(|_| {
+        ImageError::BadArchive(file.display().to_string(), "no manifest.json (not a docker save archive)".into())
+    })?;
     let entries: Vec<DockerArchiveEntry> =
         serde_json::from_slice(&bytes).map_err(|e| ImageError::BadJson("docker-archive manifest.json", e))?;
     let matches = |e: &DockerArchiveEntry, t: &str| {
-        e.repo_tags.iter().flatten().any(|rt| rt == t || rt.ends_with(&format!("/{t}")) || rt.split(':').next() == Some(t))
+        e.repo_tags
+            .iter()
+            .flatten()
+            .any(|rt| rt == t || rt.ends_with(&format!("/{t}")) || rt.split(':').next() == Some(t))
     };
     let entry = match tag {
         Some(t) => entries.iter().find(|e| matches(e, t)),

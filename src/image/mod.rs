@@ -192,13 +192,11 @@ pub fn fetch(store: &Store, r: &ImageRef, o: &PullOptions) -> Result<ImageRecord
         ImageRef::Dir(_) => return Err(ImageError::Unsupported("pulling a dir: tree (run it directly)".into())),
     };
     let stamp_name = local.and_then(|p| stamp(p)).map(|s| format!("{name}#{s}"));
-    if !o.refresh {
-        if let Some(rec) = store.find(stamp_name.as_deref().unwrap_or(&name)) {
-            let complete = rec.layers.iter().chain([&rec.config_digest]).all(|d| store.has_blob(d));
-            if complete {
-                return Ok(ImageRecord { name, ..rec });
-            }
-        }
+    if !o.refresh
+        && let Some(rec) = store.find(stamp_name.as_deref().unwrap_or(&name))
+        && rec.layers.iter().chain([&rec.config_digest]).all(|d| store.has_blob(d))
+    {
+        return Ok(ImageRecord { name, ..rec });
     }
     let mut rec = match r {
         ImageRef::Registry(reg) => registry::pull(store, reg, &o.insecure, &progress)?,
@@ -219,7 +217,8 @@ pub fn fetch(store: &Store, r: &ImageRef, o: &PullOptions) -> Result<ImageRecord
 /// The image config of a record, checked for linux/amd64.
 pub fn config_of(store: &Store, rec: &ImageRecord) -> Result<manifest::ImageConfig, ImageError> {
     let bytes = store.read_blob(&rec.config_digest)?;
-    let cfg: manifest::ImageConfig = serde_json::from_slice(&bytes).map_err(|e| ImageError::BadJson("image config", e))?;
+    let cfg: manifest::ImageConfig =
+        serde_json::from_slice(&bytes).map_err(|e| ImageError::BadJson("image config", e))?;
     if (!cfg.architecture.is_empty() && cfg.architecture != "amd64") || (!cfg.os.is_empty() && cfg.os != "linux") {
         return Err(ImageError::WrongPlatform(format!("{}/{}", cfg.os, cfg.architecture)));
     }

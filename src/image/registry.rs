@@ -63,7 +63,9 @@ fn challenge_params(h: &str) -> Vec<(String, String)> {
 fn query_escape(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'/' => (b as char).to_string(),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'/' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -152,7 +154,10 @@ impl<'a> Client<'a> {
             200..=299 => Ok(()),
             401 | 403 => Err(self.auth_refused()),
             404 => Err(ImageError::NotFound(format!("{} ({what})", self.r))),
-            s => Err(ImageError::Registry { registry: self.r.registry.clone(), what: format!("answered {s} for {what}") }),
+            s => Err(ImageError::Registry {
+                registry: self.r.registry.clone(),
+                what: format!("answered {s} for {what}"),
+            }),
         }
     }
 
@@ -161,8 +166,7 @@ impl<'a> Client<'a> {
         let mut resp = self.get(&format!("manifests/{reference}"), manifest::ACCEPT)?;
         self.check(resp.status().as_u16(), "manifest")?;
         let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body =
-            resp.body_mut().with_config().limit(MAX_MANIFEST).read_to_vec().map_err(|e| self.unreachable(e))?;
+        let body = resp.body_mut().with_config().limit(MAX_MANIFEST).read_to_vec().map_err(|e| self.unreachable(e))?;
         let digest = digest_of(&body);
         if let Some(e) = expected.filter(|e| *e != digest) {
             return Err(ImageError::DigestMismatch { expected: e.to_string(), got: digest, bytes: body.len() as u64 });
@@ -188,7 +192,12 @@ fn short(d: &str) -> String {
 }
 
 /// Pulls `r` into the store and records it under its name.
-pub fn pull(store: &Store, r: &RegistryRef, insecure: &[String], progress: &Progress) -> Result<ImageRecord, ImageError> {
+pub fn pull(
+    store: &Store,
+    r: &RegistryRef,
+    insecure: &[String],
+    progress: &Progress,
+) -> Result<ImageRecord, ImageError> {
     let mut c = Client::new(r, insecure);
     let (mut body, mut digest, mut doc) = c.manifest(r.manifest_ref(), r.digest.as_deref())?;
     if let Document::Index(index) = &doc {

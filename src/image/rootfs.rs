@@ -47,7 +47,10 @@ fn normalize(p: &Path, layer: &str) -> Result<Option<String>, ImageError> {
             Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(ImageError::BadLayer(layer.to_string(), format!("entry `{}` leaves the root", p.display())));
+                return Err(ImageError::BadLayer(
+                    layer.to_string(),
+                    format!("entry `{}` leaves the root", p.display()),
+                ));
             }
         }
     }
@@ -106,7 +109,11 @@ fn surviving(layers: &[PathBuf], digests: &[String]) -> Result<BTreeMap<String, 
         }
         io::copy(&mut hashed, &mut io::sink()).map_err(bad)?;
         if &hashed.digest() != name {
-            return Err(ImageError::DigestMismatch { expected: name.clone(), got: hashed.digest(), bytes: hashed.count });
+            return Err(ImageError::DigestMismatch {
+                expected: name.clone(),
+                got: hashed.digest(),
+                bytes: hashed.count,
+            });
         }
         // Whiteouts and opaque markers act on the layers below only.
         for c in &changes {
@@ -236,7 +243,8 @@ pub fn build(store: &Store, rec: &ImageRecord) -> Result<PathBuf, ImageError> {
     }
     // One builder per image at a time; a second run waits, then finds it built.
     let lock_path = dst.with_extension("lock");
-    let lock = File::create(&lock_path).map_err(|e| ImageError::Io(format!("cannot create {}", lock_path.display()), e))?;
+    let lock =
+        File::create(&lock_path).map_err(|e| ImageError::Io(format!("cannot create {}", lock_path.display()), e))?;
     // SAFETY: flock on a descriptor we own.
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
     if dst.is_file() {
@@ -311,19 +319,35 @@ mod tests {
         let l0 = layer(
             &dir,
             0,
-            &[("a", None), ("a/keep", Some(b"1")), ("a/gone", Some(b"2")), ("o", None), ("o/x", Some(b"3")), ("f", None), ("f/y", Some(b"4"))],
+            &[
+                ("a", None),
+                ("a/keep", Some(b"1")),
+                ("a/gone", Some(b"2")),
+                ("o", None),
+                ("o/x", Some(b"3")),
+                ("f", None),
+                ("f/y", Some(b"4")),
+            ],
         );
         let l1 = layer(
             &dir,
             1,
-            &[("a/.wh.gone", Some(b"")), ("o/.wh..wh..opq", Some(b"")), ("o/new", Some(b"5")), ("f", Some(b"now a file"))],
+            &[
+                ("a/.wh.gone", Some(b"")),
+                ("o/.wh..wh..opq", Some(b"")),
+                ("o/new", Some(b"5")),
+                ("f", Some(b"now a file")),
+            ],
         );
         let map = surviving(&[l0.0.clone(), l1.0.clone()], &[l0.1.clone(), l1.1.clone()]).unwrap();
         let keys: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
         assert_eq!(keys, ["a", "a/keep", "f", "o", "o/new"]);
         assert_eq!(map["f"].layer, 1);
         // A layer whose bytes do not match its digest is refused.
-        assert!(matches!(surviving(&[l0.0.clone()], &[l1.1.clone()]), Err(ImageError::DigestMismatch { .. })));
+        assert!(matches!(
+            surviving(std::slice::from_ref(&l0.0), std::slice::from_ref(&l1.1)),
+            Err(ImageError::DigestMismatch { .. })
+        ));
         let _ = fs::remove_dir_all(&dir);
     }
 

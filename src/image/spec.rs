@@ -160,11 +160,11 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
     }
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -191,10 +191,8 @@ fn resolv_conf() -> Vec<u8> {
 
 /// The cpio archive holding `spec` for the init (see the module docs).
 pub fn spec_cpio(spec: &RunSpec) -> Vec<u8> {
-    let hosts = format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
-        spec.hostname
-    );
+    let hosts =
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", spec.hostname);
     let mut out = Vec::new();
     cpio_entry(&mut out, 1, "ember", 0o040755, b"");
     cpio_entry(&mut out, 2, "ember/image", 0o040755, b"");
@@ -220,7 +218,7 @@ pub fn spec_cpio(spec: &RunSpec) -> Vec<u8> {
 pub fn write_initrd(base: &Path, spec: &RunSpec, out: &Path) -> Result<(), ImageError> {
     let mut bytes =
         std::fs::read(base).map_err(|e| ImageError::Io(format!("cannot read the initramfs {}", base.display()), e))?;
-    while bytes.len() % 4 != 0 {
+    while !bytes.len().is_multiple_of(4) {
         bytes.push(0);
     }
     bytes.extend_from_slice(&spec_cpio(spec));
@@ -262,7 +260,8 @@ mod tests {
 
     #[test]
     fn environment_overrides_by_key() {
-        let o = RunOptions { env: vec!["A=2".into(), "B=x=y".into()], hostname: Some("h".into()), ..Default::default() };
+        let o =
+            RunOptions { env: vec!["A=2".into(), "B=x=y".into()], hostname: Some("h".into()), ..Default::default() };
         let sp = make_spec(&cfg(), &o, &[]).unwrap();
         assert_eq!(s(&sp.env), ["PATH=/bin", "A=2", "B=x=y", "HOSTNAME=h"]);
         let sp = make_spec(&RunConfig::default(), &o, &["sh".into()]).unwrap();

@@ -108,10 +108,10 @@ impl Store {
     /// for reading: what is in it can run, nothing can be added.
     pub fn open(root: &Path, exclusive: bool) -> Result<Store, ImageError> {
         for d in ["blobs/sha256", "images", "rootfs", "tmp"] {
-            if let Err(e) = fs::create_dir_all(root.join(d)) {
-                if !(e.raw_os_error() == Some(libc::EROFS) && root.join(d).is_dir()) {
-                    return Err(ImageError::Io(format!("cannot create {}", root.join(d).display()), e));
-                }
+            if let Err(e) = fs::create_dir_all(root.join(d))
+                && !(e.raw_os_error() == Some(libc::EROFS) && root.join(d).is_dir())
+            {
+                return Err(ImageError::Io(format!("cannot create {}", root.join(d).display()), e));
             }
         }
         let lock_path = root.join(".lock");

@@ -197,7 +197,13 @@ pub fn busybox_layer() -> Vec<u8> {
         Entry::Dir("bin", 0o755, 0, 0),
         Entry::File("bin/busybox", 0o755, 0, 0, busybox),
         Entry::Dir("etc", 0o755, 0, 0),
-        Entry::File("etc/passwd", 0o644, 0, 0, b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec()),
+        Entry::File(
+            "etc/passwd",
+            0o644,
+            0,
+            0,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n".to_vec(),
+        ),
         Entry::File("etc/group", 0o644, 0, 0, b"root:x:0:\napp:x:1000:\nextra:x:2000:app\n".to_vec()),
         Entry::Dir("home", 0o755, 0, 0),
         Entry::Dir("home/app", 0o750, 1000, 1000),
@@ -278,7 +284,10 @@ impl Registry {
     /// skopeo copy of `src` (any skopeo transport) to `REGISTRY/name`.
     pub fn push(&self, src: &str, name: &str, extra: &[&str]) {
         let mut c = Command::new("skopeo");
-        c.args(["copy", "--quiet", "--dest-tls-verify=false"]).args(extra).arg(src).arg(format!("docker://{}/{name}", self.addr));
+        c.args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .args(extra)
+            .arg(src)
+            .arg(format!("docker://{}/{name}", self.addr));
         run(&mut c);
     }
 
