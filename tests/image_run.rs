@@ -224,7 +224,7 @@ fn a_missing_entrypoint_exits_127_like_docker() {
 #[test]
 fn layers_are_applied_with_whiteouts_links_devices_and_modes() {
     let f = fixture();
-    let script = "ls -a /data /opq; stat -c '%n %a %u %g %h %F' /data/keep.txt /data/hl /bin/suid /home/app /srv/null /opq/c; \
+    let script = "ls -1a /data /opq; stat -c '%n %a %u %g %h %F' /data/keep.txt /data/hl /bin/suid /home/app /srv/null /opq/c; \
                   readlink /data/link; cat /data/hl";
     expect(
         &["run", &f.image("base"), "sh", "-c", script],
