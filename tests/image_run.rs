@@ -85,6 +85,7 @@ fn host_ember(store: &Path, args: &[&str]) -> std::process::Output {
 
 fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
+        oci::sweep_stale();
         let dir = temp_dir("images");
         let layout = dir.join("layout");
         let base = [oci::busybox_layer(), layer_one(), layer_two()];

@@ -77,6 +77,15 @@ pub struct BenchArgs {
     /// Internal: running inside the Linux lane; print the tier's results as JSON on stdout.
     #[arg(long, hide = true)]
     pub inner: bool,
+    /// Run this container image's command in every runtime instead of a tier's payload:
+    /// crun and runc from a bundle of the same root file system, Docker from it imported,
+    /// ember as `ember run IMAGE`, QEMU microvm with the same kernel, initrd and disk.
+    /// Start-up is the time to the command's first output line.
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// With --image: the command (after `--`), replacing the image's Cmd.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// Errors that stop a bench run (a runtime that cannot run is a skip, not an error).
@@ -100,6 +109,9 @@ pub enum BenchError {
     /// The Linux lane failed.
     #[error("the Linux lane")]
     Lane(#[source] crate::lane::LaneError),
+    /// The image of `--image`.
+    #[error("the image")]
+    Image(#[source] crate::image::ImageError),
     /// The inner bench in the lane failed.
     #[error("the Linux tier inside the lane failed (status {status}): {stderr}")]
     Inner {
@@ -125,6 +137,8 @@ struct Options {
     density: Vec<usize>,
     cpus: u32,
     memory: Option<String>,
+    image: Option<String>,
+    command: Vec<String>,
 }
 
 fn parse_options(a: &BenchArgs) -> Result<Options, BenchError> {
@@ -132,7 +146,11 @@ fn parse_options(a: &BenchArgs) -> Result<Options, BenchError> {
     if a.runs == 0 {
         return Err(usage("--runs must be at least 1".into()));
     }
+    if a.image.is_none() && !a.command.is_empty() {
+        return Err(usage("a command after `--` needs --image".into()));
+    }
     let tiers = match a.tier.as_str() {
+        _ if a.image.is_some() => vec![Tier::Image],
         "tiny" => vec![Tier::Tiny],
         "linux" => vec![Tier::Linux],
         "all" => vec![Tier::Tiny, Tier::Linux],
@@ -165,7 +183,17 @@ fn parse_options(a: &BenchArgs) -> Result<Options, BenchError> {
     if let Some(m) = &a.memory {
         crate::config::parse_size(m).map_err(|e| usage(format!("--memory: {e}")))?;
     }
-    Ok(Options { runs: a.runs, warmup: a.warmup, tiers, runtimes, density, cpus: a.cpus, memory: a.memory.clone() })
+    Ok(Options {
+        runs: a.runs,
+        warmup: a.warmup,
+        tiers,
+        runtimes,
+        density,
+        cpus: a.cpus,
+        memory: a.memory.clone(),
+        image: a.image.clone(),
+        command: a.command.clone(),
+    })
 }
 
 /// One launch, as recorded.
@@ -411,8 +439,9 @@ fn run(args: &BenchArgs) -> Result<u8, BenchError> {
     install_signal_thread();
     let mut results = Vec::new();
     for &tier in &opts.tiers {
-        let r = if tier == Tier::Linux && !args.inner && crate::lane::KvmFlavour::detect().needs_nested_lane() {
-            linux_tier_in_lane(args, &opts)?
+        let linux = matches!(tier, Tier::Linux | Tier::Image);
+        let r = if linux && !args.inner && crate::lane::KvmFlavour::detect().needs_nested_lane() {
+            linux_tier_in_lane(args, &opts, tier)?
         } else {
             run_tier(tier, &opts, args.inner)?
         };
@@ -446,7 +475,7 @@ fn check(opts: &Options) -> u8 {
     }
     let flavour = crate::lane::KvmFlavour::detect();
     println!("  KVM: {flavour}");
-    if opts.tiers.contains(&Tier::Linux) && flavour.needs_nested_lane() {
+    if (opts.tiers.contains(&Tier::Linux) || opts.tiers.contains(&Tier::Image)) && flavour.needs_nested_lane() {
         println!("  Linux tier: runs inside the Linux lane's outer machine (QEMU TCG with emulated SVM)");
     }
     if oci::unified_has_controllers() {
@@ -457,11 +486,17 @@ fn check(opts: &Options) -> u8 {
     if missing == 0 { 0 } else { 1 }
 }
 
-/// Runs the Linux tier inside the lane's outer machine and reads its results back.
-fn linux_tier_in_lane(args: &BenchArgs, opts: &Options) -> Result<TierResult, BenchError> {
+/// Runs the Linux (or image) tier inside the lane's outer machine and reads its results back.
+fn linux_tier_in_lane(args: &BenchArgs, opts: &Options, tier: Tier) -> Result<TierResult, BenchError> {
     use crate::lane::{Invocation, LinuxLane};
     // The guest is built (or found) out here, where its cache is writable.
     crate::guest::default_guest(false).map_err(BenchError::Guest)?;
+    // So is the image: pulled and its root file system built, for the machine to read.
+    if let Some(image) = &opts.image {
+        if !image.starts_with("dir:") {
+            crate::image::pull(image, &crate::image::PullOptions::default()).map_err(BenchError::Image)?;
+        }
+    }
     // And the tools image (iperf3 and fio); without it those workloads are skipped.
     if let Err(e) = crate::guest::default_tools() {
         eprintln!("ember bench: no tools image, network and fio are not measured: {e}");
@@ -475,7 +510,7 @@ fn linux_tier_in_lane(args: &BenchArgs, opts: &Options) -> Result<TierResult, Be
     let mut inv = vec![
         "bench".to_string(),
         "--inner".into(),
-        "--tier=linux".into(),
+        format!("--tier={}", if tier == Tier::Image { "linux" } else { tier.name() }),
         format!("--runs={}", opts.runs),
         format!("--warmup={}", opts.warmup),
         format!("--runtimes={}", names.join(",")),
@@ -484,6 +519,11 @@ fn linux_tier_in_lane(args: &BenchArgs, opts: &Options) -> Result<TierResult, Be
     ];
     if let Some(m) = &args.memory {
         inv.push(format!("--memory={m}"));
+    }
+    if let Some(i) = &opts.image {
+        inv.push(format!("--image={i}"));
+        inv.push("--".into());
+        inv.extend(opts.command.iter().cloned());
     }
     let out = lane.run(&Invocation::new(inv)).map_err(BenchError::Lane)?;
     let mut v: Vec<TierResult> = match serde_json::from_slice(&out.stdout) {
@@ -518,8 +558,7 @@ fn ensure_cgroups_mounted() {
 
 fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, BenchError> {
     let base = if inner { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let work =
-        base.join(format!("ember-bench-{}-{}", std::process::id(), if tier == Tier::Tiny { "tiny" } else { "linux" }));
+    let work = base.join(format!("ember-bench-{}-{}", std::process::id(), tier.name()));
     WORK_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(work.clone());
     std::fs::create_dir_all(&work).map_err(io_err(format!("creating {}", work.display())))?;
     let rootfs = oci::create_rootfs(&work).map_err(io_err("building the busybox rootfs"))?;
@@ -529,8 +568,11 @@ fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, Bench
     let tiny_guest = work.join("echo-guest.elf");
     std::fs::write(&tiny_guest, crate::demo::ECHO_GUEST)
         .map_err(io_err(format!("writing {}", tiny_guest.display())))?;
-    let linux =
-        if tier == Tier::Linux { Some(crate::guest::default_guest(false).map_err(BenchError::Guest)?) } else { None };
+    let linux = if tier == Tier::Tiny { None } else { Some(crate::guest::default_guest(false).map_err(BenchError::Guest)?) };
+    let image = match (&opts.image, &linux) {
+        (Some(reference), Some(g)) => Some(image_payload(reference, &opts.command, g, &work)?),
+        _ => None,
+    };
     let mem_arg = opts.memory.clone().unwrap_or_else(|| if tier == Tier::Tiny { "32M".into() } else { "256M".into() });
     let mem_bytes = crate::config::parse_size(&mem_arg).unwrap_or(32 << 20);
     let cgroup_base = oci::own_memory_cgroup();
@@ -541,6 +583,7 @@ fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, Bench
         rootfs,
         tiny_guest,
         linux,
+        image,
         limits: oci::Limits { cpus: opts.cpus, mem_bytes },
         tier,
         mem_arg,
@@ -548,12 +591,54 @@ fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, Bench
     })
 }
 
+/// The image tier's payload: the image in the store, its root file system
+/// unpacked for the containers, the run spec appended to an initramfs for QEMU.
+fn image_payload(
+    reference: &str,
+    command: &[String],
+    g: &crate::guest::GuestArtifacts,
+    work: &std::path::Path,
+) -> Result<runtimes::ImagePayload, BenchError> {
+    use crate::image;
+    let prepared = image::prepare(reference, &image::PullOptions::default(), work).map_err(BenchError::Image)?;
+    let cmd: Vec<std::ffi::OsString> = command.iter().map(Into::into).collect();
+    let opts = image::spec::RunOptions { hostname: Some("ember-bench".into()), ..Default::default() };
+    let spec = image::spec::make_spec(&prepared.config, &opts, &cmd).map_err(BenchError::Image)?;
+    let initrd = work.join("image-initrd");
+    image::spec::write_initrd(&g.initramfs, &spec, &initrd).map_err(BenchError::Image)?;
+    let rootfs_dir = work.join("image-rootfs");
+    std::fs::create_dir_all(&rootfs_dir).map_err(io_err("creating the image's root directory"))?;
+    let out = std::process::Command::new("rdsquashfs")
+        .args(["-q", "-O", "-C", "-u", "/", "-p"])
+        .arg(&rootfs_dir)
+        .arg(&prepared.rootfs)
+        .output()
+        .map_err(io_err("running rdsquashfs (squashfs-tools-ng)"))?;
+    if !out.status.success() {
+        return Err(BenchError::Usage(format!(
+            "unpacking the image for the containers failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let lossy = |v: &[Vec<u8>]| v.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect::<Vec<_>>();
+    Ok(runtimes::ImagePayload {
+        reference: reference.to_string(),
+        command: command.to_vec(),
+        argv: lossy(&spec.argv),
+        env: lossy(&spec.env),
+        cwd: spec.workdir.clone(),
+        sqfs: prepared.rootfs,
+        initrd,
+        rootfs_dir,
+    })
+}
+
 /// Time allowed for one launch before it is killed.
 fn deadline_for(tier: Tier, inner: bool) -> Duration {
     match (tier, inner) {
         (Tier::Tiny, _) => Duration::from_secs(30),
-        (Tier::Linux, false) => Duration::from_secs(120),
-        (Tier::Linux, true) => Duration::from_secs(600),
+        (Tier::Linux | Tier::Image, false) => Duration::from_secs(120),
+        (Tier::Linux | Tier::Image, true) => Duration::from_secs(600),
     }
 }
 
@@ -650,7 +735,7 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
         ensure_cgroups_mounted();
     }
     let setup = prepare_setup(tier, opts, inner)?;
-    let tier_name = if tier == Tier::Tiny { "tiny" } else { "linux" };
+    let tier_name = tier.name();
     let plain = |msg: String| {
         use std::io::IsTerminal;
         if !std::io::stderr().is_terminal() {
@@ -665,8 +750,14 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
             Ok(v) => {
                 row.version = v;
                 row.status = "ok".into();
-                if rt == Runtime::Docker && !runtimes::docker_import(&setup.rootfs).unwrap_or(false) {
-                    row.status = "skipped: cannot import the busybox rootfs as an image".into();
+                let (rootfs, docker_name) = match &setup.image {
+                    Some(i) => (&i.rootfs_dir, runtimes::DOCKER_IMAGE_TIER_IMAGE),
+                    None => (&setup.rootfs, runtimes::DOCKER_IMAGE),
+                };
+                if rt == Runtime::Docker && !runtimes::docker_import(rootfs, docker_name).unwrap_or(false) {
+                    row.status = "skipped: cannot import the root file system as an image".into();
+                } else if rt == Runtime::Host && tier == Tier::Image {
+                    row.status = "skipped: an image runs in a runtime, not on the host".into();
                 } else {
                     avail.push(rt);
                 }

@@ -179,6 +179,15 @@ pub fn create_bundle(
     std::fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&cfg).expect("JSON of plain values"))
 }
 
+/// Gives a bundle's process the image's environment and working directory.
+pub fn set_process(bundle: &Path, env: &[String], cwd: &str) -> io::Result<()> {
+    let path = bundle.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?).map_err(io::Error::other)?;
+    cfg["process"]["env"] = serde_json::json!(env);
+    cfg["process"]["cwd"] = serde_json::json!(cwd);
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg).map_err(io::Error::other)?)
+}
+
 /// Creates cgroup `name` (a path relative to the hierarchy roots) in the memory hierarchy;
 /// returns its directory.
 pub fn create_memory_cgroup(name: &str) -> io::Result<PathBuf> {

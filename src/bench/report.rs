@@ -66,7 +66,13 @@ impl Context {
                 guest_hashes.insert("bzImage (qemu)".into(), sha256(&g.bzimage));
                 guest_hashes.insert("initramfs".into(), sha256(&g.initramfs));
             }
-            format!("{} ember.argv=<sh -c payload>", super::runtimes::LINUX_CMDLINE)
+            match &setup.image {
+                Some(i) => {
+                    guest_hashes.insert(format!("image root file system ({})", i.reference), sha256(&i.sqfs));
+                    format!("{} (image run spec in the initramfs); command: {:?}", super::runtimes::LINUX_CMDLINE, i.argv)
+                }
+                None => format!("{} ember.argv=<sh -c payload>", super::runtimes::LINUX_CMDLINE),
+            }
         };
         let cgroups = if super::oci::unified_has_controllers() {
             "hybrid v1 + unified v2 with controllers: crun runs in a private mount namespace \

@@ -78,6 +78,41 @@ pub enum Tier {
     Tiny,
     /// The default Linux guest running busybox, with the in-payload workloads.
     Linux,
+    /// A container image's command (`ember bench --image`): the same root file
+    /// system in every runtime.
+    Image,
+}
+
+impl Tier {
+    /// The name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Tiny => "tiny",
+            Tier::Linux => "linux",
+            Tier::Image => "image",
+        }
+    }
+}
+
+/// The image tier's payload, prepared once: one root file system for every runtime.
+#[derive(Clone, Debug)]
+pub struct ImagePayload {
+    /// The reference as the user gave it (ember runs it by that name).
+    pub reference: String,
+    /// The command after `--` (empty: the image's own).
+    pub command: Vec<String>,
+    /// The process as Docker rules make it: Entrypoint + Cmd, Env, working directory.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// The image's squashfs root (QEMU's disk).
+    pub sqfs: PathBuf,
+    /// The default guest's initramfs with the run spec appended (QEMU's initrd).
+    pub initrd: PathBuf,
+    /// The same root unpacked (crun, runc, docker import).
+    pub rootfs_dir: PathBuf,
 }
 
 /// The line host and container payloads print first.
@@ -122,8 +157,10 @@ pub struct Setup {
     pub rootfs: PathBuf,
     /// ember's `echo` guest (PVH; prints its command line and exits).
     pub tiny_guest: PathBuf,
-    /// The default Linux guest (Linux tier).
+    /// The default Linux guest (Linux and image tiers).
     pub linux: Option<crate::guest::GuestArtifacts>,
+    /// The image tier's payload.
+    pub image: Option<ImagePayload>,
     /// Limits for every runtime that has them.
     pub limits: Limits,
     /// The tier.
@@ -242,11 +279,13 @@ pub fn install_hint(rt: Runtime) -> &'static str {
 pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
     let tiny = s.tier == Tier::Tiny;
     let io_dir = s.work.join("io");
-    let payload: Vec<String> = if tiny {
-        vec!["/bin/echo".into(), MARKER.into()]
-    } else {
-        vec!["/bin/sh".into(), "-c".into(), linux_script("/tmp", GETPID_PATH)]
+    let payload: Vec<String> = match (&s.image, tiny) {
+        (Some(img), _) => img.argv.clone(),
+        (None, true) => vec!["/bin/echo".into(), MARKER.into()],
+        (None, false) => vec!["/bin/sh".into(), "-c".into(), linux_script("/tmp", GETPID_PATH)],
     };
+    // The image tier's start-up is the command's first line, whatever it says.
+    let marker: &'static str = if s.image.is_some() { "" } else { MARKER };
     let mut cleanup = Cleanup::default();
     let base = s.cgroup_base.as_str();
     let (mut cmd, marker) = match rt {
@@ -266,7 +305,11 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
             let cgroup = format!("{base}/ember-bench-{}-c{seq}", std::process::id());
             let mem_cgroup = oci::create_memory_cgroup(&cgroup).ok();
             let bundle = s.work.join("bundles").join(&id);
-            oci::create_bundle(&bundle, &s.rootfs, &payload, s.limits, &format!("{cgroup}/{id}"))?;
+            let rootfs = s.image.as_ref().map_or(&s.rootfs, |i| &i.rootfs_dir);
+            oci::create_bundle(&bundle, rootfs, &payload, s.limits, &format!("{cgroup}/{id}"))?;
+            if let Some(img) = &s.image {
+                oci::set_process(&bundle, &img.env, &img.cwd)?;
+            }
             let mut c = Command::new(rt.name());
             c.args(["run", "-b"]).arg(&bundle).arg(&id);
             if rt == Runtime::Crun && oci::unified_has_controllers() {
@@ -274,23 +317,37 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
                 unsafe { c.pre_exec(oci::hide_unified_cgroup) };
             }
             cleanup.container = Some(Container { runtime: rt, id, bundle, cgroup, mem_cgroup });
-            (c, MARKER)
+            (c, marker)
         }
         Runtime::Docker => {
             let id = format!("ember-bench-{}-{seq}", std::process::id());
             let mut c = Command::new("docker");
             c.args(["run", "--rm", "--network", "none", "--name", &id])
-                .args(["--cpus", &s.limits.cpus.to_string(), "--memory", &s.limits.mem_bytes.to_string()])
-                .arg(DOCKER_IMAGE)
-                .args(&payload);
+                .args(["--cpus", &s.limits.cpus.to_string(), "--memory", &s.limits.mem_bytes.to_string()]);
+            match &s.image {
+                Some(img) => {
+                    for e in &img.env {
+                        c.args(["-e", e]);
+                    }
+                    c.args(["-w", &img.cwd]).arg(DOCKER_IMAGE_TIER_IMAGE);
+                }
+                None => {
+                    c.arg(DOCKER_IMAGE);
+                }
+            }
+            c.args(&payload);
             cleanup.container =
                 Some(Container { runtime: rt, id, bundle: PathBuf::new(), cgroup: String::new(), mem_cgroup: None });
-            (c, MARKER)
+            (c, marker)
         }
         Runtime::Ember => {
             let mut c = Command::new(&s.ember);
             c.args(["run", "--memory", &s.mem_arg, "--cpus", &s.limits.cpus.to_string(), "--timeline=json"]);
-            if tiny {
+            if let Some(img) = &s.image {
+                // As a user types it: the image by name (served from the store), the command after it.
+                c.arg("--no-fallback").arg(&img.reference).args(&img.command);
+                (c, marker)
+            } else if tiny {
                 c.args(["--cmdline", MARKER, "--kernel"]).arg(&s.tiny_guest);
                 (c, MARKER)
             } else {
@@ -307,7 +364,15 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
                 .args(["-smp", &s.limits.cpus.to_string()])
                 .args(["-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-serial", "stdio"])
                 .args(["-no-reboot", "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-kernel"]);
-            if tiny {
+            if let Some(img) = &s.image {
+                let g = s.linux.as_ref().expect("the image tier has the guest");
+                let drive = format!("id=image,file={},format=raw,if=none,readonly=on", img.sqfs.display());
+                c.arg(&g.bzimage)
+                    .arg("-initrd")
+                    .arg(&img.initrd)
+                    .args(["-append", LINUX_CMDLINE, "-drive", &drive, "-device", "virtio-blk-device,drive=image"]);
+                (c, marker)
+            } else if tiny {
                 c.arg(&s.tiny_guest).args(["-append", MARKER]);
                 (c, MARKER)
             } else {
@@ -351,10 +416,12 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
 
 /// The image `docker` runs: the busybox rootfs, imported once.
 pub const DOCKER_IMAGE: &str = "ember-bench-busybox:latest";
+/// The image tier's root file system, imported into Docker.
+pub const DOCKER_IMAGE_TIER_IMAGE: &str = "ember-bench-image:latest";
 
-/// Imports the rootfs as [`DOCKER_IMAGE`].
-pub fn docker_import(rootfs: &Path) -> std::io::Result<bool> {
-    let cmd = format!("tar -C '{}' -c . | docker import - {DOCKER_IMAGE} >/dev/null", rootfs.display());
+/// Imports `rootfs` as Docker image `name`.
+pub fn docker_import(rootfs: &Path, name: &str) -> std::io::Result<bool> {
+    let cmd = format!("tar -C '{}' -c . | docker import - {name} >/dev/null", rootfs.display());
     Ok(Command::new("sh").args(["-c", &cmd]).status()?.success())
 }
 
