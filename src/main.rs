@@ -287,7 +287,7 @@ fn prepare_image(
     Ok((scratch, spec, prepared.rootfs))
 }
 
-fn build_config(a: &RunArgs) -> Result<Plan, String> {
+fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let (image, command) = a.image_and_command(&raw);
     if image.is_none() {
@@ -307,7 +307,11 @@ fn build_config(a: &RunArgs) -> Result<Plan, String> {
     }
     // The image first: its errors come before any kernel build.
     let prepared = match &image {
-        Some(i) => Some(prepare_image(a, i, &command)?),
+        Some(i) => {
+            let p = prepare_image(a, i, &command)?;
+            timeline.mark("image: in the store, root file system built");
+            Some(p)
+        }
         None => None,
     };
     let (kernel, mut initrd) = match &a.kernel {
@@ -326,6 +330,7 @@ fn build_config(a: &RunArgs) -> Result<Plan, String> {
         let base = initrd.clone().ok_or("an image run needs an initramfs with ember's init (--initrd)")?;
         let combined = s.0.join("initrd");
         ember::image::spec::write_initrd(&base, &spec, &combined).map_err(|e| chain(&e))?;
+        timeline.mark("image: run spec appended to the initramfs");
         initrd = Some(combined);
         image_disk = Some(format!("{},ro,id=ember-image", rootfs.display()));
         scratch = Some(s);
@@ -518,7 +523,8 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
 }
 
 fn run(args: RunArgs, start: Instant) -> u8 {
-    let plan = match build_config(&args) {
+    let timeline = Arc::new(Timeline::new(start));
+    let plan = match build_config(&args, &timeline) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("ember: {msg}");
@@ -533,7 +539,6 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     if let Some(code) = maybe_fallback(&args, &plan) {
         return code;
     }
-    let timeline = Arc::new(Timeline::new(start));
     let outcome = Vmm::new(cfg, timeline.clone()).and_then(|vmm| vmm.run());
     timeline.mark("ember: VM torn down");
     let code = match &outcome {

@@ -568,7 +568,8 @@ fn prepare_setup(tier: Tier, opts: &Options, inner: bool) -> Result<Setup, Bench
     let tiny_guest = work.join("echo-guest.elf");
     std::fs::write(&tiny_guest, crate::demo::ECHO_GUEST)
         .map_err(io_err(format!("writing {}", tiny_guest.display())))?;
-    let linux = if tier == Tier::Tiny { None } else { Some(crate::guest::default_guest(false).map_err(BenchError::Guest)?) };
+    let linux =
+        if tier == Tier::Tiny { None } else { Some(crate::guest::default_guest(false).map_err(BenchError::Guest)?) };
     let image = match (&opts.image, &linux) {
         (Some(reference), Some(g)) => Some(image_payload(reference, &opts.command, g, &work)?),
         _ => None,

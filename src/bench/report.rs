@@ -69,7 +69,11 @@ impl Context {
             match &setup.image {
                 Some(i) => {
                     guest_hashes.insert(format!("image root file system ({})", i.reference), sha256(&i.sqfs));
-                    format!("{} (image run spec in the initramfs); command: {:?}", super::runtimes::LINUX_CMDLINE, i.argv)
+                    format!(
+                        "{} (image run spec in the initramfs); command: {:?}",
+                        super::runtimes::LINUX_CMDLINE,
+                        i.argv
+                    )
                 }
                 None => format!("{} ember.argv=<sh -c payload>", super::runtimes::LINUX_CMDLINE),
             }

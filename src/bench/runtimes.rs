@@ -322,8 +322,12 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
         Runtime::Docker => {
             let id = format!("ember-bench-{}-{seq}", std::process::id());
             let mut c = Command::new("docker");
-            c.args(["run", "--rm", "--network", "none", "--name", &id])
-                .args(["--cpus", &s.limits.cpus.to_string(), "--memory", &s.limits.mem_bytes.to_string()]);
+            c.args(["run", "--rm", "--network", "none", "--name", &id]).args([
+                "--cpus",
+                &s.limits.cpus.to_string(),
+                "--memory",
+                &s.limits.mem_bytes.to_string(),
+            ]);
             match &s.image {
                 Some(img) => {
                     for e in &img.env {
@@ -359,7 +363,9 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
         }
         Runtime::QemuMicrovm => {
             let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
+            // acpi=off: the guest kernel has no ACPI, and only without it does QEMU describe
+            // its virtio-mmio devices on the kernel command line (virtio_mmio.device=), as ember does.
+            c.args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off"])
                 .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", &s.mem_arg])
                 .args(["-smp", &s.limits.cpus.to_string()])
                 .args(["-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-serial", "stdio"])
@@ -367,10 +373,14 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
             if let Some(img) = &s.image {
                 let g = s.linux.as_ref().expect("the image tier has the guest");
                 let drive = format!("id=image,file={},format=raw,if=none,readonly=on", img.sqfs.display());
-                c.arg(&g.bzimage)
-                    .arg("-initrd")
-                    .arg(&img.initrd)
-                    .args(["-append", LINUX_CMDLINE, "-drive", &drive, "-device", "virtio-blk-device,drive=image"]);
+                c.arg(&g.bzimage).arg("-initrd").arg(&img.initrd).args([
+                    "-append",
+                    LINUX_CMDLINE,
+                    "-drive",
+                    &drive,
+                    "-device",
+                    "virtio-blk-device,drive=image",
+                ]);
                 (c, marker)
             } else if tiny {
                 c.arg(&s.tiny_guest).args(["-append", MARKER]);
