@@ -36,8 +36,18 @@
 //!
 //! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
 //! guest: build, cache, passing a command to its init; the fio/iperf3 tools
-//! image), [`bench`] (`ember
-//! bench`: the same payload on the host, in containers and in VMs).
+//! image), [`image`] (container images: references, registry pulls and
+//! archives into a store, layers flattened into a squashfs root, the
+//! `docker run` rules for the command), [`lane`] (the nested machine that runs
+//! Linux guests on hosts whose KVM cannot), [`bench`] (`ember bench`: the same
+//! payload, or the same image, on the host, in containers and in VMs).
+//!
+//! Path of `ember run IMAGE CMD`: `main.rs` (docker-style arguments) ->
+//! `image/reference.rs` -> `image/registry.rs` or `image/archive.rs` (blobs
+//! into `image/store.rs`, digests checked) -> `image/rootfs.rs` (squashfs disk)
+//! -> `image/spec.rs` (the command, appended to the initramfs) -> the default
+//! guest boots with the disk as /dev/vda; its init (guest-kernels/init) and
+//! `ember-exec` enter the image.
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
