@@ -260,7 +260,7 @@ impl Vmm {
         pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", Arc::new(Mutex::new(I8042::new(control.clone()))))?;
         pio.insert(
             u64::from(layout::EXIT_PORT),
-            1,
+            u64::from(layout::EXIT_PORT_LEN),
             "exit device",
             Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
         )?;

@@ -222,6 +222,32 @@ fn exit_device_status_becomes_exit_code() {
 }
 
 #[test]
+fn exit_device_takes_2_and_4_byte_writes() {
+    if !kvm_available() {
+        return;
+    }
+    // `out dx, ax` / `out dx, eax` with junk above the low byte: the low byte is the status.
+    for wide in ["wide=2", "wide=4"] {
+        let cmdline = format!("status=7 {wide}");
+        let run = run_guest("exit", &["--cmdline", &cmdline]);
+        run.expect_code(7);
+        assert_eq!(run.stdout, "status 7\n", "{wide}");
+    }
+}
+
+#[test]
+fn string_port_io_is_one_access_per_element() {
+    if !kvm_available() {
+        return;
+    }
+    // `rep insb` x4 from LSR: four 1-byte reads of an idle UART (THRE | TEMT),
+    // then `rep outsb` of a line to THR.
+    let run = run_guest("strio", &[]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "lsr 60 60 60 60\noutsb ok\n");
+}
+
+#[test]
 fn i8042_reset_ends_ember_with_0() {
     if !kvm_available() {
         return;
@@ -270,7 +296,7 @@ fn hlt_without_irqchip_is_a_guest_crash() {
 #[test]
 fn guests_are_vmlinux_shaped() {
     // No KVM needed: the guests must take ember's vmlinux path, not PVH.
-    for name in ["boot_params", "echo", "exit", "crash", "smp"] {
+    for name in ["boot_params", "echo", "exit", "crash", "smp", "strio"] {
         let elf = std::fs::read(guest(name)).expect("guest ELF");
         assert_eq!(&elf[..4], b"\x7fELF");
         assert_eq!(elf[4], 2, "{name}: ELF64");
