@@ -186,7 +186,7 @@ impl Vmm {
         // Check the files before touching KVM: a typo should not cost a VM.
         let format = boot::probe_kernel(&cfg.kernel)?;
         if let Some(initrd) = &cfg.initrd {
-            std::fs::File::open(initrd).map_err(|source| BootError::OpenInitrd { path: initrd.clone(), source })?;
+            boot::open_initrd(initrd)?;
         }
         let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
         let virtio = open_virtio_devices(cfg, linux)?;

@@ -31,7 +31,7 @@
 //! The image is locked with flock(2) at start-up (LOCK_EX for read-write,
 //! LOCK_SH for read-only), so two embers never write the same image.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -50,6 +50,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::config::DiskConfig;
+use crate::host_file::{Allow, open_image};
 
 /// Sector size of the virtio-blk protocol (5.2.6: `sector` counts 512 bytes).
 pub const SECTOR_SIZE: u64 = 512;
@@ -126,10 +127,7 @@ impl Block {
     /// Opens and locks the image of `disk`.
     pub fn open(disk: &DiskConfig) -> Result<Block, BlockError> {
         let path = disk.path.clone();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!disk.read_only)
-            .open(&path)
+        let mut file = open_image(&path, !disk.read_only, Allow::RegularFileOrBlockDevice)
             .map_err(|source| BlockError::Open { path: path.clone(), source })?;
         let op = if disk.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock on a descriptor we own; no memory is involved.
