@@ -266,3 +266,24 @@ fn usage_errors_exit_125_help_and_version_0() {
         assert!(!run.stdout.is_empty(), "{args:?}");
     }
 }
+
+#[test]
+fn disk_locked_by_another_process_the_way_qemu_locks() {
+    // QEMU holds OFD locks on single bytes of an image (a read lock at byte
+    // 100 + permission bit); flock(2) does not see them, a whole-file OFD write lock does.
+    use std::os::fd::AsRawFd;
+    let img = scratch("qemu-holds.img");
+    std::fs::write(&img, [0u8; 4096]).expect("write");
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(&img).expect("open");
+    // SAFETY: a zeroed flock is valid; F_OFD_SETLK only reads it.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_RDLCK as libc::c_short;
+    fl.l_start = 101;
+    fl.l_len = 1;
+    // SAFETY: as above, on a descriptor we own.
+    assert_eq!(unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &fl) }, 0, "take the lock");
+    let i = img.to_str().expect("UTF-8");
+    let run = run_good_kernel(&["--disk", i]);
+    assert_one_clear_line(&run, EXIT_VMM_ERROR, &[i, "in use by another process"]);
+    drop(holder);
+}

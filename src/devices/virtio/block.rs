@@ -28,8 +28,13 @@
 //! the wrong direction or outside guest RAM, a length that is not whole
 //! sectors or sectors past the end is answered VIRTIO_BLK_S_IOERR.
 //!
-//! The image is locked with flock(2) at start-up (LOCK_EX for read-write,
-//! LOCK_SH for read-only), so two embers never write the same image.
+//! The image is locked at start-up, twice: with flock(2) (LOCK_EX for
+//! read-write, LOCK_SH for read-only), and with an open file description
+//! lock over the whole file (fcntl(2) F_OFD_SETLK: F_WRLCK for read-write,
+//! F_RDLCK for read-only). QEMU locks images with OFD locks on single bytes
+//! (block/file-posix.c, `raw_apply_lock_bytes`), which flock never sees; a
+//! write lock over the whole file conflicts with any of them. So two embers,
+//! or ember and QEMU, never write the same image.
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -86,7 +91,7 @@ pub enum BlockError {
     },
     /// Another process (an ember, usually) holds the image.
     #[error(
-        "disk image {path} is in use by another process{}: two VMs writing one image would corrupt it",
+        "disk image {path} is in use by another process{} (it holds a lock on the image: another ember, QEMU, ...): two VMs writing one image would corrupt it",
         if *read_only { " read-write" } else { "" }
     )]
     Locked {
@@ -137,6 +142,12 @@ impl Block {
                 return Err(BlockError::Locked { path, read_only: disk.read_only });
             }
             // Some file systems (9p, some FUSE) cannot lock: go on unprotected.
+            log::warn!("cannot lock disk image {}: {e}; another VM could use it at the same time", path.display());
+        }
+        if let Err(e) = ofd_lock(&file, disk.read_only) {
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+                return Err(BlockError::Locked { path, read_only: disk.read_only });
+            }
             log::warn!("cannot lock disk image {}: {e}; another VM could use it at the same time", path.display());
         }
         // Seeking to the end also sizes a host block device, whose metadata length is 0.
@@ -308,6 +319,22 @@ impl Block {
         }
         Ok(())
     }
+}
+
+/// Takes an OFD lock over the whole of `file` (fcntl(2), "Open file
+/// description locks"): shared for a read-only disk, exclusive otherwise.
+/// It lives as long as the descriptor.
+fn ofd_lock(file: &File, read_only: bool) -> std::io::Result<()> {
+    // SAFETY: a zeroed flock is valid; l_start = l_len = 0 covers the whole
+    // file and l_pid must be 0 for OFD locks.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads `fl`, which outlives the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Walks a chain. `None` when the walk did not end at a descriptor without
@@ -672,6 +699,26 @@ mod tests {
         let _r2 = Block::open(&cfg(&odd, true)).unwrap();
         assert!(matches!(Block::open(&cfg(&odd, false)), Err(BlockError::Locked { .. })));
         assert_eq!(r1.capacity_sectors(), 2);
+        drop(r1);
+        drop(_r2);
+        // Another process's OFD lock, as QEMU takes them: a read lock on one
+        // byte (QEMU's "perm" byte 100 + BLK_PERM_CONSISTENT_READ) keeps
+        // writers out; a write lock keeps everyone out.
+        for (kind, refused) in [(libc::F_RDLCK, [false, true]), (libc::F_WRLCK, [true, true])] {
+            let other = std::fs::OpenOptions::new().read(true).write(true).open(&odd).unwrap();
+            // SAFETY: zeroed flock is valid; F_OFD_SETLK reads it.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = kind as libc::c_short;
+            fl.l_start = 101;
+            fl.l_len = 1;
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::fcntl(other.as_raw_fd(), libc::F_OFD_SETLK, &fl) }, 0);
+            for (ro, refused) in [true, false].into_iter().zip(refused) {
+                let got = Block::open(&cfg(&odd, ro));
+                assert_eq!(matches!(got, Err(BlockError::Locked { .. })), refused, "lock {kind}, ro {ro}");
+            }
+        }
+        let r1 = Block::open(&cfg(&odd, true)).unwrap();
         // Without `,id=`, the serial is the file name, cut to 20 bytes.
         assert_eq!(&r1.id[..], &odd.file_name().unwrap().as_encoded_bytes()[..20]);
         let _ = std::fs::remove_file(&odd);
