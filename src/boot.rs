@@ -373,7 +373,8 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, initrd_max: 
 
 /// Opens the initrd: a regular file (a FIFO would hang the open, a directory has no size).
 pub fn open_initrd(path: &Path) -> Result<File, BootError> {
-    open_image(path, false, Allow::RegularFile).map_err(|source| BootError::OpenInitrd { path: path.to_path_buf(), source })
+    open_image(path, false, Allow::RegularFile)
+        .map_err(|source| BootError::OpenInitrd { path: path.to_path_buf(), source })
 }
 
 /// Writes `hvm_start_info`, the memory map and the module list (the initrd).

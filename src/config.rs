@@ -364,11 +364,8 @@ impl VmConfig {
         // The same file under two names (a symlink, `./x` and `x`) is the same
         // image: compare device and inode. A path that cannot be read is
         // reported when the disk is opened.
-        let ids: Vec<Option<(u64, u64)>> = self
-            .disks
-            .iter()
-            .map(|d| std::fs::metadata(&d.path).ok().map(|m| (m.dev(), m.ino())))
-            .collect();
+        let ids: Vec<Option<(u64, u64)>> =
+            self.disks.iter().map(|d| std::fs::metadata(&d.path).ok().map(|m| (m.dev(), m.ino()))).collect();
         for (i, id) in ids.iter().enumerate() {
             if id.is_some() && ids[..i].contains(id) {
                 return Err(ConfigError::DuplicateDisk(self.disks[i].path.clone()));

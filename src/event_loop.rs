@@ -218,6 +218,10 @@ pub fn run(
     let mut pending: VecDeque<u8> = VecDeque::new();
     let mut escape = Escape::default();
     let mut events = vec![EpollEvent::default(); 8];
+    // Queues and taps whose device stopped at its budget with work left
+    // (`QueueOutcome::More`): served again after the next look at every other
+    // source, so one busy queue cannot starve stdin, signals or other devices.
+    let mut again: Vec<Token> = Vec::new();
     let mut buf = [0u8; 4096];
     let mut filtered = Vec::with_capacity(4096);
 
@@ -225,13 +229,16 @@ pub fn run(
         if control.is_stopped() {
             break;
         }
-        let n = match epoll.wait(-1, &mut events) {
+        // With work left over, only look: do not sleep.
+        let timeout = if again.is_empty() { -1 } else { 0 };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(EventLoopError::Epoll(e)),
         };
-        for ev in &events[..n] {
-            match Token::from_u64(ev.data()) {
+        let ready = events[..n].iter().map(|ev| Token::from_u64(ev.data()).ok_or(ev.data()));
+        for token in ready.chain(std::mem::take(&mut again).into_iter().map(Ok)) {
+            match token.ok() {
                 Some(Token::Stop) => {
                     let _ = control.stop_evt.read();
                 }
@@ -287,15 +294,23 @@ pub fn run(
                 Some(Token::Queue(n)) => {
                     let Some(q) = queues.get(n as usize) else { continue };
                     // One read takes every notify since the last one: the
-                    // device drains the whole queue below.
+                    // device serves the queue below, up to its budget.
                     let _ = q.evt.read();
-                    q.transport.lock().expect("virtio transport lock").notify(q.queue);
+                    if q.transport.lock().expect("virtio transport lock").notify(q.queue) {
+                        if !again.contains(&Token::Queue(n)) {
+                            again.push(Token::Queue(n));
+                        }
+                    }
                 }
                 Some(Token::Tap(n)) => {
                     let Some(t) = taps.get(n as usize) else { continue };
-                    t.transport.lock().expect("virtio transport lock").host_event();
+                    if t.transport.lock().expect("virtio transport lock").host_event() {
+                        if !again.contains(&Token::Tap(n)) {
+                            again.push(Token::Tap(n));
+                        }
+                    }
                 }
-                None => log::warn!("event loop: unknown token {}", ev.data()),
+                None => log::warn!("event loop: unknown token {:?}", token),
             }
         }
     }

@@ -110,39 +110,56 @@ impl MmioTransport {
     }
 
     /// The driver notified queue `index` (QUEUE_NOTIFY, by ioeventfd or trapped
-    /// write): serve it and raise the interrupt the device asks for.
-    pub fn notify(&mut self, index: u32) {
+    /// write): serve it and raise the interrupt the device asks for. Returns
+    /// true when work is left for another call (the device's budget ran out).
+    pub fn notify(&mut self, index: u32) -> bool {
         let i = index as usize;
         if !self.ready_for_queues() {
             guest_warn!("virtio-mmio: notify of queue {index} before DRIVER_OK (status {:#x}): ignored", self.status);
-            return;
+            return false;
         }
         let Some(queue) = self.queues.get_mut(i) else {
             guest_warn!("virtio-mmio: notify of queue {index}, the device has {}: ignored", self.queues.len());
-            return;
+            return false;
         };
         if !queue.ready() {
             guest_warn!("virtio-mmio: notify of queue {index}, which was never made ready: ignored");
-            return;
+            return false;
         }
-        match self.device.process_queue(i, queue, &self.mem) {
-            QueueOutcome::Quiet => {}
-            QueueOutcome::Interrupt => self.raise(VIRTIO_MMIO_INT_VRING),
-            QueueOutcome::NeedsReset => self.needs_reset(),
-        }
+        let outcome = self.device.process_queue(i, queue, &self.mem);
+        self.apply(outcome)
     }
 
     /// The device's host descriptor (a tap) is readable: let the device
-    /// serve it with its queues, once the driver is running.
-    pub fn host_event(&mut self) {
+    /// serve it with its queues, once the driver is running. Returns true when
+    /// work is left for another call.
+    pub fn host_event(&mut self) -> bool {
         if !self.ready_for_queues() {
             // Nothing is lost: the device reads again when the driver kicks a queue.
-            return;
+            return false;
         }
-        match self.device.process_host_event(&mut self.queues, &self.mem) {
-            QueueOutcome::Quiet => {}
-            QueueOutcome::Interrupt => self.raise(VIRTIO_MMIO_INT_VRING),
-            QueueOutcome::NeedsReset => self.needs_reset(),
+        let outcome = self.device.process_host_event(&mut self.queues, &self.mem);
+        self.apply(outcome)
+    }
+
+    /// Raises what `outcome` asks for; true if the device has more to do.
+    fn apply(&mut self, outcome: QueueOutcome) -> bool {
+        match outcome {
+            QueueOutcome::Quiet => false,
+            QueueOutcome::Interrupt => {
+                self.raise(VIRTIO_MMIO_INT_VRING);
+                false
+            }
+            QueueOutcome::More { interrupt } => {
+                if interrupt {
+                    self.raise(VIRTIO_MMIO_INT_VRING);
+                }
+                true
+            }
+            QueueOutcome::NeedsReset => {
+                self.needs_reset();
+                false
+            }
         }
     }
 
@@ -354,7 +371,13 @@ impl MmioTransport {
                 }
             }
             VIRTIO_MMIO_QUEUE_READY => self.write_queue_ready(value),
-            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                // A notify KVM did not match to an ioeventfd is served here, on
+                // the notifying vCPU's thread, not by the event loop: serve the
+                // queue to the end (the budget protects the event loop, and
+                // only this guest's vCPU waits here).
+                while self.notify(value) {}
+            }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
             VIRTIO_MMIO_STATUS => self.write_status(value),
             VIRTIO_MMIO_QUEUE_DESC_LOW
