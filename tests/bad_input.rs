@@ -155,7 +155,9 @@ fn kvm_not_permitted() {
         .status()
         .is_ok_and(|s| s.success());
     if !readable {
-        common::skipped("kvm_not_permitted: the test guest or ember is not reachable by nobody (target dir under a private home?)");
+        common::skipped(
+            "kvm_not_permitted: the test guest or ember is not reachable by nobody (target dir under a private home?)",
+        );
         return;
     }
     let mut cmd = Command::new("setpriv");

@@ -57,7 +57,9 @@ fn ember_stdin(args: &[&str], stdin: &[u8]) -> Option<Outcome> {
     match l.run(&inv) {
         Ok(o) => Some(o),
         Err(e @ LaneError::Wedged { .. }) => {
-            loud(&format!("LANE: the outer machine stopped answering ({e}); retrying `ember {args:?}` once on a fresh one"));
+            loud(&format!(
+                "LANE: the outer machine stopped answering ({e}); retrying `ember {args:?}` once on a fresh one"
+            ));
             Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?} (second try): {e}")))
         }
         Err(e) => panic!("ember {args:?}: {e}"),
