@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -222,6 +222,10 @@ pub fn run(
     // (`QueueOutcome::More`): served again after the next look at every other
     // source, so one busy queue cannot starve stdin, signals or other devices.
     let mut again: Vec<Token> = Vec::new();
+    // Pending input could not be fed because a vCPU held the UART: retry soon.
+    let mut feed_retry = false;
+    /// How soon a busy UART is tried again, in milliseconds.
+    const FEED_RETRY_MS: i32 = 10;
     let mut buf = [0u8; 4096];
     let mut filtered = Vec::with_capacity(4096);
 
@@ -230,7 +234,11 @@ pub fn run(
             break;
         }
         // With work left over, only look: do not sleep.
-        let timeout = if again.is_empty() { -1 } else { 0 };
+        let timeout = match (again.is_empty(), feed_retry) {
+            (false, _) => 0,
+            (true, true) => FEED_RETRY_MS,
+            (true, false) => -1,
+        };
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -250,7 +258,7 @@ pub fn run(
                 Some(Token::InputDrained) => {
                     if let Some(c) = &console {
                         let _ = c.drained.read();
-                        feed(c, &mut pending);
+                        feed_retry = !feed(c, &mut pending);
                         if pending.is_empty()
                             && !stdin_polled
                             && let Some(fd) = input_fd
@@ -284,7 +292,7 @@ pub fn run(
                         filtered.extend_from_slice(got);
                     }
                     pending.extend(filtered.iter());
-                    feed(c, &mut pending);
+                    feed_retry = !feed(c, &mut pending);
                     if !pending.is_empty() {
                         // Wait for the guest to drain the FIFO before reading more.
                         let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -313,19 +321,41 @@ pub fn run(
                 None => log::warn!("event loop: unknown token {:?}", token),
             }
         }
+        if feed_retry && let Some(c) = &console {
+            feed_retry = !feed(c, &mut pending);
+            if pending.is_empty()
+                && !stdin_polled
+                && let Some(fd) = input_fd
+            {
+                add(fd, Token::Stdin)?;
+                stdin_polled = true;
+            }
+        }
     }
     Ok(control.reason().unwrap_or(StopReason::VmmError("the VM stopped without a reason".into())))
 }
 
-/// Moves as many pending bytes as fit into the UART.
-fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) {
+/// Moves as many pending bytes as fit into the UART. Returns false if a vCPU
+/// holds the UART: it may be waiting for room to print (stdout not read,
+/// devices/serial_sink.rs), and the loop must never wait for it, or it would
+/// not hear the signal or the `Ctrl-a x` that ends that wait. It tries again
+/// shortly.
+fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) -> bool {
     if pending.is_empty() {
-        return;
+        return true;
     }
-    let mut serial = c.serial.lock().expect("serial lock");
+    let mut serial = match c.serial.try_lock() {
+        Ok(serial) => serial,
+        Err(TryLockError::WouldBlock) => return false,
+        // A vCPU panicked inside the UART: it stopped the VM (vcpu.rs); the input is moot.
+        Err(TryLockError::Poisoned(_)) => {
+            pending.clear();
+            return true;
+        }
+    };
     let room = serial.input_room().min(pending.len());
     if room == 0 {
-        return;
+        return true;
     }
     let chunk: Vec<u8> = pending.drain(..room).collect();
     let taken = serial.enqueue_input(&chunk);
@@ -333,6 +363,7 @@ fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) {
     for b in chunk[taken..].iter().rev() {
         pending.push_front(*b);
     }
+    true
 }
 
 #[cfg(test)]

@@ -248,6 +248,69 @@ fn string_port_io_is_one_access_per_element() {
 }
 
 #[test]
+fn sigterm_wins_over_a_stdout_nobody_reads() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    // `ember run --kernel flood | sleep 60`: the pipe fills and stays full.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fresh descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors from pipe2.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut child = Command::new(common::ember_bin())
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest("flood"))
+        .args(["--serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().expect("wait").is_none(), "the flooding guest is still running");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    // Generous: it only catches a hang (ember used to stay alive forever).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ember ignored SIGTERM while its stdout pipe was full");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr).expect("stderr");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    drop(read_end);
+}
+
+#[test]
+fn a_failing_serial_file_warns_once_and_counts_at_exit() {
+    if !kvm_available() {
+        return;
+    }
+    // /dev/full fails every write with ENOSPC: one warning, one count, not one line per byte.
+    let kernel = guest("boot_params");
+    let run = common::ember(&["run", "--kernel", kernel.to_str().expect("UTF-8"), "--serial", "file:/dev/full"]);
+    run.expect_code(0);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.stderr);
+    assert!(lines[0].contains("No space left on device"), "{}", run.stderr);
+    assert!(lines[1].contains("bytes of the guest's output were dropped"), "{}", run.stderr);
+}
+
+#[test]
 fn i8042_reset_ends_ember_with_0() {
     if !kvm_available() {
         return;
