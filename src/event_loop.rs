@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -304,7 +304,8 @@ pub fn run(
                     // One read takes every notify since the last one: the
                     // device serves the queue below, up to its budget.
                     let _ = q.evt.read();
-                    if q.transport.lock().expect("virtio transport lock").notify(q.queue) {
+                    let Some(mut transport) = lock_or_stop(&q.transport, control) else { continue };
+                    if transport.notify(q.queue) {
                         if !again.contains(&Token::Queue(n)) {
                             again.push(Token::Queue(n));
                         }
@@ -312,7 +313,8 @@ pub fn run(
                 }
                 Some(Token::Tap(n)) => {
                     let Some(t) = taps.get(n as usize) else { continue };
-                    if t.transport.lock().expect("virtio transport lock").host_event() {
+                    let Some(mut transport) = lock_or_stop(&t.transport, control) else { continue };
+                    if transport.host_event() {
                         if !again.contains(&Token::Tap(n)) {
                             again.push(Token::Tap(n));
                         }
@@ -333,6 +335,19 @@ pub fn run(
         }
     }
     Ok(control.reason().unwrap_or(StopReason::VmmError("the VM stopped without a reason".into())))
+}
+
+/// Locks a device's transport; a poisoned lock (the device panicked in a
+/// vCPU thread, which stopped the VM) stops the VM here too instead of
+/// panicking the event loop (see `Bus::lock`).
+fn lock_or_stop<'a>(m: &'a Mutex<MmioTransport>, control: &VmControl) -> Option<MutexGuard<'a, MmioTransport>> {
+    match m.lock() {
+        Ok(guard) => Some(guard),
+        Err(_) => {
+            control.stop(StopReason::VmmError("a virtio device failed (it panicked): the VM cannot go on".into()));
+            None
+        }
+    }
 }
 
 /// Moves as many pending bytes as fit into the UART. Returns false if a vCPU

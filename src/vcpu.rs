@@ -427,6 +427,25 @@ impl Vcpu {
     }
 }
 
+/// Runs `f` (a vCPU's run loop, or the event loop) for `who`. A panic in it
+/// (a bug in ember or in a device) stops the VM with an error (exit code 125)
+/// instead of leaving the other threads running a VM that lost a vCPU, or
+/// waiting forever for a stop that thread would have made. None: it panicked.
+pub fn run_catching<T>(control: &VmControl, who: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            control.stop(StopReason::VmmError(format!("{who} failed: internal error in ember: {what}")));
+            None
+        }
+    }
+}
+
 /// Port I/O as KVM reports it (api.rst, KVM_EXIT_IO): `data` holds `count`
 /// elements of `size` bytes. String I/O (`rep outsb`, `outsw`, ...) comes as
 /// one exit with `count` > 1; each element is its own access to the device,
@@ -511,6 +530,19 @@ mod tests {
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.accesses.push((offset, data.len()));
         }
+    }
+
+    #[test]
+    fn a_panicking_vcpu_stops_the_vm_with_an_error() {
+        let control = VmControl::new().unwrap();
+        let got: Option<VcpuReport> = run_catching(&control, "vCPU 3", || panic!("device bug"));
+        assert!(got.is_none());
+        assert!(control.is_stopped());
+        assert_eq!(
+            control.reason(),
+            Some(StopReason::VmmError("vCPU 3 failed: internal error in ember: device bug".into()))
+        );
+        assert_eq!(run_catching(&control, "vCPU 0", || 7), Some(7));
     }
 
     #[test]

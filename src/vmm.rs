@@ -267,7 +267,7 @@ impl Vmm {
             out = out.with_limit(SERIAL_FILE_LIMIT);
         }
         let serial = Arc::new(Mutex::new(Serial::new(irq, out, Some(input_drained.clone()))));
-        let mut pio = Bus::new();
+        let mut pio = Bus::with_control(control.clone());
         pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
         pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", Arc::new(Mutex::new(I8042::new(control.clone()))))?;
         pio.insert(
@@ -279,7 +279,7 @@ impl Vmm {
         for extra in &cfg.extra_pio {
             pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
         }
-        let mut mmio = Bus::new();
+        let mut mmio = Bus::with_control(control.clone());
         let (queue_events, tap_events) = create_virtio_transports(&vm, &mem, &mut mmio, virtio)?;
 
         // 7. vCPUs.
@@ -339,14 +339,18 @@ impl Vmm {
 
         let mut handles: Vec<JoinHandle<VcpuReport>> = Vec::new();
         for (i, v) in self.vcpus.drain(..).enumerate() {
+            let control = self.control.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || v.run())
+                .spawn(move || vcpu::run_catching(&control, &format!("vCPU {i}"), || v.run()).unwrap_or_default())
                 .map_err(|e| VmmError::Host("a vCPU thread", e))?;
             handles.push(h);
         }
 
-        let result = event_loop::run(&self.control, console, &signals, &self.queue_events, &self.tap_events);
+        let result = vcpu::run_catching(&self.control, "the event loop", || {
+            event_loop::run(&self.control, console, &signals, &self.queue_events, &self.tap_events)
+        })
+        .unwrap_or_else(|| Ok(self.control.reason().unwrap_or(StopReason::VmmError("the event loop failed".into()))));
         if result.is_err() {
             self.control.stop(StopReason::VmmError("the event loop failed".into()));
         }

@@ -373,3 +373,48 @@ fn guests_are_vmlinux_shaped() {
         }
     }
 }
+
+/// A port device with a bug: it panics on its first write.
+struct Buggy;
+impl ember::bus::BusDevice for Buggy {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _: u64, _: &[u8]) {
+        panic!("a bug in a device");
+    }
+}
+
+#[test]
+fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
+    if !kvm_available() {
+        return;
+    }
+    use ember::config::{ExtraPioDevice, KernelSource, SerialMode, VmConfig};
+    use ember::control::StopReason;
+    // The `ports` guest writes to port 0x80 first: there the device panics,
+    // in the vCPU thread. The VM must stop with an error (ember exits 125),
+    // not run on without that vCPU or hang.
+    let mut cfg = VmConfig::new(KernelSource::Path(guest("ports")));
+    cfg.serial = SerialMode::None;
+    cfg.mem_size_bytes = 32 << 20;
+    cfg.extra_pio.push(ExtraPioDevice {
+        port: 0x80,
+        len: 1,
+        name: "buggy",
+        device: std::sync::Arc::new(std::sync::Mutex::new(Buggy)),
+    });
+    let timeline = std::sync::Arc::new(ember::timeline::Timeline::new(std::time::Instant::now()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcome = ember::vmm::Vmm::new(&cfg, timeline).expect("build the VM").run().expect("run");
+        let _ = tx.send(outcome);
+    });
+    let outcome = rx.recv_timeout(common::RUN_TIMEOUT).expect("the VM stopped (it used to run on without its vCPU)");
+    match outcome.reason {
+        StopReason::VmmError(what) => {
+            assert!(what.contains("vCPU 0 failed") && what.contains("a bug in a device"), "{what}")
+        }
+        r => panic!("expected an ember error, got {r:?}"),
+    }
+}
