@@ -305,19 +305,15 @@ pub fn run(
                     // device serves the queue below, up to its budget.
                     let _ = q.evt.read();
                     let Some(mut transport) = lock_or_stop(&q.transport, control) else { continue };
-                    if transport.notify(q.queue) {
-                        if !again.contains(&Token::Queue(n)) {
-                            again.push(Token::Queue(n));
-                        }
+                    if transport.notify(q.queue) && !again.contains(&Token::Queue(n)) {
+                        again.push(Token::Queue(n));
                     }
                 }
                 Some(Token::Tap(n)) => {
                     let Some(t) = taps.get(n as usize) else { continue };
                     let Some(mut transport) = lock_or_stop(&t.transport, control) else { continue };
-                    if transport.host_event() {
-                        if !again.contains(&Token::Tap(n)) {
-                            again.push(Token::Tap(n));
-                        }
+                    if transport.host_event() && !again.contains(&Token::Tap(n)) {
+                        again.push(Token::Tap(n));
                     }
                 }
                 None => log::warn!("event loop: unknown token {:?}", token),
