@@ -264,6 +264,8 @@ impl Vcpu {
     pub fn run(mut self) -> VcpuReport {
         let kvm_run: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(kvm_run));
+        // Declared after `self`, so dropped before it, on return and on unwind.
+        let _forget_kvm_run = ForgetKvmRun;
         let mut counts = ExitCounts::default();
         let mut observer = self.observer.take();
         let first_run = format!("vcpu{}: first KVM_RUN", self.id);
@@ -394,7 +396,6 @@ impl Vcpu {
                 o.observe(&exit, took);
             }
         }
-        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         let registers = if self.snapshot_registers { self.snapshot() } else { None };
         VcpuReport { counts, stats: observer.and_then(|o| o.stats.map(Box::new)), registers }
     }
@@ -475,6 +476,18 @@ fn pio_in(bus: &Bus, port: u16, data: &mut [u8], size: u8) -> bool {
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Clears this thread's `KVM_RUN_PTR` when dropped, on return and on unwind
+/// alike: after a panic in `Vcpu::run` the vCPU (and its kvm_run mapping) is
+/// dropped while `stop_vcpus` may still kick the thread, and the handler must
+/// then find nothing to write to.
+struct ForgetKvmRun;
+
+impl Drop for ForgetKvmRun {
+    fn drop(&mut self) {
+        let _ = KVM_RUN_PTR.try_with(|p| p.set(std::ptr::null_mut()));
+    }
 }
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
