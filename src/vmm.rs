@@ -464,19 +464,24 @@ fn create_virtio_transports(
         let (base, irq) = virtio_slot(i);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
         vm.register_irqfd(&irq_evt, irq).map_err(|source| VmmError::Kvm { what: "register a virtio irqfd", source })?;
-        let transport = MmioTransport::new(device, mem.clone(), irq_evt);
+        let mut transport = MmioTransport::new(device, mem.clone(), irq_evt);
         let queues = transport.queue_count();
         let host_fd = transport.host_fd();
-        let transport = Arc::new(Mutex::new(transport));
-        if let Some(fd) = host_fd {
-            taps.push(TapEvent { fd, transport: transport.clone() });
-        }
+        let mut queue_evts = Vec::with_capacity(queues);
         for q in 0..queues as u32 {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
             let addr = IoEventAddress::Mmio(virtio_mmio::notify_address(vm_memory::GuestAddress(base)));
             vm.register_ioevent(&evt, &addr, q)
                 .map_err(|source| VmmError::Kvm { what: "register a virtio ioeventfd", source })?;
-            events.push(QueueEvent { evt, transport: transport.clone(), queue: q });
+            transport.set_queue_event(q as usize, evt.try_clone().map_err(|e| VmmError::Host("an eventfd", e))?);
+            queue_evts.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        if let Some(fd) = host_fd {
+            taps.push(TapEvent { fd, transport: transport.clone() });
+        }
+        for (q, evt) in queue_evts.into_iter().enumerate() {
+            events.push(QueueEvent { evt, transport: transport.clone(), queue: q as u32 });
         }
         mmio.insert(base, layout::VIRTIO_MMIO_SIZE, name, transport)?;
     }
