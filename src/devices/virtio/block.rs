@@ -404,6 +404,10 @@ pub(crate) fn drain_queue(
     mut serve: impl FnMut(&[Descriptor]) -> u32,
 ) -> QueueOutcome {
     let budget = queue.size();
+    // Chains served, plus rounds that found the avail index moved: a ring
+    // that moves under the device without giving it a chain (a used ring laid
+    // over the avail ring: re-enabling notifications rewrites avail.idx)
+    // must not keep it here either.
     let mut served: u16 = 0;
     let mut used = false;
     let more = loop {
@@ -412,7 +416,7 @@ pub(crate) fn drain_queue(
             return QueueOutcome::NeedsReset;
         }
         loop {
-            if served == budget {
+            if served >= budget {
                 break;
             }
             let chain = match queue.iter(mem) {
@@ -439,11 +443,11 @@ pub(crate) fn drain_queue(
             served += 1;
             used = true;
         }
-        if served == budget {
+        if served >= budget {
             break true;
         }
         match queue.enable_notification(mem) {
-            Ok(true) => continue, // more arrived while notifications were off
+            Ok(true) => served += 1, // more arrived while notifications were off
             Ok(false) => break false,
             Err(_) => return QueueOutcome::NeedsReset,
         }
@@ -775,6 +779,27 @@ mod tests {
         assert_eq!(call(&mut q), QueueOutcome::Quiet);
         assert_eq!(served, 40);
         assert_eq!(used(&mem).0, 40);
+    }
+
+    #[test]
+    fn a_used_ring_over_the_avail_ring_does_not_hold_the_device() {
+        // Found by fuzz/virtio_blk: used.flags over avail.idx, so each
+        // disable/enable of notifications moves avail.idx and the drain saw
+        // "more" forever without a chain to serve. The budget counts those rounds.
+        let mem = testutil::memory();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(testutil::DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(testutil::AVAIL as u32 + 2), Some(0));
+        q.set_used_ring_address(Some(testutil::AVAIL as u32 + 4), Some(0));
+        q.set_ready(true);
+        desc(&mem, 0, DATA, 512, 0, 0);
+        let mut served = 0;
+        let out = drain_queue(&mut q, &mem, "test", |_| {
+            served += 1;
+            0
+        });
+        assert!(matches!(out, QueueOutcome::More { .. } | QueueOutcome::NeedsReset), "{out:?}");
+        assert!(served <= 16);
     }
 
     #[test]

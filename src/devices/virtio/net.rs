@@ -330,8 +330,17 @@ fn deliver(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &mut [u8], mrg: bool
     let mut chains: Vec<RxChain> = Vec::new();
     let mut capacity = 0usize;
     let mut popped = 0u16;
+    // Chains looked at for this frame, the returned ones included: at most
+    // two rings' worth, so a ring that keeps moving under the device (a used
+    // ring laid over the avail ring) cannot keep it here.
+    let mut examined = 0u32;
     let rewind = |queue: &mut Queue, n: u16| (0..n).for_each(|_| queue.go_to_previous_position());
     while capacity < frame.len() {
+        examined += 1;
+        if examined > 2 * u32::from(queue.size()) {
+            rewind(queue, popped);
+            return Delivery::NoBuffers;
+        }
         if popped >= queue.size() {
             // Every buffer the ring can hold is not enough: waiting cannot help.
             rewind(queue, popped);
