@@ -29,6 +29,7 @@ use vm_memory::{
 };
 
 use crate::config::KernelSource;
+use crate::host_file::{Allow, open_image};
 use crate::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, PVH_INFO_START, PVH_MEMMAP_START, ZERO_PAGE_START,
 };
@@ -79,7 +80,7 @@ pub enum BootError {
     #[error("{0} is a bzImage without a 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)")]
     No64BitEntry(String),
     /// linux-loader rejected the image.
-    #[error("cannot load kernel {name}: {source}")]
+    #[error("cannot load kernel {name} (does it fit in --memory?)")]
     Load {
         /// Which kernel.
         name: String,
@@ -180,7 +181,8 @@ impl ReadVolatile for Image {
 fn open_kernel(src: &KernelSource) -> Result<(Image, String), BootError> {
     match src {
         KernelSource::Path(p) => {
-            let f = File::open(p).map_err(|source| BootError::OpenKernel { path: p.clone(), source })?;
+            let f = open_image(p, false, Allow::RegularFile)
+                .map_err(|source| BootError::OpenKernel { path: p.clone(), source })?;
             Ok((Image::File(f), p.display().to_string()))
         }
         KernelSource::Builtin(bytes) => Ok((Image::Builtin(Cursor::new(*bytes)), "built-in guest".into())),
@@ -353,7 +355,7 @@ pub fn load_kernel(
 /// Copies the initrd to the highest page-aligned address that stays below both
 /// `initrd_max` and the end of low RAM, and above the kernel.
 fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, initrd_max: u64) -> Result<(u64, u64), BootError> {
-    let mut f = File::open(path).map_err(|source| BootError::OpenInitrd { path: path.to_path_buf(), source })?;
+    let mut f = open_initrd(path)?;
     let size = f
         .seek(SeekFrom::End(0))
         .and_then(|s| f.seek(SeekFrom::Start(0)).map(|_| s))
@@ -367,6 +369,12 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64, initrd_max: 
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(|source| BootError::ReadInitrd { path: path.to_path_buf(), source })?;
     Ok((addr, size))
+}
+
+/// Opens the initrd: a regular file (a FIFO would hang the open, a directory has no size).
+pub fn open_initrd(path: &Path) -> Result<File, BootError> {
+    open_image(path, false, Allow::RegularFile)
+        .map_err(|source| BootError::OpenInitrd { path: path.to_path_buf(), source })
 }
 
 /// Writes `hvm_start_info`, the memory map and the module list (the initrd).

@@ -6,9 +6,11 @@
 //! code would serve COM1 or COM2.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
+
+use crate::control::{StopReason, VmControl};
 
 /// A device on a bus.
 pub trait BusDevice: Send {
@@ -48,12 +50,39 @@ struct Slot {
 #[derive(Default)]
 pub struct Bus {
     slots: BTreeMap<u64, Slot>,
+    /// Stopped when a device turns out broken (see [`Bus::read`]).
+    control: Option<Arc<VmControl>>,
 }
 
 impl Bus {
     /// An empty bus.
     pub fn new() -> Self {
         Bus::default()
+    }
+
+    /// An empty bus that stops `control`'s VM when a device is found broken.
+    pub fn with_control(control: Arc<VmControl>) -> Self {
+        Bus { slots: BTreeMap::new(), control: Some(control) }
+    }
+
+    /// Locks the device of `slot`. A poisoned lock means the device panicked
+    /// in another thread (a bug in ember; that thread stopped the VM, see
+    /// `vcpu::run_catching`) and its state cannot be trusted: it is not called
+    /// again, the VM is stopped, and this thread goes on without a panic of its
+    /// own, so one broken device does not take down every vCPU in turn.
+    fn lock<'a>(&self, slot: &'a Slot) -> Option<MutexGuard<'a, dyn BusDevice + 'static>> {
+        match slot.device.lock() {
+            Ok(device) => Some(device),
+            Err(_) => {
+                if let Some(c) = &self.control {
+                    c.stop(StopReason::VmmError(format!(
+                        "the {} device failed (it panicked): the VM cannot go on",
+                        slot.name
+                    )));
+                }
+                None
+            }
+        }
     }
 
     /// Adds `device` at `base..base+len`, refusing overlaps.
@@ -92,7 +121,10 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((slot, offset)) => {
-                slot.device.lock().expect("device lock").read(offset, data);
+                match self.lock(slot) {
+                    Some(mut device) => device.read(offset, data),
+                    None => data.fill(0xff),
+                }
                 true
             }
             None => false,
@@ -103,7 +135,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((slot, offset)) => {
-                slot.device.lock().expect("device lock").write(offset, data);
+                if let Some(mut device) = self.lock(slot) {
+                    device.write(offset, data);
+                }
                 true
             }
             None => false,
@@ -151,6 +185,34 @@ mod tests {
         assert!(!bus.read(0x10e, &mut b), "4 bytes at 0x10e run past the device");
         assert!(!bus.write(u64::MAX, &b));
         assert!(bus.read(0x10c, &mut b));
+    }
+
+    struct Panicky;
+    impl BusDevice for Panicky {
+        fn read(&mut self, _: u64, _: &mut [u8]) {}
+        fn write(&mut self, _: u64, _: &[u8]) {
+            panic!("a bug in a device");
+        }
+    }
+
+    #[test]
+    fn a_device_that_panicked_stops_the_vm_without_more_panics() {
+        let control = Arc::new(VmControl::new().unwrap());
+        let mut bus = Bus::with_control(control.clone());
+        bus.insert(0x10, 1, "panicky", Arc::new(Mutex::new(Panicky))).unwrap();
+        // The first access panics (in its vCPU thread, which stops the VM itself)...
+        let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bus.write(0x10, &[1])));
+        assert!(first.is_err());
+        assert!(!control.is_stopped());
+        // ...and the next ones, from any thread, find the lock poisoned: no panic, the VM stops.
+        let mut b = [0u8; 1];
+        assert!(bus.read(0x10, &mut b));
+        assert_eq!(b, [0xff]);
+        assert!(bus.write(0x10, &[1]));
+        match control.reason() {
+            Some(StopReason::VmmError(what)) => assert!(what.contains("panicky"), "{what}"),
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]

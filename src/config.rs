@@ -2,6 +2,7 @@
 //! test, or `ember demo`) and checked here before any KVM call is made, so that a
 //! bad flag is answered with one clear sentence instead of an ioctl error.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use thiserror::Error;
@@ -192,6 +193,12 @@ pub enum ConfigError {
     /// Two devices on one tap.
     #[error("--net: tap {0} is named twice: a tap serves one device")]
     DuplicateTap(String),
+    /// Guest RAM that is not whole pages (KVM maps memory in 4 KiB pages: api.rst 4.35).
+    #[error("--memory {0} is not a multiple of 4 KiB: guest memory is made of 4 KiB pages (e.g. 256M)")]
+    MemoryNotPageAligned(String),
+    /// One image given as two disks.
+    #[error("disk image {0} is given twice (--disk/--root-disk): each image can back one disk")]
+    DuplicateDisk(PathBuf),
 }
 
 /// Parses `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create]` (options in any order).
@@ -325,6 +332,9 @@ impl VmConfig {
         if self.mem_size_bytes < (2 << 20) {
             return Err(ConfigError::MemoryTooSmall(pretty));
         }
+        if !self.mem_size_bytes.is_multiple_of(4096) {
+            return Err(ConfigError::MemoryNotPageAligned(pretty));
+        }
         if let Some(host) = host_mem_bytes()
             && self.mem_size_bytes > host
         {
@@ -349,6 +359,16 @@ impl VmConfig {
         for (i, n) in self.nets.iter().enumerate() {
             if self.nets[..i].iter().any(|m| m.tap == n.tap) {
                 return Err(ConfigError::DuplicateTap(n.tap.clone()));
+            }
+        }
+        // The same file under two names (a symlink, `./x` and `x`) is the same
+        // image: compare device and inode. A path that cannot be read is
+        // reported when the disk is opened.
+        let ids: Vec<Option<(u64, u64)>> =
+            self.disks.iter().map(|d| std::fs::metadata(&d.path).ok().map(|m| (m.dev(), m.ino()))).collect();
+        for (i, id) in ids.iter().enumerate() {
+            if id.is_some() && ids[..i].contains(id) {
+                return Err(ConfigError::DuplicateDisk(self.disks[i].path.clone()));
             }
         }
         Ok(())

@@ -62,10 +62,10 @@ impl VmControl {
             }
             r => r,
         };
-        let mut slot = self.reason.lock().expect("stop reason lock");
+        let mut slot = lock(&self.reason);
         if slot.is_none() {
             *slot = Some(reason);
-            *self.requested_at.lock().expect("stop time lock") = Some(Instant::now());
+            *lock(&self.requested_at) = Some(Instant::now());
         }
         self.stopped.store(true, Ordering::Release);
         // A full eventfd counter (2^64-2) is the only failure; one wake-up is enough.
@@ -79,7 +79,7 @@ impl VmControl {
 
     /// Why the VM stopped (None while it runs).
     pub fn reason(&self) -> Option<StopReason> {
-        self.reason.lock().expect("stop reason lock").clone()
+        lock(&self.reason).clone()
     }
 
     /// When the first stop request came and who made it ("guest: exit device",
@@ -92,13 +92,19 @@ impl VmControl {
             StopReason::UserQuit(_) => "user",
             StopReason::VmmError(_) => "ember",
         };
-        Some(((*self.requested_at.lock().expect("stop time lock"))?, who))
+        Some(((*lock(&self.requested_at))?, who))
     }
 
     /// Records that the guest kernel printed a panic.
     pub fn note_panic(&self) {
         self.panicked.store(true, Ordering::Relaxed);
     }
+}
+
+/// The stop path must work even after a panic elsewhere: these locks guard
+/// plain values that are written whole, so a poisoned one is still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -218,6 +218,14 @@ pub fn run(
     let mut pending: VecDeque<u8> = VecDeque::new();
     let mut escape = Escape::default();
     let mut events = vec![EpollEvent::default(); 8];
+    // Queues and taps whose device stopped at its budget with work left
+    // (`QueueOutcome::More`): served again after the next look at every other
+    // source, so one busy queue cannot starve stdin, signals or other devices.
+    let mut again: Vec<Token> = Vec::new();
+    // Pending input could not be fed because a vCPU held the UART: retry soon.
+    let mut feed_retry = false;
+    /// How soon a busy UART is tried again, in milliseconds.
+    const FEED_RETRY_MS: i32 = 10;
     let mut buf = [0u8; 4096];
     let mut filtered = Vec::with_capacity(4096);
 
@@ -225,13 +233,20 @@ pub fn run(
         if control.is_stopped() {
             break;
         }
-        let n = match epoll.wait(-1, &mut events) {
+        // With work left over, only look: do not sleep.
+        let timeout = match (again.is_empty(), feed_retry) {
+            (false, _) => 0,
+            (true, true) => FEED_RETRY_MS,
+            (true, false) => -1,
+        };
+        let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(EventLoopError::Epoll(e)),
         };
-        for ev in &events[..n] {
-            match Token::from_u64(ev.data()) {
+        let ready = events[..n].iter().map(|ev| Token::from_u64(ev.data()).ok_or(ev.data()));
+        for token in ready.chain(std::mem::take(&mut again).into_iter().map(Ok)) {
+            match token.ok() {
                 Some(Token::Stop) => {
                     let _ = control.stop_evt.read();
                 }
@@ -243,7 +258,7 @@ pub fn run(
                 Some(Token::InputDrained) => {
                     if let Some(c) = &console {
                         let _ = c.drained.read();
-                        feed(c, &mut pending);
+                        feed_retry = !feed(c, &mut pending);
                         if pending.is_empty()
                             && !stdin_polled
                             && let Some(fd) = input_fd
@@ -277,7 +292,7 @@ pub fn run(
                         filtered.extend_from_slice(got);
                     }
                     pending.extend(filtered.iter());
-                    feed(c, &mut pending);
+                    feed_retry = !feed(c, &mut pending);
                     if !pending.is_empty() {
                         // Wait for the guest to drain the FIFO before reading more.
                         let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -287,30 +302,71 @@ pub fn run(
                 Some(Token::Queue(n)) => {
                     let Some(q) = queues.get(n as usize) else { continue };
                     // One read takes every notify since the last one: the
-                    // device drains the whole queue below.
+                    // device serves the queue below, up to its budget.
                     let _ = q.evt.read();
-                    q.transport.lock().expect("virtio transport lock").notify(q.queue);
+                    let Some(mut transport) = lock_or_stop(&q.transport, control) else { continue };
+                    if transport.notify(q.queue) && !again.contains(&Token::Queue(n)) {
+                        again.push(Token::Queue(n));
+                    }
                 }
                 Some(Token::Tap(n)) => {
                     let Some(t) = taps.get(n as usize) else { continue };
-                    t.transport.lock().expect("virtio transport lock").host_event();
+                    let Some(mut transport) = lock_or_stop(&t.transport, control) else { continue };
+                    if transport.host_event() && !again.contains(&Token::Tap(n)) {
+                        again.push(Token::Tap(n));
+                    }
                 }
-                None => log::warn!("event loop: unknown token {}", ev.data()),
+                None => log::warn!("event loop: unknown token {:?}", token),
+            }
+        }
+        if feed_retry && let Some(c) = &console {
+            feed_retry = !feed(c, &mut pending);
+            if pending.is_empty()
+                && !stdin_polled
+                && let Some(fd) = input_fd
+            {
+                add(fd, Token::Stdin)?;
+                stdin_polled = true;
             }
         }
     }
     Ok(control.reason().unwrap_or(StopReason::VmmError("the VM stopped without a reason".into())))
 }
 
-/// Moves as many pending bytes as fit into the UART.
-fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) {
-    if pending.is_empty() {
-        return;
+/// Locks a device's transport; a poisoned lock (the device panicked in a
+/// vCPU thread, which stopped the VM) stops the VM here too instead of
+/// panicking the event loop (see `Bus::lock`).
+fn lock_or_stop<'a>(m: &'a Mutex<MmioTransport>, control: &VmControl) -> Option<MutexGuard<'a, MmioTransport>> {
+    match m.lock() {
+        Ok(guard) => Some(guard),
+        Err(_) => {
+            control.stop(StopReason::VmmError("a virtio device failed (it panicked): the VM cannot go on".into()));
+            None
+        }
     }
-    let mut serial = c.serial.lock().expect("serial lock");
+}
+
+/// Moves as many pending bytes as fit into the UART. Returns false if a vCPU
+/// holds the UART: it may be waiting for room to print (stdout not read,
+/// devices/serial_sink.rs), and the loop must never wait for it, or it would
+/// not hear the signal or the `Ctrl-a x` that ends that wait. It tries again
+/// shortly.
+fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) -> bool {
+    if pending.is_empty() {
+        return true;
+    }
+    let mut serial = match c.serial.try_lock() {
+        Ok(serial) => serial,
+        Err(TryLockError::WouldBlock) => return false,
+        // A vCPU panicked inside the UART: it stopped the VM (vcpu.rs); the input is moot.
+        Err(TryLockError::Poisoned(_)) => {
+            pending.clear();
+            return true;
+        }
+    };
     let room = serial.input_room().min(pending.len());
     if room == 0 {
-        return;
+        return true;
     }
     let chunk: Vec<u8> = pending.drain(..room).collect();
     let taken = serial.enqueue_input(&chunk);
@@ -318,6 +374,7 @@ fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) {
     for b in chunk[taken..].iter().rev() {
         pending.push_front(*b);
     }
+    true
 }
 
 #[cfg(test)]

@@ -72,6 +72,10 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// ember's exit device: a write of 1, 2 or 4 bytes ends the VM; the low byte
 /// of the value becomes ember's exit code. See README, "The exit device".
 pub const EXIT_PORT: u16 = 0x501;
+/// Ports the exit device claims from `EXIT_PORT`: a 2- or 4-byte `OUT` to
+/// 0x501 also covers 0x502..=0x504 (the bus refuses an access that runs past a
+/// device), so all three widths reach it. Only 0x501 itself acts.
+pub const EXIT_PORT_LEN: u16 = 4;
 
 /// Number of IRQ lines the IOAPIC exposes (and the MP table lists).
 pub const IOAPIC_PINS: u32 = 24;

@@ -6,6 +6,7 @@
 //! - [`vmm`]: the recipe: /dev/kvm -> VM -> memory -> kernel -> devices -> vCPUs.
 //! - [`memory`]: guest RAM (vm-memory) and KVM memory slots; the MMIO gap.
 //! - [`boot`]: ELF/PVH and bzImage loading (linux-loader), initrd, cmdline, e820.
+//! - [`host_file`]: opening the kernel, initrd and disk images (no hang on a FIFO).
 //! - [`x86`]: CPUID, MSRs, GDT/page tables/registers, LAPIC pins, MP table.
 //! - [`layout`]: every guest address, port and IRQ.
 //!
@@ -61,6 +62,7 @@ pub mod demo;
 pub mod devices;
 pub mod event_loop;
 pub mod guest;
+pub mod host_file;
 pub mod image;
 pub mod lane;
 pub mod layout;

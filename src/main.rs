@@ -434,7 +434,12 @@ fn report(e: &VmmError) {
     let mut msg = format!("ember: {e}");
     let mut src = std::error::Error::source(e);
     while let Some(s) = src {
-        msg += &format!(": {s}");
+        // Some libraries (linux-loader) repeat their cause in their own
+        // message: print each cause once.
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg += &format!(": {text}");
+        }
         src = s.source();
     }
     eprintln!("{msg}");
@@ -569,7 +574,15 @@ fn run(args: RunArgs, start: Instant) -> u8 {
 fn main() -> ExitCode {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A usage mistake is bad input: 125 like every other (README, "Exit
+            // codes"), not clap's 2; --help and --version are not mistakes.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_VMM_ERROR } else { 0 });
+        }
+    };
     let code = match cli.command {
         Command::Run(args) => run(*args, start),
         Command::Bench(args) => ember::bench::main(args),

@@ -262,7 +262,10 @@ impl Vcpu {
 
     /// Runs the guest until the VM stops; returns what this vCPU saw.
     pub fn run(mut self) -> VcpuReport {
-        KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let kvm_run: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(kvm_run));
+        // Declared after `self`, so dropped before it, on return and on unwind.
+        let _forget_kvm_run = ForgetKvmRun;
         let mut counts = ExitCounts::default();
         let mut observer = self.observer.take();
         let first_run = format!("vcpu{}: first KVM_RUN", self.id);
@@ -275,16 +278,19 @@ impl Vcpu {
             let seen = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     counts.io_out += 1;
-                    if !self.pio.write(u64::from(port), data) {
+                    // SAFETY: `kvm_run` is this vCPU's live mapping and KVM filled
+                    // its `io` member for this KVM_EXIT_IO.
+                    let size = unsafe { (*kvm_run).__bindgen_anon_1.io.size };
+                    if !pio_out(&self.pio, port, data, size) {
                         log::debug!("vcpu{id}: OUT to unmapped port {port:#x} ignored");
                     }
                     Seen::access(ExitKind::IoOut, u64::from(port), data)
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     counts.io_in += 1;
-                    if !self.pio.read(u64::from(port), data) {
-                        // Nothing drives the ISA bus: it floats high.
-                        data.fill(0xff);
+                    // SAFETY: as for IoOut.
+                    let size = unsafe { (*kvm_run).__bindgen_anon_1.io.size };
+                    if !pio_in(&self.pio, port, data, size) {
                         log::debug!("vcpu{id}: IN from unmapped port {port:#x} reads 0xff");
                     }
                     Seen::access(ExitKind::IoIn, u64::from(port), data)
@@ -390,7 +396,6 @@ impl Vcpu {
                 o.observe(&exit, took);
             }
         }
-        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
         let registers = if self.snapshot_registers { self.snapshot() } else { None };
         VcpuReport { counts, stats: observer.and_then(|o| o.stats.map(Box::new)), registers }
     }
@@ -423,9 +428,66 @@ impl Vcpu {
     }
 }
 
+/// Runs `f` (a vCPU's run loop, or the event loop) for `who`. A panic in it
+/// (a bug in ember or in a device) stops the VM with an error (exit code 125)
+/// instead of leaving the other threads running a VM that lost a vCPU, or
+/// waiting forever for a stop that thread would have made. None: it panicked.
+pub fn run_catching<T>(control: &VmControl, who: &str, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            control.stop(StopReason::VmmError(format!("{who} failed: internal error in ember: {what}")));
+            None
+        }
+    }
+}
+
+/// Port I/O as KVM reports it (api.rst, KVM_EXIT_IO): `data` holds `count`
+/// elements of `size` bytes. String I/O (`rep outsb`, `outsw`, ...) comes as
+/// one exit with `count` > 1; each element is its own access to the device,
+/// as on the ISA bus, never one wide access. Returns false if any element
+/// fell on an unmapped port.
+fn pio_out(bus: &Bus, port: u16, data: &[u8], size: u8) -> bool {
+    let mut mapped = true;
+    for element in data.chunks(usize::from(size.max(1))) {
+        mapped &= bus.write(u64::from(port), element);
+    }
+    mapped
+}
+
+/// The `IN` side of [`pio_out`]: an element no device answers floats high (0xff).
+fn pio_in(bus: &Bus, port: u16, data: &mut [u8], size: u8) -> bool {
+    let mut mapped = true;
+    for element in data.chunks_mut(usize::from(size.max(1))) {
+        if !bus.read(u64::from(port), element) {
+            // Nothing drives the ISA bus: it floats high.
+            element.fill(0xff);
+            mapped = false;
+        }
+    }
+    mapped
+}
+
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Clears this thread's `KVM_RUN_PTR` when dropped, on return and on unwind
+/// alike: after a panic in `Vcpu::run` the vCPU (and its kvm_run mapping) is
+/// dropped while `stop_vcpus` may still kick the thread, and the handler must
+/// then find nothing to write to.
+struct ForgetKvmRun;
+
+impl Drop for ForgetKvmRun {
+    fn drop(&mut self) {
+        let _ = KVM_RUN_PTR.try_with(|p| p.set(std::ptr::null_mut()));
+    }
 }
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
@@ -460,4 +522,61 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use std::sync::Mutex;
+
+    /// Counts accesses; reads return the access number.
+    #[derive(Default)]
+    struct Counter {
+        accesses: Vec<(u64, usize)>,
+    }
+    impl BusDevice for Counter {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            self.accesses.push((offset, data.len()));
+            data.fill(self.accesses.len() as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.accesses.push((offset, data.len()));
+        }
+    }
+
+    #[test]
+    fn a_panicking_vcpu_stops_the_vm_with_an_error() {
+        let control = VmControl::new().unwrap();
+        let got: Option<VcpuReport> = run_catching(&control, "vCPU 3", || panic!("device bug"));
+        assert!(got.is_none());
+        assert!(control.is_stopped());
+        assert_eq!(
+            control.reason(),
+            Some(StopReason::VmmError("vCPU 3 failed: internal error in ember: device bug".into()))
+        );
+        assert_eq!(run_catching(&control, "vCPU 0", || 7), Some(7));
+    }
+
+    #[test]
+    fn string_io_is_one_access_per_element() {
+        let dev = Arc::new(Mutex::new(Counter::default()));
+        let mut bus = Bus::new();
+        bus.insert(0x3f8, 8, "uart", dev.clone()).unwrap();
+        // `rep insb` of 4 from 0x3fd: four 1-byte reads at offset 5, not one 4-byte read.
+        let mut data = [0u8; 4];
+        assert!(pio_in(&bus, 0x3fd, &mut data, 1));
+        assert_eq!(data, [1, 2, 3, 4]);
+        assert_eq!(std::mem::take(&mut dev.lock().unwrap().accesses), vec![(5, 1); 4]);
+        // `rep outsw` of 3 to 0x3f8: three 2-byte writes.
+        assert!(pio_out(&bus, 0x3f8, &[0; 6], 2));
+        assert_eq!(std::mem::take(&mut dev.lock().unwrap().accesses), vec![(0, 2); 3]);
+        // A plain `in al, dx` is a count of 1.
+        let mut one = [0u8; 1];
+        assert!(pio_in(&bus, 0x3ff, &mut one, 1));
+        // Unmapped elements float high.
+        let mut data = [0u8; 2];
+        assert!(!pio_in(&bus, 0x80, &mut data, 1));
+        assert_eq!(data, [0xff, 0xff]);
+    }
 }

@@ -33,6 +33,7 @@ use crate::control::{StopReason, VmControl};
 use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
+use crate::devices::serial_sink::{SERIAL_FILE_LIMIT, StdoutSink};
 use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
@@ -145,6 +146,8 @@ pub struct Vmm {
     tap_events: Vec<TapEvent>,
     control: Arc<VmControl>,
     serial: Arc<Mutex<Serial>>,
+    /// The stdout writer behind the serial console (`--serial stdio`).
+    stdout_sink: Option<StdoutSink>,
     input_drained: Arc<EventFd>,
     serial_mode: SerialMode,
     timeline: Arc<Timeline>,
@@ -186,7 +189,7 @@ impl Vmm {
         // Check the files before touching KVM: a typo should not cost a VM.
         let format = boot::probe_kernel(&cfg.kernel)?;
         if let Some(initrd) = &cfg.initrd {
-            std::fs::File::open(initrd).map_err(|source| BootError::OpenInitrd { path: initrd.clone(), source })?;
+            boot::open_initrd(initrd)?;
         }
         let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
         let virtio = open_virtio_devices(cfg, linux)?;
@@ -234,8 +237,14 @@ impl Vmm {
         // 6. Devices.
         let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
+        let mut stdout_sink = None;
         let sink: Box<dyn Write + Send> = match &cfg.serial {
-            SerialMode::Stdio => Box::new(std::fs::File::from(dup_stdout()?)),
+            SerialMode::Stdio => {
+                let out = StdoutSink::new(dup_stdout()?, control.clone())
+                    .map_err(|e| VmmError::Host("the serial output thread", e))?;
+                stdout_sink = Some(out.clone());
+                Box::new(out)
+            }
             SerialMode::File(path) => Box::new(
                 OpenOptions::new()
                     .create(true)
@@ -253,21 +262,24 @@ impl Vmm {
         } else {
             IrqLine::None
         };
-        let out = SerialOutput::new(sink, control.clone(), timeline.clone());
+        let mut out = SerialOutput::new(sink, control.clone(), timeline.clone());
+        if matches!(cfg.serial, SerialMode::File(_)) {
+            out = out.with_limit(SERIAL_FILE_LIMIT);
+        }
         let serial = Arc::new(Mutex::new(Serial::new(irq, out, Some(input_drained.clone()))));
-        let mut pio = Bus::new();
+        let mut pio = Bus::with_control(control.clone());
         pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
         pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", Arc::new(Mutex::new(I8042::new(control.clone()))))?;
         pio.insert(
             u64::from(layout::EXIT_PORT),
-            1,
+            u64::from(layout::EXIT_PORT_LEN),
             "exit device",
             Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
         )?;
         for extra in &cfg.extra_pio {
             pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
         }
-        let mut mmio = Bus::new();
+        let mut mmio = Bus::with_control(control.clone());
         let (queue_events, tap_events) = create_virtio_transports(&vm, &mem, &mut mmio, virtio)?;
 
         // 7. vCPUs.
@@ -297,6 +309,7 @@ impl Vmm {
             tap_events,
             control,
             serial,
+            stdout_sink,
             input_drained,
             serial_mode: cfg.serial.clone(),
             timeline,
@@ -326,14 +339,18 @@ impl Vmm {
 
         let mut handles: Vec<JoinHandle<VcpuReport>> = Vec::new();
         for (i, v) in self.vcpus.drain(..).enumerate() {
+            let control = self.control.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || v.run())
+                .spawn(move || vcpu::run_catching(&control, &format!("vCPU {i}"), || v.run()).unwrap_or_default())
                 .map_err(|e| VmmError::Host("a vCPU thread", e))?;
             handles.push(h);
         }
 
-        let result = event_loop::run(&self.control, console, &signals, &self.queue_events, &self.tap_events);
+        let result = vcpu::run_catching(&self.control, "the event loop", || {
+            event_loop::run(&self.control, console, &signals, &self.queue_events, &self.tap_events)
+        })
+        .unwrap_or_else(|| Ok(self.control.reason().unwrap_or(StopReason::VmmError("the event loop failed".into()))));
         if result.is_err() {
             self.control.stop(StopReason::VmmError("the event loop failed".into()));
         }
@@ -343,12 +360,31 @@ impl Vmm {
         self.timeline.mark("ember: event loop saw the stop");
         let reports = stop_vcpus(handles);
         self.timeline.mark("ember: vCPUs joined");
+        self.finish_serial_output();
         let reason = result?;
         let exits = reports.iter().map(|r| r.counts).collect();
         let registers = reports.iter().map(|r| r.registers).collect();
         let stats = reports.into_iter().map(|r| r.stats).collect();
         let guest_resident_bytes = crate::memory::resident_bytes(&self._mem);
         Ok(RunOutcome { reason, exits, stats, registers, guest_resident_bytes })
+    }
+
+    /// Writes out what the guest printed (unless the user quit: then it is
+    /// dropped) and says how much of its output was lost, if any.
+    fn finish_serial_output(&self) {
+        let quit = matches!(self.control.reason(), Some(StopReason::UserQuit(_)));
+        if let Some(out) = &self.stdout_sink {
+            let dropped = out.finish(quit);
+            if dropped > 0 && !quit {
+                log::warn!(
+                    "serial: stdout is not being read: the last {dropped} bytes of the guest's output are dropped"
+                );
+            }
+        }
+        let dropped = self.serial.lock().map(|s| s.output().dropped()).unwrap_or(0);
+        if dropped > 0 {
+            log::warn!("serial: {dropped} bytes of the guest's output were dropped in all");
+        }
     }
 
     /// The shared stop control (for tests and tools that stop a VM from outside).
@@ -428,19 +464,24 @@ fn create_virtio_transports(
         let (base, irq) = virtio_slot(i);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
         vm.register_irqfd(&irq_evt, irq).map_err(|source| VmmError::Kvm { what: "register a virtio irqfd", source })?;
-        let transport = MmioTransport::new(device, mem.clone(), irq_evt);
+        let mut transport = MmioTransport::new(device, mem.clone(), irq_evt);
         let queues = transport.queue_count();
         let host_fd = transport.host_fd();
-        let transport = Arc::new(Mutex::new(transport));
-        if let Some(fd) = host_fd {
-            taps.push(TapEvent { fd, transport: transport.clone() });
-        }
+        let mut queue_evts = Vec::with_capacity(queues);
         for q in 0..queues as u32 {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
             let addr = IoEventAddress::Mmio(virtio_mmio::notify_address(vm_memory::GuestAddress(base)));
             vm.register_ioevent(&evt, &addr, q)
                 .map_err(|source| VmmError::Kvm { what: "register a virtio ioeventfd", source })?;
-            events.push(QueueEvent { evt, transport: transport.clone(), queue: q });
+            transport.set_queue_event(q as usize, evt.try_clone().map_err(|e| VmmError::Host("an eventfd", e))?);
+            queue_evts.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        if let Some(fd) = host_fd {
+            taps.push(TapEvent { fd, transport: transport.clone() });
+        }
+        for (q, evt) in queue_evts.into_iter().enumerate() {
+            events.push(QueueEvent { evt, transport: transport.clone(), queue: q as u32 });
         }
         mmio.insert(base, layout::VIRTIO_MMIO_SIZE, name, transport)?;
     }
@@ -448,13 +489,18 @@ fn create_virtio_transports(
 }
 
 /// Kicks every vCPU thread out of KVM_RUN until it returns, then joins it.
+/// The first kicks come 50 us apart (a vCPU in KVM_RUN leaves at once); a
+/// vCPU that takes longer (a device call in progress) is kicked less and less
+/// often, up to every 10 ms, so a slow stop does not burn a host core.
 fn stop_vcpus(handles: Vec<JoinHandle<VcpuReport>>) -> Vec<VcpuReport> {
     let mut exits = Vec::with_capacity(handles.len());
     for h in handles {
+        let mut pause = Duration::from_micros(50);
         while !h.is_finished() {
             // SAFETY: the thread is alive (not finished), so its pthread_t is valid.
             unsafe { libc::pthread_kill(h.as_pthread_t(), vcpu::kick_signal()) };
-            std::thread::sleep(Duration::from_micros(50));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
         }
         exits.push(h.join().unwrap_or_default());
     }

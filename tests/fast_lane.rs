@@ -222,6 +222,95 @@ fn exit_device_status_becomes_exit_code() {
 }
 
 #[test]
+fn exit_device_takes_2_and_4_byte_writes() {
+    if !kvm_available() {
+        return;
+    }
+    // `out dx, ax` / `out dx, eax` with junk above the low byte: the low byte is the status.
+    for wide in ["wide=2", "wide=4"] {
+        let cmdline = format!("status=7 {wide}");
+        let run = run_guest("exit", &["--cmdline", &cmdline]);
+        run.expect_code(7);
+        assert_eq!(run.stdout, "status 7\n", "{wide}");
+    }
+}
+
+#[test]
+fn string_port_io_is_one_access_per_element() {
+    if !kvm_available() {
+        return;
+    }
+    // `rep insb` x4 from LSR: four 1-byte reads of an idle UART (THRE | TEMT),
+    // then `rep outsb` of a line to THR.
+    let run = run_guest("strio", &[]);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "lsr 60 60 60 60\noutsb ok\n");
+}
+
+#[test]
+fn sigterm_wins_over_a_stdout_nobody_reads() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    // `ember run --kernel flood | sleep 60`: the pipe fills and stays full.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fresh descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors from pipe2.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut child = Command::new(common::ember_bin())
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest("flood"))
+        .args(["--serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ember");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().expect("wait").is_none(), "the flooding guest is still running");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    // Generous: it only catches a hang (ember used to stay alive forever).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ember ignored SIGTERM while its stdout pipe was full");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr).expect("stderr");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    drop(read_end);
+}
+
+#[test]
+fn a_failing_serial_file_warns_once_and_counts_at_exit() {
+    if !kvm_available() {
+        return;
+    }
+    // /dev/full fails every write with ENOSPC: one warning, one count, not one line per byte.
+    let kernel = guest("boot_params");
+    let run = common::ember(&["run", "--kernel", kernel.to_str().expect("UTF-8"), "--serial", "file:/dev/full"]);
+    run.expect_code(0);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", run.stderr);
+    assert!(lines[0].contains("No space left on device"), "{}", run.stderr);
+    assert!(lines[1].contains("bytes of the guest's output were dropped"), "{}", run.stderr);
+}
+
+#[test]
 fn i8042_reset_ends_ember_with_0() {
     if !kvm_available() {
         return;
@@ -270,7 +359,7 @@ fn hlt_without_irqchip_is_a_guest_crash() {
 #[test]
 fn guests_are_vmlinux_shaped() {
     // No KVM needed: the guests must take ember's vmlinux path, not PVH.
-    for name in ["boot_params", "echo", "exit", "crash", "smp"] {
+    for name in ["boot_params", "echo", "exit", "crash", "smp", "strio"] {
         let elf = std::fs::read(guest(name)).expect("guest ELF");
         assert_eq!(&elf[..4], b"\x7fELF");
         assert_eq!(elf[4], 2, "{name}: ELF64");
@@ -282,5 +371,50 @@ fn guests_are_vmlinux_shaped() {
             let p_type = u32::from_le_bytes(elf[phoff + 56 * i..][..4].try_into().expect("4 bytes"));
             assert_ne!(p_type, 4, "{name}: no PT_NOTE, so no PVH note");
         }
+    }
+}
+
+/// A port device with a bug: it panics on its first write.
+struct Buggy;
+impl ember::bus::BusDevice for Buggy {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _: u64, _: &[u8]) {
+        panic!("a bug in a device");
+    }
+}
+
+#[test]
+fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
+    if !kvm_available() {
+        return;
+    }
+    use ember::config::{ExtraPioDevice, KernelSource, SerialMode, VmConfig};
+    use ember::control::StopReason;
+    // The `ports` guest writes to port 0x80 first: there the device panics,
+    // in the vCPU thread. The VM must stop with an error (ember exits 125),
+    // not run on without that vCPU or hang.
+    let mut cfg = VmConfig::new(KernelSource::Path(guest("ports")));
+    cfg.serial = SerialMode::None;
+    cfg.mem_size_bytes = 32 << 20;
+    cfg.extra_pio.push(ExtraPioDevice {
+        port: 0x80,
+        len: 1,
+        name: "buggy",
+        device: std::sync::Arc::new(std::sync::Mutex::new(Buggy)),
+    });
+    let timeline = std::sync::Arc::new(ember::timeline::Timeline::new(std::time::Instant::now()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let outcome = ember::vmm::Vmm::new(&cfg, timeline).expect("build the VM").run().expect("run");
+        let _ = tx.send(outcome);
+    });
+    let outcome = rx.recv_timeout(common::RUN_TIMEOUT).expect("the VM stopped (it used to run on without its vCPU)");
+    match outcome.reason {
+        StopReason::VmmError(what) => {
+            assert!(what.contains("vCPU 0 failed") && what.contains("a bug in a device"), "{what}")
+        }
+        r => panic!("expected an ember error, got {r:?}"),
     }
 }

@@ -332,6 +332,25 @@ fn registry_pulls_zstd_manifest_lists_auth_corruption_and_the_cache() {
     let images = String::from_utf8_lossy(&host_ember(&store, &["images"]).stdout).into_owned();
     assert!(images.contains(&format!("{}/test/zstd", reg.addr)) && images.contains("REPOSITORY"), "{images}");
 
+    // Two pulls of one image into one store at once: both succeed, one record.
+    let together = f.dir.join("store-together");
+    let spawn = || {
+        Command::new(bin())
+            .args(["pull", &format!("{}/test/base:1", reg.addr)])
+            .env("EMBER_IMAGE_STORE", &together)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for c in [a, b] {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "concurrent pull: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let listed = String::from_utf8_lossy(&host_ember(&together, &["images"]).stdout).lines().count();
+    assert_eq!(listed, 2, "a header and one image");
+    assert_eq!(std::fs::read_dir(together.join("tmp")).unwrap().count(), 0, "nothing left half-written");
+
     // A blob corrupted in the registry's storage is refused, and nothing is kept.
     let fresh = f.dir.join("store-corrupt");
     reg.push(&f.image("single"), "test/corrupt:1", &[]);
@@ -528,6 +547,25 @@ fn bad_images_get_a_clear_message() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(125), "{tag}: {err}");
         assert!(err.contains(msg), "{tag}: expected `{msg}` in: {err}");
+    }
+    // A full disk during a pull: a clear message, and nothing half-written kept.
+    if unsafe { libc::geteuid() } == 0 {
+        let small = f.dir.join("small-store");
+        std::fs::create_dir_all(&small).unwrap();
+        let mounted =
+            Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&small).status().unwrap();
+        if mounted.success() {
+            let o = host_ember(&small, &["pull", &f.image("base")]);
+            let err = String::from_utf8_lossy(&o.stderr).into_owned();
+            let leftovers = std::fs::read_dir(small.join("tmp")).map(|d| d.count()).unwrap_or(0);
+            let records = std::fs::read_dir(small.join("images")).map(|d| d.count()).unwrap_or(0);
+            let _ = Command::new("umount").arg(&small).status();
+            assert_eq!(o.status.code(), Some(125), "{err}");
+            assert!(err.contains("No space left on device"), "{err}");
+            assert_eq!((leftovers, records), (0, 0), "a failed pull left files behind");
+        }
+    } else {
+        eprintln!("SKIPPED: the full-disk case needs root (a small tmpfs)");
     }
     let escape = Path::new("/tmp/escape");
     assert!(!escape.exists() || std::fs::read(escape).unwrap() != b"bad", "a layer wrote outside its root");

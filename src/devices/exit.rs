@@ -5,6 +5,8 @@
 //! is ember's exit status. Reads return 0. From a Linux guest's user space the
 //! init writes one byte to /dev/port at offset 0x501; a freestanding guest does
 //! `mov al, STATUS; out 0x501, al` (via DX, the port is above 0xff).
+//! A 2- or 4-byte write spans the ports after 0x501, so the device sits in a
+//! slot of `layout::EXIT_PORT_LEN` ports; writes at 0x502-0x504 alone do nothing.
 //!
 //! It is modelled on QEMU's isa-debug-exit, minus its `(value << 1) | 1`
 //! encoding: a guest can report 0 and get 0.
@@ -50,5 +52,24 @@ mod tests {
         let mut d = ExitDevice::new(c.clone());
         d.write(0, &[0x07, 0x01, 0, 0]);
         assert_eq!(c.reason(), Some(StopReason::GuestExit(7)));
+    }
+
+    #[test]
+    fn wide_writes_reach_the_device_through_the_bus() {
+        use crate::layout::{EXIT_PORT, EXIT_PORT_LEN};
+        use std::sync::Mutex;
+        for data in [&[7u8][..], &[7, 0x12], &[7, 0x12, 0x34, 0x56]] {
+            let c = Arc::new(VmControl::new().unwrap());
+            let mut bus = crate::bus::Bus::new();
+            let dev = Arc::new(Mutex::new(ExitDevice::new(c.clone())));
+            bus.insert(u64::from(EXIT_PORT), u64::from(EXIT_PORT_LEN), "exit device", dev).unwrap();
+            assert!(bus.write(u64::from(EXIT_PORT), data), "{}-byte write", data.len());
+            assert_eq!(c.reason(), Some(StopReason::GuestExit(7)), "{}-byte write", data.len());
+        }
+        // The ports behind 0x501 do not end the VM on their own.
+        let c = Arc::new(VmControl::new().unwrap());
+        let mut d = ExitDevice::new(c.clone());
+        d.write(1, &[9]);
+        assert!(!c.is_stopped());
     }
 }

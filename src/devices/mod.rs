@@ -5,5 +5,6 @@
 pub mod exit;
 pub mod i8042;
 pub mod serial;
+pub mod serial_sink;
 pub mod tap;
 pub mod virtio;

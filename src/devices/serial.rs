@@ -74,12 +74,41 @@ pub struct SerialOutput {
     timeline: Arc<Timeline>,
     seen_first: bool,
     line: Vec<u8>,
+    /// Bytes the sink may take in all (`--serial file:` is capped).
+    limit: u64,
+    written: u64,
+    /// Bytes dropped: past `limit`, or because the sink failed.
+    dropped: u64,
+    /// The sink failed once: it is not tried again (one warning, not one per byte).
+    failed: bool,
 }
 
 impl SerialOutput {
     /// Output to `sink`, watched for the timeline and panics.
     pub fn new(sink: Box<dyn Write + Send>, control: Arc<VmControl>, timeline: Arc<Timeline>) -> Self {
-        SerialOutput { sink, control, timeline, seen_first: false, line: Vec::with_capacity(LINE_MAX) }
+        SerialOutput {
+            sink,
+            control,
+            timeline,
+            seen_first: false,
+            line: Vec::with_capacity(LINE_MAX),
+            limit: u64::MAX,
+            written: 0,
+            dropped: 0,
+            failed: false,
+        }
+    }
+
+    /// Takes at most `bytes` in all, then drops the rest with one warning
+    /// (`--serial file:`, [`crate::devices::serial_sink::SERIAL_FILE_LIMIT`]).
+    pub fn with_limit(mut self, bytes: u64) -> Self {
+        self.limit = bytes;
+        self
+    }
+
+    /// Bytes of guest output dropped so far (past the limit, or a failing sink).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     fn watch(&mut self, byte: u8) {
@@ -106,18 +135,43 @@ impl SerialOutput {
 }
 
 impl Write for SerialOutput {
+    /// Never fails: the guest's UART has no way to hear of a host error, and
+    /// vm-superio would log every failed byte. The first failure or the limit
+    /// is logged once; what is dropped is counted (reported at exit).
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         for &b in buf {
             self.watch(b);
         }
-        // A closed stdout (e.g. `ember run | head -1`) must not stop the VM.
-        match self.sink.write_all(buf) {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(buf.len()),
-            r => r.map(|_| buf.len()),
+        let room = usize::try_from(self.limit - self.written).unwrap_or(usize::MAX).min(buf.len());
+        if room < buf.len() && !self.failed && self.dropped == 0 {
+            log::warn!(
+                "serial: the output reached {} MiB: the rest of the guest's output is dropped",
+                self.limit >> 20
+            );
         }
+        if self.failed || room == 0 {
+            self.dropped += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        self.dropped += (buf.len() - room) as u64;
+        match self.sink.write_all(&buf[..room]) {
+            Ok(()) => self.written += room as u64,
+            // A closed stdout (e.g. `ember run | head -1`) must not stop the VM.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => self.failed = true,
+            Err(e) => {
+                log::warn!("serial: cannot write the guest's output: {e}; the rest is dropped");
+                self.failed = true;
+                self.dropped += room as u64;
+            }
+        }
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.sink.flush()
+        // As for `write`: a failure was counted there; vm-superio flushes after every byte.
+        if !self.failed {
+            let _ = self.sink.flush();
+        }
+        Ok(())
     }
 }
 
@@ -172,6 +226,11 @@ impl Serial {
                 0
             }
         }
+    }
+
+    /// The output side (for the count of dropped bytes at exit).
+    pub fn output(&self) -> &SerialOutput {
+        self.uart.writer()
     }
 
     /// Free space in the receive FIFO (0 while the guest is not listening).
@@ -344,6 +403,46 @@ mod tests {
         assert!(timeline.at("guest: kernel runs /init").is_some());
         control.stop(crate::control::StopReason::Reset);
         assert!(matches!(control.reason(), Some(crate::control::StopReason::GuestCrash(_))));
+    }
+
+    /// A sink that fails every write and counts the attempts.
+    struct Failing(Arc<Mutex<u32>>);
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            *self.0.lock().unwrap() += 1;
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_sink_is_tried_once_and_counted() {
+        let tries = Arc::new(Mutex::new(0));
+        let control = Arc::new(VmControl::new().unwrap());
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let so = SerialOutput::new(Box::new(Failing(tries.clone())), control, timeline);
+        let mut s = Serial::new(IrqLine::None, so, None);
+        for b in b"hello, full disk\n" {
+            s.write(UART_TX, &[*b]);
+        }
+        assert_eq!(*tries.lock().unwrap(), 1, "one failed write, one warning, not one per byte");
+        assert_eq!(s.output().dropped(), 17);
+    }
+
+    #[test]
+    fn output_stops_at_the_limit() {
+        let out = Shared::default();
+        let control = Arc::new(VmControl::new().unwrap());
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let so = SerialOutput::new(Box::new(out.clone()), control, timeline).with_limit(10);
+        let mut s = Serial::new(IrqLine::None, so, None);
+        for b in b"0123456789abcdef" {
+            s.write(UART_TX, &[*b]);
+        }
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"0123456789");
+        assert_eq!(s.output().dropped(), 6);
     }
 
     #[test]

@@ -14,20 +14,20 @@ use super::ImageError;
 use super::manifest::{self, Document, REF_NAME};
 use super::store::{HashingReader, ImageRecord, Store};
 
+/// Opens a file of an archive or layout: regular files only, so a FIFO
+/// planted in a layout cannot hang ember (see `host_file`).
 fn open(p: &Path) -> Result<File, ImageError> {
-    let f = File::open(p).map_err(|e| ImageError::Io(format!("cannot open {}", p.display()), e))?;
-    let md = f.metadata().map_err(|e| ImageError::Io(format!("cannot stat {}", p.display()), e))?;
-    if md.is_dir() {
-        return Err(ImageError::Io(format!("{} is a directory, not a file", p.display()), io::ErrorKind::Other.into()));
-    }
-    Ok(f)
+    crate::host_file::open_image(p, false, crate::host_file::Allow::RegularFile)
+        .map_err(|e| ImageError::Io(format!("cannot open {}", p.display()), e))
 }
 
 /// Imports image `tag` (None: the only one) of the OCI layout at `dir`.
 pub fn import_oci_dir(store: &Store, dir: &Path, tag: Option<&str>, name: &str) -> Result<ImageRecord, ImageError> {
     let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
     let index_path = dir.join("index.json");
-    let index_bytes = fs::read(&index_path)
+    let mut index_bytes = Vec::new();
+    crate::host_file::open_image(&index_path, false, crate::host_file::Allow::RegularFile)
+        .and_then(|mut f| io::Read::read_to_end(&mut f, &mut index_bytes))
         .map_err(|e| ImageError::Io(format!("{} is not an OCI image layout (no index.json)", dir.display()), e))?;
     let Document::Index(index) = manifest::parse_document(&index_bytes, Some(manifest::OCI_INDEX))? else {
         return Err(ImageError::Unsupported("an index.json that is not an index".into()));

@@ -2,6 +2,9 @@
  * exit: end the VM the way the command line says.
  *   status=N   print "status N", write N to the exit device (port 0x501)
  *   reset      print "reset", pulse the reset line through the i8042 (0xfe to 0x64)
+ *   wide=2     with status=N: write N as a 2-byte OUT (AX = 0x1200 | N)
+ *   wide=4     with status=N: write N as a 4-byte OUT (EAX = 0xabcd1200 | N);
+ *              if the VM survives the wide write, print "still running", exit 99
  * Anything else: status 0.
  */
     .intel_syntax noprefix
@@ -29,7 +32,34 @@ _start:
     call putdec
     mov al, '\n'
     call putc
+    lea rdi, [key_wide2]
+    call after
+    test rax, rax
+    jnz wide2
+    lea rdi, [key_wide4]
+    call after
+    test rax, rax
+    jnz wide4
     mov eax, ebx
+    jmp exit
+
+wide2:
+    mov eax, ebx
+    and eax, 0xff
+    or eax, 0x1200
+    mov dx, EXIT_PORT
+    out dx, ax
+    jmp survived
+wide4:
+    mov eax, ebx
+    and eax, 0xff
+    or eax, 0xabcd1200
+    mov dx, EXIT_PORT
+    out dx, eax
+survived:
+    lea rdi, [msg_survived]
+    call puts
+    mov al, 99
     jmp exit
 
 do_reset:
@@ -43,5 +73,8 @@ do_reset:
     .section .rodata
 key_reset:  .asciz "reset"
 key_status: .asciz "status="
+key_wide2:  .asciz "wide=2"
+key_wide4:  .asciz "wide=4"
+msg_survived: .asciz "still running\n"
 msg_status: .asciz "status "
 msg_reset:  .asciz "reset\n"

@@ -28,10 +28,15 @@
 //! the wrong direction or outside guest RAM, a length that is not whole
 //! sectors or sectors past the end is answered VIRTIO_BLK_S_IOERR.
 //!
-//! The image is locked with flock(2) at start-up (LOCK_EX for read-write,
-//! LOCK_SH for read-only), so two embers never write the same image.
+//! The image is locked at start-up, twice: with flock(2) (LOCK_EX for
+//! read-write, LOCK_SH for read-only), and with an open file description
+//! lock over the whole file (fcntl(2) F_OFD_SETLK: F_WRLCK for read-write,
+//! F_RDLCK for read-only). QEMU locks images with OFD locks on single bytes
+//! (block/file-posix.c, `raw_apply_lock_bytes`), which flock never sees; a
+//! write lock over the whole file conflicts with any of them. So two embers,
+//! or ember and QEMU, never write the same image.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -46,10 +51,11 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::config::DiskConfig;
+use crate::host_file::{Allow, open_image};
 
 /// Sector size of the virtio-blk protocol (5.2.6: `sector` counts 512 bytes).
 pub const SECTOR_SIZE: u64 = 512;
@@ -85,7 +91,7 @@ pub enum BlockError {
     },
     /// Another process (an ember, usually) holds the image.
     #[error(
-        "disk image {path} is in use by another process{}: two VMs writing one image would corrupt it",
+        "disk image {path} is in use by another process{} (it holds a lock on the image: another ember, QEMU, ...): two VMs writing one image would corrupt it",
         if *read_only { " read-write" } else { "" }
     )]
     Locked {
@@ -126,10 +132,7 @@ impl Block {
     /// Opens and locks the image of `disk`.
     pub fn open(disk: &DiskConfig) -> Result<Block, BlockError> {
         let path = disk.path.clone();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!disk.read_only)
-            .open(&path)
+        let mut file = open_image(&path, !disk.read_only, Allow::RegularFileOrBlockDevice)
             .map_err(|source| BlockError::Open { path: path.clone(), source })?;
         let op = if disk.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock on a descriptor we own; no memory is involved.
@@ -139,6 +142,12 @@ impl Block {
                 return Err(BlockError::Locked { path, read_only: disk.read_only });
             }
             // Some file systems (9p, some FUSE) cannot lock: go on unprotected.
+            log::warn!("cannot lock disk image {}: {e}; another VM could use it at the same time", path.display());
+        }
+        if let Err(e) = ofd_lock(&file, disk.read_only) {
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+                return Err(BlockError::Locked { path, read_only: disk.read_only });
+            }
             log::warn!("cannot lock disk image {}: {e}; another VM could use it at the same time", path.display());
         }
         // Seeking to the end also sizes a host block device, whose metadata length is 0.
@@ -312,33 +321,104 @@ impl Block {
     }
 }
 
-/// Walks a chain. `None` when the walk did not end at a descriptor without
-/// NEXT: a loop, more descriptors than the queue holds, a head or next index
-/// past the table, or a table outside guest RAM (virtio-queue stops there).
-pub(crate) fn collect_chain<I: Iterator<Item = Descriptor>>(chain: I) -> Option<Vec<Descriptor>> {
-    let descs: Vec<Descriptor> = chain.collect();
-    match descs.last() {
-        Some(last) if !last.has_next() => Some(descs),
-        _ => None,
+/// Takes an OFD lock over the whole of `file` (fcntl(2), "Open file
+/// description locks"): shared for a read-only disk, exclusive otherwise.
+/// It lives as long as the descriptor.
+fn ofd_lock(file: &File, read_only: bool) -> std::io::Result<()> {
+    // SAFETY: a zeroed flock is valid; l_start = l_len = 0 covers the whole
+    // file and l_pid must be 0 for OFD locks.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads `fl`, which outlives the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Why a descriptor chain cannot be served: both break the queue (DEVICE_NEEDS_RESET).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ChainError {
+    /// A loop, more descriptors than the queue holds, a head or next index
+    /// past the table, a table outside guest RAM, or more than 4 GiB in all
+    /// (virtio 1.2, 2.7.5.2).
+    Broken,
+    /// A descriptor with VIRTQ_DESC_F_INDIRECT: ember does not offer
+    /// VIRTIO_RING_F_INDIRECT_DESC, and "the driver MUST NOT set the
+    /// VIRTQ_DESC_F_INDIRECT flag unless the VIRTIO_F_INDIRECT_DESC feature was
+    /// negotiated" (virtio 1.2, 2.7.5.3.1). Followed, one such descriptor
+    /// would make a request of up to 65536 more descriptors.
+    Indirect,
+}
+
+impl std::fmt::Display for ChainError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChainError::Broken => "loops, is too long or leaves guest RAM",
+            ChainError::Indirect => "uses an indirect table, and VIRTIO_RING_F_INDIRECT_DESC was not negotiated",
+        })
     }
 }
 
-/// Pops and serves every available chain of `queue` with `serve`, with
+/// Walks the chain that starts at descriptor `head` of `queue`'s table, in
+/// order. Our own walk rather than virtio-queue's iterator, which follows
+/// indirect tables on its own: a chain here is at most `queue.size()`
+/// descriptors of the table itself (virtio 1.2, 2.7.5).
+pub(crate) fn collect_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16) -> Result<Vec<Descriptor>, ChainError> {
+    let size = queue.size();
+    let mut descs = Vec::new();
+    let mut index = head;
+    let mut bytes: u32 = 0;
+    loop {
+        if index >= size || descs.len() >= usize::from(size) {
+            return Err(ChainError::Broken);
+        }
+        let at = queue.desc_table().checked_add(16 * u64::from(index)).map(GuestAddress).ok_or(ChainError::Broken)?;
+        let d: Descriptor = mem.read_obj(at).map_err(|_| ChainError::Broken)?;
+        if d.refers_to_indirect_table() {
+            return Err(ChainError::Indirect);
+        }
+        bytes = bytes.checked_add(d.len()).ok_or(ChainError::Broken)?;
+        descs.push(d);
+        if !d.has_next() {
+            return Ok(descs);
+        }
+        index = d.next();
+    }
+}
+
+/// Pops and serves the available chains of `queue` with `serve`, with
 /// notifications off while it works (the driver need not notify a queue
-/// being drained); shared by the block and entropy devices.
+/// being drained); shared by the block, entropy and network (transmit) devices.
+///
+/// One call serves at most `queue.size()` chains, as Cloud Hypervisor's block
+/// device does: a guest that keeps posting requests must not hold the one
+/// event loop (stdin, signals, other devices) for as long as it likes. With
+/// chains left, the answer is [`QueueOutcome::More`] and notifications stay
+/// off: the event loop calls again after its other sources.
 pub(crate) fn drain_queue(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     name: &str,
     mut serve: impl FnMut(&[Descriptor]) -> u32,
 ) -> QueueOutcome {
+    let budget = queue.size();
+    // Chains served, plus rounds that found the avail index moved: a ring
+    // that moves under the device without giving it a chain (a used ring laid
+    // over the avail ring: re-enabling notifications rewrites avail.idx)
+    // must not keep it here either.
+    let mut served: u16 = 0;
     let mut used = false;
-    loop {
+    let more = loop {
         if queue.disable_notification(mem).is_err() {
             guest_warn!("{name}: used ring is not writable");
             return QueueOutcome::NeedsReset;
         }
         loop {
+            if served >= budget {
+                break;
+            }
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
@@ -348,27 +428,44 @@ pub(crate) fn drain_queue(
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let Some(descs) = collect_chain(chain) else {
-                guest_warn!("{name}: descriptor chain from head {head} loops, is too long or leaves guest RAM");
-                return QueueOutcome::NeedsReset;
+            let descs = match collect_chain(queue, mem, head) {
+                Ok(descs) => descs,
+                Err(e) => {
+                    guest_warn!("{name}: descriptor chain from head {head} {e}");
+                    return QueueOutcome::NeedsReset;
+                }
             };
             let len = serve(&descs);
             if queue.add_used(mem, head, len).is_err() {
                 guest_warn!("{name}: cannot add head {head} to the used ring");
                 return QueueOutcome::NeedsReset;
             }
+            served += 1;
             used = true;
         }
+        if served >= budget {
+            break true;
+        }
         match queue.enable_notification(mem) {
-            Ok(true) => continue, // more arrived while notifications were off
-            Ok(false) => break,
+            Ok(true) => served += 1, // more arrived while notifications were off
+            Ok(false) => break false,
             Err(_) => return QueueOutcome::NeedsReset,
         }
-    }
-    match queue.needs_notification(mem) {
-        Ok(true) if used => QueueOutcome::Interrupt,
-        Ok(_) => QueueOutcome::Quiet,
-        Err(_) => QueueOutcome::NeedsReset,
+    };
+    finish(queue, mem, used, more)
+}
+
+/// The outcome of a pass over `queue`: whether the driver wants an interrupt
+/// for the buffers used (`used`), and whether work is left (`more`).
+pub(crate) fn finish(queue: &mut Queue, mem: &GuestMemoryMmap, used: bool, more: bool) -> QueueOutcome {
+    let interrupt = match queue.needs_notification(mem) {
+        Ok(wanted) => wanted && used,
+        Err(_) => return QueueOutcome::NeedsReset,
+    };
+    match (more, interrupt) {
+        (true, interrupt) => QueueOutcome::More { interrupt },
+        (false, true) => QueueOutcome::Interrupt,
+        (false, false) => QueueOutcome::Quiet,
     }
 }
 
@@ -655,6 +752,86 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_serves_at_most_a_queue_of_chains_per_call() {
+        // A guest that posts a new request for each one served (here: the
+        // closure publishes head 0 again) gets 16 (the queue size) per call;
+        // the rest waits for the next call and none is lost.
+        let mem = testutil::memory();
+        let mut q = testutil::queue(16);
+        desc(&mem, 0, DATA, 512, 0, 0);
+        let mut avail = 0u16;
+        publish(&mem, &mut avail, &[0; 16]);
+        let mut published = 16;
+        let mut served = 0;
+        let mut call = |q: &mut Queue| {
+            drain_queue(q, &mem, "test", |_| {
+                served += 1;
+                if published < 40 {
+                    publish(&mem, &mut avail, &[0]);
+                    published += 1;
+                }
+                0
+            })
+        };
+        assert_eq!(call(&mut q), QueueOutcome::More { interrupt: true });
+        assert_eq!(call(&mut q), QueueOutcome::More { interrupt: true });
+        assert_eq!(call(&mut q), QueueOutcome::Interrupt);
+        assert_eq!(call(&mut q), QueueOutcome::Quiet);
+        assert_eq!(served, 40);
+        assert_eq!(used(&mem).0, 40);
+    }
+
+    #[test]
+    fn a_used_ring_over_the_avail_ring_does_not_hold_the_device() {
+        // Found by fuzz/virtio_blk: used.flags over avail.idx, so each
+        // disable/enable of notifications moves avail.idx and the drain saw
+        // "more" forever without a chain to serve. The budget counts those rounds.
+        let mem = testutil::memory();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(testutil::DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(testutil::AVAIL as u32 + 2), Some(0));
+        q.set_used_ring_address(Some(testutil::AVAIL as u32 + 4), Some(0));
+        q.set_ready(true);
+        desc(&mem, 0, DATA, 512, 0, 0);
+        let mut served = 0;
+        let out = drain_queue(&mut q, &mem, "test", |_| {
+            served += 1;
+            0
+        });
+        assert!(matches!(out, QueueOutcome::More { .. } | QueueOutcome::NeedsReset), "{out:?}");
+        assert!(served <= 16);
+    }
+
+    #[test]
+    fn indirect_descriptors_are_refused() {
+        // VIRTIO_RING_F_INDIRECT_DESC is not offered: a chain that points to
+        // an indirect table (here a valid one: header, buffer, status) breaks
+        // the queue instead of being followed (virtio 1.2, 2.7.5.3.1).
+        const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+        let table = DATA + 0x8000;
+        let mut r = rig(false);
+        for (i, (addr, len, flags)) in
+            [(HDR, 16u32, NEXT_), (BUF, 512, NEXT_ | W), (STATUS, 1, W)].into_iter().enumerate()
+        {
+            r.mem
+                .write_obj(Descriptor::new(addr, len, flags, i as u16 + 1), GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        r.header(VIRTIO_BLK_T_IN, 0);
+        desc(&r.mem, 0, table, 48, INDIRECT, 0);
+        let (out, st, u) = r.run(&[0]);
+        assert_eq!((out, st, u), (QueueOutcome::NeedsReset, 0xff, vec![]), "a whole request in an indirect table");
+        // An indirect descriptor after a direct one.
+        let mut r = rig(false);
+        r.header(VIRTIO_BLK_T_IN, 0);
+        desc(&r.mem, 0, HDR, 16, NEXT_, 1);
+        desc(&r.mem, 1, table + 16, 32, INDIRECT, 0);
+        assert_eq!(r.run(&[0]).0, QueueOutcome::NeedsReset, "indirect in the middle of a chain");
+        let q = testutil::queue(16);
+        assert_eq!(collect_chain(&q, &r.mem, 1).err(), Some(ChainError::Indirect));
+    }
+
+    #[test]
     fn open_errors() {
         let dir = std::env::temp_dir();
         let missing = dir.join("ember-blk-test-does-not-exist.img");
@@ -674,6 +851,26 @@ mod tests {
         let _r2 = Block::open(&cfg(&odd, true)).unwrap();
         assert!(matches!(Block::open(&cfg(&odd, false)), Err(BlockError::Locked { .. })));
         assert_eq!(r1.capacity_sectors(), 2);
+        drop(r1);
+        drop(_r2);
+        // Another process's OFD lock, as QEMU takes them: a read lock on one
+        // byte (QEMU's "perm" byte 100 + BLK_PERM_CONSISTENT_READ) keeps
+        // writers out; a write lock keeps everyone out.
+        for (kind, refused) in [(libc::F_RDLCK, [false, true]), (libc::F_WRLCK, [true, true])] {
+            let other = std::fs::OpenOptions::new().read(true).write(true).open(&odd).unwrap();
+            // SAFETY: zeroed flock is valid; F_OFD_SETLK reads it.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = kind as libc::c_short;
+            fl.l_start = 101;
+            fl.l_len = 1;
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::fcntl(other.as_raw_fd(), libc::F_OFD_SETLK, &fl) }, 0);
+            for (ro, refused) in [true, false].into_iter().zip(refused) {
+                let got = Block::open(&cfg(&odd, ro));
+                assert_eq!(matches!(got, Err(BlockError::Locked { .. })), refused, "lock {kind}, ro {ro}");
+            }
+        }
+        let r1 = Block::open(&cfg(&odd, true)).unwrap();
         // Without `,id=`, the serial is the file name, cut to 20 bytes.
         assert_eq!(&r1.id[..], &odd.file_name().unwrap().as_encoded_bytes()[..20]);
         let _ = std::fs::remove_file(&odd);

@@ -59,6 +59,9 @@ pub struct MmioTransport {
     queue_sel: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// Each queue's ioeventfd (the event loop serves it), for work a trapped
+    /// notify leaves over; None in tests without an event loop.
+    queue_events: Vec<Option<EventFd>>,
 }
 
 impl MmioTransport {
@@ -87,6 +90,15 @@ impl MmioTransport {
             queue_sel: 0,
             interrupt_status: 0,
             config_generation: 0,
+            queue_events: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    /// Hands the transport a copy of queue `index`'s ioeventfd: a trapped
+    /// notify that leaves work over signals it, so the event loop serves the rest.
+    pub fn set_queue_event(&mut self, index: usize, evt: EventFd) {
+        if let Some(slot) = self.queue_events.get_mut(index) {
+            *slot = Some(evt);
         }
     }
 
@@ -110,39 +122,56 @@ impl MmioTransport {
     }
 
     /// The driver notified queue `index` (QUEUE_NOTIFY, by ioeventfd or trapped
-    /// write): serve it and raise the interrupt the device asks for.
-    pub fn notify(&mut self, index: u32) {
+    /// write): serve it and raise the interrupt the device asks for. Returns
+    /// true when work is left for another call (the device's budget ran out).
+    pub fn notify(&mut self, index: u32) -> bool {
         let i = index as usize;
         if !self.ready_for_queues() {
             guest_warn!("virtio-mmio: notify of queue {index} before DRIVER_OK (status {:#x}): ignored", self.status);
-            return;
+            return false;
         }
         let Some(queue) = self.queues.get_mut(i) else {
             guest_warn!("virtio-mmio: notify of queue {index}, the device has {}: ignored", self.queues.len());
-            return;
+            return false;
         };
         if !queue.ready() {
             guest_warn!("virtio-mmio: notify of queue {index}, which was never made ready: ignored");
-            return;
+            return false;
         }
-        match self.device.process_queue(i, queue, &self.mem) {
-            QueueOutcome::Quiet => {}
-            QueueOutcome::Interrupt => self.raise(VIRTIO_MMIO_INT_VRING),
-            QueueOutcome::NeedsReset => self.needs_reset(),
-        }
+        let outcome = self.device.process_queue(i, queue, &self.mem);
+        self.apply(outcome)
     }
 
     /// The device's host descriptor (a tap) is readable: let the device
-    /// serve it with its queues, once the driver is running.
-    pub fn host_event(&mut self) {
+    /// serve it with its queues, once the driver is running. Returns true when
+    /// work is left for another call.
+    pub fn host_event(&mut self) -> bool {
         if !self.ready_for_queues() {
             // Nothing is lost: the device reads again when the driver kicks a queue.
-            return;
+            return false;
         }
-        match self.device.process_host_event(&mut self.queues, &self.mem) {
-            QueueOutcome::Quiet => {}
-            QueueOutcome::Interrupt => self.raise(VIRTIO_MMIO_INT_VRING),
-            QueueOutcome::NeedsReset => self.needs_reset(),
+        let outcome = self.device.process_host_event(&mut self.queues, &self.mem);
+        self.apply(outcome)
+    }
+
+    /// Raises what `outcome` asks for; true if the device has more to do.
+    fn apply(&mut self, outcome: QueueOutcome) -> bool {
+        match outcome {
+            QueueOutcome::Quiet => false,
+            QueueOutcome::Interrupt => {
+                self.raise(VIRTIO_MMIO_INT_VRING);
+                false
+            }
+            QueueOutcome::More { interrupt } => {
+                if interrupt {
+                    self.raise(VIRTIO_MMIO_INT_VRING);
+                }
+                true
+            }
+            QueueOutcome::NeedsReset => {
+                self.needs_reset();
+                false
+            }
         }
     }
 
@@ -354,7 +383,19 @@ impl MmioTransport {
                 }
             }
             VIRTIO_MMIO_QUEUE_READY => self.write_queue_ready(value),
-            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
+                // A notify KVM did not match to an ioeventfd is served here, on
+                // the notifying vCPU's thread. What the budget leaves goes to
+                // the event loop through the queue's ioeventfd, as if the
+                // guest had notified again: never a loop here, which a guest
+                // that keeps posting could hold forever (and with it the stop).
+                if self.notify(value)
+                    && let Some(Some(evt)) = self.queue_events.get(value as usize)
+                    && let Err(e) = evt.write(1)
+                {
+                    log::error!("virtio-mmio: cannot requeue queue {value}: {e}");
+                }
+            }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
             VIRTIO_MMIO_STATUS => self.write_status(value),
             VIRTIO_MMIO_QUEUE_DESC_LOW
@@ -645,6 +686,30 @@ mod tests {
         t.log();
         t.t.notify(0);
         assert!(t.log().is_empty(), "a device that needs a reset serves nothing");
+    }
+
+    #[test]
+    fn a_trapped_notify_hands_what_is_left_to_the_event_loop() {
+        // A device that always has more (a guest that keeps posting): a trapped
+        // notify serves one budget, then signals the queue's ioeventfd for the
+        // event loop instead of looping on the vCPU thread.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dev = Probe { log: log.clone(), outcome: Some(QueueOutcome::More { interrupt: true }) };
+        let mut t = T { t: MmioTransport::new(Box::new(dev), testutil::memory(), irq.try_clone().unwrap()), log, irq };
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        t.t.set_queue_event(0, evt.try_clone().unwrap());
+        assert!(t.negotiate(V1));
+        t.setup_queue(0, 8, testutil::DESC);
+        t.driver_ok();
+        t.log();
+        t.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert_eq!(t.log(), vec!["queue 0"]);
+        assert_eq!(evt.read().unwrap(), 1, "the rest is the event loop's");
+        assert_eq!(t.r(VIRTIO_MMIO_INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        // The event loop's own call says there is more, and signals nothing.
+        assert!(t.t.notify(0));
+        assert!(evt.read().is_err());
     }
 
     #[test]

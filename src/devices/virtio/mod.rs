@@ -17,9 +17,10 @@
 //!
 //! Everything read from the guest (descriptors, addresses, lengths, indices,
 //! register values) is untrusted: memory goes through vm-memory's
-//! bounds-checked accessors, chains through virtio-queue's walker (bounded by
-//! the queue size), and a mistake is answered as the spec says; it never
-//! panics or stops ember.
+//! bounds-checked accessors, chains through `block::collect_chain` (bounded by
+//! the queue size; indirect tables, never offered, are refused), one
+//! notification serves at most one queue's worth of chains, and a mistake is
+//! answered as the spec says; it never panics or stops ember.
 
 pub mod block;
 pub mod mmio;
@@ -38,6 +39,14 @@ pub enum QueueOutcome {
     Quiet,
     /// Buffers were used and the driver wants to hear about it.
     Interrupt,
+    /// The device served as much as one call may (one queue's worth of
+    /// chains or frames) and more is waiting: the event loop serves the queue
+    /// again once it has looked at its other sources. `interrupt`: as for
+    /// `Interrupt`, for what was used so far.
+    More {
+        /// The driver wants an interrupt for the buffers used so far.
+        interrupt: bool,
+    },
     /// The queue is broken beyond a per-request answer (a looping or
     /// out-of-memory descriptor table, an unwritable used ring, an avail index
     /// that runs ahead by more than the queue size): the device stops serving
@@ -59,7 +68,8 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// The driver set DRIVER_OK with these negotiated features.
     fn activate(&mut self, acked_features: u64);
-    /// Serves the available buffers of queue `index`.
+    /// Serves the available buffers of queue `index`, at most one queue's
+    /// worth per call (then [`QueueOutcome::More`]).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome;
     /// The driver reset the device (status 0): forget negotiated state.
     fn reset(&mut self);

@@ -46,7 +46,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::block::{collect_chain, drain_queue, read_config_bytes};
+use super::block::{collect_chain, drain_queue, finish, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::devices::tap::{Tap, VNET_HDR_LEN};
 
@@ -271,9 +271,18 @@ impl Net {
 
     /// Moves frames from the tap into the receive queue until the tap is empty
     /// or the guest has no buffers left (see the module docs).
+    ///
+    /// At most one queue's worth of frames per call (`queue.size()`): a host
+    /// that floods the tap must not hold the event loop; with frames left
+    /// the answer is [`QueueOutcome::More`] and the event loop calls again
+    /// (the tap is edge-triggered and would not wake it).
     pub fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
         let mut used = false;
+        let mut delivered: u16 = 0;
         loop {
+            if delivered == queue.size() {
+                return finish(queue, mem, used, true);
+            }
             let len = match self.rx_pending.take() {
                 Some(len) => len,
                 None => match self.tap.read_frame(&mut self.rx_buf) {
@@ -291,7 +300,10 @@ impl Net {
             };
             let mrg = self.mrg_rxbuf();
             match deliver(queue, mem, &mut self.rx_buf[..len], mrg) {
-                Delivery::Delivered => used = true,
+                Delivery::Delivered => {
+                    used = true;
+                    delivered += 1;
+                }
                 Delivery::NoBuffers => {
                     self.rx_pending = Some(len);
                     break;
@@ -300,11 +312,7 @@ impl Net {
                 Delivery::Broken => return QueueOutcome::NeedsReset,
             }
         }
-        match queue.needs_notification(mem) {
-            Ok(true) if used => QueueOutcome::Interrupt,
-            Ok(_) => QueueOutcome::Quiet,
-            Err(_) => QueueOutcome::NeedsReset,
-        }
+        finish(queue, mem, used, false)
     }
 }
 
@@ -322,8 +330,17 @@ fn deliver(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &mut [u8], mrg: bool
     let mut chains: Vec<RxChain> = Vec::new();
     let mut capacity = 0usize;
     let mut popped = 0u16;
+    // Chains looked at for this frame, the returned ones included: at most
+    // two rings' worth, so a ring that keeps moving under the device (a used
+    // ring laid over the avail ring) cannot keep it here.
+    let mut examined = 0u32;
     let rewind = |queue: &mut Queue, n: u16| (0..n).for_each(|_| queue.go_to_previous_position());
     while capacity < frame.len() {
+        examined += 1;
+        if examined > 2 * u32::from(queue.size()) {
+            rewind(queue, popped);
+            return Delivery::NoBuffers;
+        }
         if popped >= queue.size() {
             // Every buffer the ring can hold is not enough: waiting cannot help.
             rewind(queue, popped);
@@ -342,9 +359,12 @@ fn deliver(queue: &mut Queue, mem: &GuestMemoryMmap, frame: &mut [u8], mrg: bool
         };
         popped += 1;
         let head = chain.head_index();
-        let Some(descs) = collect_chain(chain) else {
-            guest_warn!("virtio-net: receive chain from head {head} loops, is too long or leaves guest RAM");
-            return Delivery::Broken;
+        let descs = match collect_chain(queue, mem, head) {
+            Ok(descs) => descs,
+            Err(e) => {
+                guest_warn!("virtio-net: receive chain from head {head} {e}");
+                return Delivery::Broken;
+            }
         };
         let valid = descs.iter().all(|d| d.is_write_only() && mem.get_slice(d.addr(), d.len() as usize).is_ok());
         if !valid {
@@ -665,6 +685,27 @@ mod tests {
         assert_eq!(net.process_rx(&mut q, &mem), QueueOutcome::Interrupt);
         assert_eq!(used(&mem).1[1], (2, 100));
         assert_eq!(read(&mem, DATA + 0x1000 + 12, 1), vec![2]);
+    }
+
+    #[test]
+    fn rx_serves_at_most_a_queue_of_frames_per_call() {
+        // 16 buffers (the queue size) and 20 frames: one call delivers 16 and
+        // says there is more; the next, with buffers refilled, the other 4.
+        let (mut net, host, mem, mut q) = rig(1 << VIRTIO_F_VERSION_1);
+        for i in 0..20 {
+            host_send(&host, &frame(100, i));
+        }
+        let mut avail = 0;
+        for i in 0..16 {
+            desc(&mem, i, DATA + 0x200 * u64::from(i), 0x200, W, 0);
+        }
+        publish(&mem, &mut avail, &(0..16).collect::<Vec<_>>());
+        assert_eq!(net.process_rx(&mut q, &mem), QueueOutcome::More { interrupt: true });
+        assert_eq!(used(&mem).0, 16);
+        publish(&mem, &mut avail, &(0..4).collect::<Vec<_>>());
+        assert_eq!(net.process_rx(&mut q, &mem), QueueOutcome::Interrupt);
+        assert_eq!(used(&mem).0, 20);
+        assert_eq!(read(&mem, 3 * 0x200 + DATA + 12, 1), vec![19], "the last frame in the fourth buffer");
     }
 
     #[test]
