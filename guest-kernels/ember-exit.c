@@ -21,6 +21,9 @@
  */
 
 #define EMBER_EXIT_PORT 0x501
+/* ioctl TCSBRK with a non-zero argument is tcdrain(3) (tty_ioctl(4)). */
+#define TCSBRK 0x5409
+#define O_RDWR_NOCTTY_NONBLOCK (02 | 0400 | 04000)
 
 #include "freestanding.h"
 
@@ -49,6 +52,16 @@ __attribute__((used)) static void start_c(long *sp)
 	}
 	if (status > 255)
 		DIE("ember-exit: STATUS must be a number from 0 to 255\n");
+
+	/*
+	 * The console's output is sent by the 8250 driver from its transmit
+	 * interrupt, after write(2) has returned: what a command printed last
+	 * may still be in the driver's buffer. Wait until it has left the UART
+	 * (tcdrain), or stopping the VM would cut it off.
+	 */
+	long con = syscall3(SYS_open, (long)"/dev/console", O_RDWR_NOCTTY_NONBLOCK, 0);
+	if (con >= 0)
+		syscall3(SYS_ioctl, con, TCSBRK, 1);
 
 	if (syscall3(SYS_ioperm, EMBER_EXIT_PORT, 1, 1) != 0)
 		DIE("ember-exit: ioperm(0x501) failed (not root, or kernel without CONFIG_X86_IOPL_IOPERM)\n");

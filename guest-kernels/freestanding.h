@@ -9,6 +9,8 @@
 
 /* x86_64 Linux system call numbers (arch/x86/entry/syscalls/syscall_64.tbl). */
 #define SYS_write 1
+#define SYS_open 2
+#define SYS_ioctl 16
 #define SYS_getpid 39
 #define SYS_exit 60
 #define SYS_ioperm 173
