@@ -244,18 +244,23 @@ pub fn prepare(reference: &str, o: &PullOptions, scratch: &std::path::Path) -> R
 /// `ember images`: a table of the store.
 pub fn list_table() -> Result<String, ImageError> {
     let store = Store::open(&Store::default_root(), false)?;
-    let mut out = format!("{:<50} {:<20} {:<12} {:>10}  {}\n", "REPOSITORY", "TAG", "IMAGE ID", "SIZE", "PULLED");
+    let mut out = format!(
+        "{:<50} {:<20} {:<19} {:<12} {:>10}  {}\n",
+        "REPOSITORY", "TAG", "DIGEST", "IMAGE ID", "SIZE", "PULLED"
+    );
     for r in store.list().into_iter().filter(|r| !r.name.contains('#')) {
         let (repo, tag) = split_name(&r.name);
         let age = Store::now().saturating_sub(r.pulled);
         let ago = match age {
-            0..=119 => format!("{age} seconds ago"),
+            0..=1 => "just now".to_string(),
+            2..=119 => format!("{age} seconds ago"),
             120..=7199 => format!("{} minutes ago", age / 60),
             7200..=172_799 => format!("{} hours ago", age / 3600),
             _ => format!("{} days ago", age / 86400),
         };
         let id: String = r.config_digest.trim_start_matches("sha256:").chars().take(12).collect();
-        out += &format!("{repo:<50} {tag:<20} {id:<12} {:>10}  {ago}\n", human(r.size));
+        let digest: String = r.manifest_digest.chars().take(19).collect();
+        out += &format!("{repo:<50} {tag:<20} {digest:<19} {id:<12} {:>10}  {ago}\n", human(r.size));
     }
     Ok(out)
 }
