@@ -21,10 +21,11 @@
 //! Ctrl-C: children run in their own process groups; a signal thread kills what is running,
 //! deletes containers, cgroups and bundles, and exits 130.
 
+pub mod docker;
 pub mod measure;
 pub mod oci;
 pub mod report;
-pub mod runtimes;
+mod runtimes;
 pub mod tools;
 
 use std::collections::{BTreeMap, HashMap};
@@ -745,9 +746,15 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
     };
     let mut rows: BTreeMap<Runtime, RuntimeResult> = BTreeMap::new();
     let mut avail = Vec::new();
+    // A Docker engine: the reachable one, or ember bench's own for this tier.
+    let engine = if opts.runtimes.contains(&Runtime::Docker) { Some(docker::ensure(&setup.work)) } else { None };
     for &rt in &opts.runtimes {
         let mut row = RuntimeResult { runtime: rt.name().into(), ..Default::default() };
-        match runtimes::probe(rt) {
+        let probed = match (&engine, rt) {
+            (Some(Err(why)), Runtime::Docker) => Err(why.clone()),
+            _ => runtimes::probe(rt),
+        };
+        match probed {
             Ok(v) => {
                 row.version = v;
                 row.status = "ok".into();
@@ -833,6 +840,7 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
         }
     }
     pb.finish_and_clear();
+    drop(engine);
     let tool_results =
         if tier == Tier::Linux { measure_with_tools(&avail, &setup, opts, &mut seq, &plain) } else { HashMap::new() };
     let mut context = report::Context::collect(&rows, &setup);

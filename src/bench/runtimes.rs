@@ -254,7 +254,7 @@ pub fn probe(rt: Runtime) -> Result<String, String> {
         }
         Runtime::Docker => {
             let v = version("docker", "--version")?;
-            let info = Command::new("docker").arg("info").stdout(Stdio::null()).stderr(Stdio::null()).status();
+            let info = super::docker::docker().arg("info").stdout(Stdio::null()).stderr(Stdio::null()).status();
             match info {
                 Ok(s) if s.success() => Ok(v),
                 _ => Err("no engine".into()),
@@ -271,7 +271,7 @@ pub fn install_hint(rt: Runtime) -> &'static str {
         Runtime::Runc => "apt-get install -y runc (and run as root)",
         Runtime::Ember => "load a KVM module (kvm_intel / kvm_amd) and give this user /dev/kvm",
         Runtime::QemuMicrovm => "apt-get install -y qemu-system-x86, and /dev/kvm",
-        Runtime::Docker => "install Docker and start its engine (dockerd)",
+        Runtime::Docker => "apt-get install -y docker.io (ember bench starts its own dockerd as root when none runs)",
     }
 }
 
@@ -321,7 +321,7 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
         }
         Runtime::Docker => {
             let id = format!("ember-bench-{}-{seq}", std::process::id());
-            let mut c = Command::new("docker");
+            let mut c = super::docker::docker();
             c.args(["run", "--rm", "--network", "none", "--name", &id]).args([
                 "--cpus",
                 &s.limits.cpus.to_string(),
@@ -431,8 +431,10 @@ pub const DOCKER_IMAGE_TIER_IMAGE: &str = "ember-bench-image:latest";
 
 /// Imports `rootfs` as Docker image `name`.
 pub fn docker_import(rootfs: &Path, name: &str) -> std::io::Result<bool> {
-    let cmd = format!("tar -C '{}' -c . | docker import - {name} >/dev/null", rootfs.display());
-    Ok(Command::new("sh").args(["-c", &cmd]).status()?.success())
+    let mut tar = Command::new("tar").arg("-C").arg(rootfs).args(["-c", "."]).stdout(Stdio::piped()).spawn()?;
+    let stdin = tar.stdout.take().map(Stdio::from).unwrap_or_else(Stdio::null);
+    let ok = super::docker::docker().args(["import", "-", name]).stdin(stdin).stdout(Stdio::null()).status()?.success();
+    Ok(tar.wait()?.success() && ok)
 }
 
 /// Reads what only the cleanup can see (the peaks of the launch's and the container's cgroups,
@@ -443,7 +445,7 @@ pub fn finish(c: &Cleanup) -> (Option<u64>, Option<u64>) {
     match &c.container {
         None => {}
         Some(Container { runtime: Runtime::Docker, id, .. }) => {
-            let _ = Command::new("docker").args(["rm", "-f", id]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+            let _ = super::docker::docker().args(["rm", "-f", id]).stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
         Some(Container { runtime, id, bundle, cgroup, mem_cgroup }) => {
             container_peak = mem_cgroup.as_deref().and_then(oci::cgroup_peak_kib);
