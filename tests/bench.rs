@@ -76,7 +76,10 @@ fn tiny_tier_on_every_runtime() {
     let rows = tier["rows"].as_array().unwrap();
     let row =
         |name: &str| rows.iter().find(|r| r["runtime"] == name).unwrap_or_else(|| panic!("no {name} row: {tier}"));
-    assert!(row("docker")["status"].as_str().unwrap().starts_with("skipped"), "{}", row("docker"));
+    // Docker runs where an engine does (ember bench starts its own when dockerd is
+    // installed and it is root); elsewhere the row says why it was skipped.
+    let docker = row("docker")["status"].as_str().unwrap().to_string();
+    assert!(docker == "ok" || docker.starts_with("skipped: "), "{}", row("docker"));
     for rt in &runtimes {
         let r = row(rt);
         assert!(r["status"].as_str().unwrap().starts_with("ok"), "{rt}: {r}");
