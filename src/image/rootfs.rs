@@ -27,9 +27,13 @@ use std::process::{Command, Stdio};
 use super::ImageError;
 use super::store::{HashingReader, ImageRecord, Store};
 
-/// The squashfs compressor: zstd decompresses fast in the guest and packs a
-/// Debian root to about a third.
+/// The squashfs compressor: zstd decompresses fast in the guest. Level 3, not
+/// squashfs-tools-ng's default 15: measured on a 240 MB Debian root here,
+/// level 15 took 56 s to pack to 99.5 MB, level 3 took 2.5 s for 107.8 MB
+/// (lz4: 1.8 s, 133 MB). Decompression speed hardly depends on the level.
 const COMPRESSOR: &str = "zstd";
+/// See [`COMPRESSOR`].
+const COMPRESSOR_OPTIONS: &str = "level=3";
 
 /// A layer's decompressed tar stream; gzip and zstd are told by their magic
 /// bytes (media types are not always right in the wild).
@@ -206,7 +210,7 @@ fn write_merged(
 
 fn tar2sqfs(out: &Path) -> Result<std::process::Child, ImageError> {
     Command::new("tar2sqfs")
-        .args(["--quiet", "--force", "--compressor", COMPRESSOR])
+        .args(["--quiet", "--force", "--compressor", COMPRESSOR, "--comp-extra", COMPRESSOR_OPTIONS])
         .arg(out)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
