@@ -311,6 +311,8 @@ fn registry_pulls_zstd_manifest_lists_auth_corruption_and_the_cache() {
     let mut reg = Registry::start("plain", None);
     reg.push(&f.image("base"), "test/base:1", &[]);
     reg.push(&f.image("base"), "test/zstd:1", &["--dest-compress-format", "zstd"]);
+    // Docker's own manifest format (schema 2), as `docker push` writes it.
+    reg.push(&f.image("base"), "test/v2s2:1", &["--format", "v2s2"]);
     // A manifest list: amd64 and a (fake) arm64 entry, and one with arm64 only.
     let manifest = write_image(&f.layout, "single", &[oci::busybox_layer()], &base_config());
     oci::write_index(&f.layout, "multi", &[(manifest.clone(), "linux", "arm64"), (manifest.clone(), "linux", "amd64")]);
@@ -319,7 +321,7 @@ fn registry_pulls_zstd_manifest_lists_auth_corruption_and_the_cache() {
     reg.push(&f.image("armonly"), "test/armonly:1", &["--all"]);
 
     let pull = |name: &str| host_ember(&store, &["pull", &format!("{}/{name}", reg.addr)]);
-    for name in ["test/base:1", "test/zstd:1", "test/multi:1"] {
+    for name in ["test/base:1", "test/zstd:1", "test/multi:1", "test/v2s2:1"] {
         let o = pull(name);
         assert!(o.status.success(), "pull {name}: {}", String::from_utf8_lossy(&o.stderr));
     }
