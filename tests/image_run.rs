@@ -700,3 +700,21 @@ fn ember_bench_runs_the_same_image_in_every_runtime() {
     }
     assert_eq!(rows.len(), 5);
 }
+
+#[test]
+fn an_image_needs_no_shell() {
+    let f = fixture();
+    // One static program and nothing else: no /bin/sh, no /etc, no busybox applets.
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let layer = layer_tar(&[Entry::File("busybox", 0o755, 0, 0, busybox)]);
+    let cfg =
+        Config { entrypoint: Some(vec!["/busybox", "echo"]), cmd: Some(vec!["no", "shell"]), ..Default::default() };
+    let layout = f.dir.join("noshell-layout");
+    write_image(&layout, "1", &[layer], &cfg);
+    let image = format!("oci:{}:1", layout.display());
+    let store = f.dir.join("store-noshell");
+    let o = host_ember(&store, &["pull", &image]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let Some(o) = vm_with(&store, &["run", &image]) else { return };
+    assert_eq!((o.status, text(&o).as_str()), (0, "no shell\n"), "{}", show(&o));
+}
