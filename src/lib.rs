@@ -72,3 +72,19 @@ pub mod timeline;
 pub mod vcpu;
 pub mod vmm;
 pub mod x86;
+
+/// An error and its causes as one line, `outer: cause: cause`, each cause
+/// once (some libraries, linux-loader among them, repeat their cause in their
+/// own message). The CLI and `ember bench` print errors through this.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg += &format!(": {text}");
+        }
+        src = s.source();
+    }
+    msg
+}

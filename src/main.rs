@@ -249,18 +249,9 @@ struct Plan {
     image_disk: Option<String>,
 }
 
-/// Prints an error with its chain of causes, as one line.
+/// An error with its chain of causes, as one line.
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let s_msg = s.to_string();
-        if !msg.contains(&s_msg) {
-            msg += &format!(": {s_msg}");
-        }
-        src = s.source();
-    }
-    msg
+    ember::error_chain(e)
 }
 
 /// The image part of an image run: pull/import, root file system, the init's
@@ -431,18 +422,7 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsStr
 
 /// Prints an error with its chain of causes.
 fn report(e: &VmmError) {
-    let mut msg = format!("ember: {e}");
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        // Some libraries (linux-loader) repeat their cause in their own
-        // message: print each cause once.
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg += &format!(": {text}");
-        }
-        src = s.source();
-    }
-    eprintln!("{msg}");
+    eprintln!("ember: {}", chain(e));
 }
 
 fn exit_code_for(reason: &StopReason) -> u8 {

@@ -420,13 +420,7 @@ pub fn main(args: BenchArgs) -> u8 {
     match run(&args) {
         Ok(code) => code,
         Err(e) => {
-            let mut msg = format!("ember bench: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg += &format!(": {s}");
-                src = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("ember bench: {}", crate::error_chain(&e));
             if matches!(e, BenchError::Usage(_)) { 2 } else { 1 }
         }
     }
