@@ -8,7 +8,7 @@
 //! ratios ember/QEMU of each round (the figure to read: absolute times in the nested lane are TCG's).
 //!
 //! Then, where a difference lives: each VMM boots the guest once more per round with `dmesg` as the
-//! command, and the guests' own printk timestamps are cut into phases at lines both kernels print
+//! command (the VMM is stopped once the whole ring buffer is on the console), and the guests' own printk timestamps are cut into phases at lines both kernels print
 //! (CPU set-up, timer set-up, SMP bring-up, ...), with the lines only one of the two printed and the
 //! largest gaps between consecutive lines. A regression shows as the phase that grew.
 //!
@@ -31,6 +31,12 @@ const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
 /// The line the default guest's init prints (with `ember.debug`) when it is about to run the command.
 const READY: &str = "ember-init: ready";
+
+/// The dmesg boots' command. `dmesg` returns once its output is in the tty's buffer, not on the wire,
+/// and the init then ends the VM: the tail would be lost. So the guest prints a marker after it and
+/// waits; the probe stops the VMM when the marker arrives.
+const DMESG_COMMAND: &[&str] = &["sh", "-c", "dmesg; echo boot-compare: dmesg done; sleep 600"];
+const DMESG_DONE: &str = "boot-compare: dmesg done";
 
 /// ember's default command line plus `ember.debug` (the ready marker under `quiet`); the command
 /// (`ember.argv=`) is appended, so both VMMs pass the kernel exactly the same string.
@@ -122,8 +128,14 @@ struct Boot {
 }
 
 /// Probe side (inside the lane's machine): runs `argv`, timestamps the ready line and the exit, and
-/// prints `probe ready_ms=.. exit_ms=.. status=..` on stderr and the console on stdout.
-fn probe(argv: &[OsString]) -> ! {
+/// prints `probe ready_ms=.. exit_ms=.. status=..` on stderr and the console on stdout. With
+/// `--until MARKER` first, the VMM is killed once MARKER has appeared on its console.
+fn probe(mut argv: &[OsString]) -> ! {
+    let mut until = None;
+    if argv.first().is_some_and(|a| a == "--until") {
+        until = Some(argv[1].to_string_lossy().into_owned());
+        argv = &argv[2..];
+    }
     let start = Instant::now();
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -145,6 +157,13 @@ fn probe(argv: &[OsString]) -> ! {
                 let from = console.len().saturating_sub(n + READY.len());
                 if ready.is_none() && console[from..].windows(READY.len()).any(|w| w == READY.as_bytes()) {
                     ready = Some(start.elapsed());
+                }
+                if let Some(m) = &until {
+                    let from = console.len().saturating_sub(n + m.len());
+                    if console[from..].windows(m.len()).any(|w| w == m.as_bytes()) {
+                        let _ = child.kill();
+                        break;
+                    }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -170,7 +189,12 @@ fn probe(argv: &[OsString]) -> ! {
 /// as the lane tests do: that is the test machine failing, not a VMM).
 fn boot(lane: &mut LinuxLane, vmm: Vmm, g: &GuestArtifacts, cpus: u32, command: &[&str]) -> Boot {
     let me = std::env::current_exe().expect("own path");
-    let mut inv = Invocation::new(["--probe".into()].into_iter().chain(vmm.argv(g, cpus, command)));
+    let dmesg = command == DMESG_COMMAND;
+    let mut args: Vec<OsString> = vec!["--probe".into()];
+    if dmesg {
+        args.extend(["--until".into(), DMESG_DONE.into()]);
+    }
+    let mut inv = Invocation::new(args.into_iter().chain(vmm.argv(g, cpus, command)));
     inv.env.push(("RUST_BACKTRACE".into(), "1".into()));
     let timeout = Duration::from_secs(300);
     let out: Outcome = match lane.run_program(&me, &inv, timeout) {
@@ -192,6 +216,10 @@ fn boot(lane: &mut LinuxLane, vmm: Vmm, g: &GuestArtifacts, cpus: u32, command: 
         status: field("status=").parse().expect("status"),
         console: out.stdout_lossy(),
     };
+    if dmesg {
+        assert!(b.console.contains(DMESG_DONE), "{} {cpus} vCPU(s): no dmesg:\n{err}\n{}", vmm.name(), b.console);
+        return b;
+    }
     assert_eq!(b.status, vmm.ok_status(), "{} {cpus} vCPU(s) failed:\n{err}\n{}", vmm.name(), b.console);
     assert!(b.ready_ms.is_some(), "{}: no `{READY}` line:\n{}", vmm.name(), b.console);
     b
@@ -206,8 +234,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// One boot's kernel log: (printk time in ms, text) per line.
+type Dmesg = Vec<(f64, String)>;
+
 /// `[    1.234567] text` -> (1234.567 ms, text).
-fn parse_dmesg(console: &str) -> Vec<(f64, String)> {
+fn parse_dmesg(console: &str) -> Dmesg {
     console
         .lines()
         .filter_map(|l| {
@@ -222,12 +253,13 @@ fn parse_dmesg(console: &str) -> Vec<(f64, String)> {
 /// Phase boundaries: the first dmesg line containing the marker. Each phase runs from the previous
 /// boundary found to this one.
 const PHASES: &[(&str, &str)] = &[
-    ("early set-up, memory map, ACPI/MP tables", "Kernel command line:"),
-    ("memory, page allocator", "Memory:"),
+    ("early set-up: memory map, MP table, kvmclock", "Kernel command line:"),
+    ("page allocator", "Memory:"),
     ("SLUB, RCU, IRQs", "NR_IRQS"),
-    ("clock: TSC, console, lpj", "Calibrating delay loop"),
-    ("mount cache, CPU features", "Mount-cache hash table"),
-    ("APIC and timer set-up", "cblist_init_generic"),
+    ("console, LAPIC and IO-APIC set-up", "APIC: Switch to symmetric I/O mode setup"),
+    ("IO-APIC timer check, delay loop", "Calibrating delay loop"),
+    ("CPU bugs, FPU/XSAVE, alternatives", "Mount-cache hash table"),
+    ("LAPIC timer calibration", "smpboot: CPU0:"),
     ("SMP bring-up", "smp: Brought up"),
     ("devtmpfs, core initcalls", "clocksource: Switched to clocksource"),
     ("fs, net, driver initcalls", "Freeing unused kernel image"),
@@ -304,7 +336,7 @@ fn main() {
 
     // (cpus, vmm) -> boots; dmesg boots apart.
     let mut timed: BTreeMap<(u32, Vmm), Vec<Boot>> = BTreeMap::new();
-    let mut dmesg: BTreeMap<(u32, Vmm), Vec<Vec<(f64, String)>>> = BTreeMap::new();
+    let mut dmesg: BTreeMap<(u32, Vmm), Vec<Dmesg>> = BTreeMap::new();
     for round in 0..runs {
         for cpus in [1, 2] {
             // Alternate who goes first, so neither always boots on a cache the other warmed.
@@ -320,7 +352,7 @@ fn main() {
                 timed.entry((cpus, vmm)).or_default().push(b);
             }
             for vmm in order {
-                let b = boot(&mut lane, vmm, &g, cpus, &["dmesg"]);
+                let b = boot(&mut lane, vmm, &g, cpus, DMESG_COMMAND);
                 dmesg.entry((cpus, vmm)).or_default().push(parse_dmesg(&b.console));
             }
         }
