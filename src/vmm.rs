@@ -41,7 +41,7 @@ use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::layout;
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, GuestRam, MemoryError};
 use crate::stats::ExitStats;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
@@ -138,7 +138,6 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     _vm: VmFd,
     _kvm: Kvm,
-    _mem: GuestMemoryMmap,
     /// The virtqueues' ioeventfds, for the event loop.
     queue_events: Vec<QueueEvent>,
     /// The taps of virtio-net devices, for the event loop.
@@ -152,6 +151,8 @@ pub struct Vmm {
     pub boot: BootInfo,
     /// Whether the in-kernel irqchip was created.
     pub irqchip: bool,
+    /// Guest RAM: last, so it is unmapped after every device and vCPU that holds a view of it.
+    mem: GuestRam,
 }
 
 /// Opens /dev/kvm, turning the usual failures into advice.
@@ -299,7 +300,7 @@ impl Vmm {
             vcpus,
             _vm: vm,
             _kvm: kvm,
-            _mem: mem,
+            mem,
             queue_events,
             tap_events,
             control,
@@ -354,7 +355,7 @@ impl Vmm {
         let exits = reports.iter().map(|r| r.counts).collect();
         let registers = reports.iter().map(|r| r.registers).collect();
         let stats = reports.into_iter().map(|r| r.stats).collect();
-        let guest_resident_bytes = crate::memory::resident_bytes(&self._mem);
+        let guest_resident_bytes = crate::memory::resident_bytes(&self.mem);
         Ok(RunOutcome { reason, exits, stats, registers, guest_resident_bytes })
     }
 
