@@ -4,10 +4,13 @@
 //! KVM_GET_SUPPORTED_CPUID (KVM api.rst 4.46) gives every leaf the host and KVM can offer, but leaves a
 //! few things to userspace, as api.rst and KVM's `__do_cpuid_func` say; [`adjust_for_vm`] fills them
 //! in once per VM, the way Firecracker and QEMU `-cpu host` do, because the guest's boot depends on them:
-//! - the TSC-deadline timer bit, which KVM emulates but does not report (api.rst: "KVM_CAP_TSC_DEADLINE_TIMER
-//!   ... userspace should set the bit if the in-kernel LAPIC is used"). Without it Linux calibrates its
-//!   LAPIC timer against the PIT, which costs ~0.2 s of every boot and, on a busy host, fails
-//!   ("APIC timer disabled due to verification failure");
+//! - the TSC-deadline timer bit, which KVM emulates but does not report (api.rst 4.46: "always returned
+//!   as false, since the feature depends on KVM_CREATE_IRQCHIP for local APIC support. Instead it is
+//!   reported via ... KVM_CAP_TSC_DEADLINE_TIMER"). Without it Linux calibrates its LAPIC timer against
+//!   the PIT, which costs ~0.2 s of every boot and, on a busy host, fails ("APIC timer disabled due to
+//!   verification failure");
+//! - the features that only work with KVM's in-kernel LAPIC (api.rst 9.1, "Local APIC features": X2APIC,
+//!   PV unhalt, ...), cleared for a VM without one;
 //! - the processor brand string (0x8000_0002..4) and AMD's L1 cache/TLB leaf (0x8000_0005), which
 //!   KVM 6.1 returns as zeros: they come from the host's own CPUID instruction, like QEMU `-cpu host`
 //!   (Linux then names the CPU and sizes its 2M/4M TLBs from them);
@@ -25,6 +28,9 @@ use kvm_bindings::kvm_cpuid_entry2;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// CPUID.1:EDX bit 28: HTT, "max logical processors" field is valid.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// CPUID.1:ECX bit 21: x2APIC (Intel SDM vol. 2A table 3-10). Reported by KVM, but it "can only be
+/// enabled if KVM_CREATE_IRQCHIP ... [is] used" (api.rst 9.1, "Local APIC features").
+const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 /// CPUID.1:ECX bit 24: TSC-deadline timer (Intel SDM vol. 2A, table 3-10 "Feature Information
 /// Returned in the ECX Register"; vol. 3A 11.5.4.1 "TSC-Deadline Mode"). KVM emulates the mode in its
 /// LAPIC on any host CPU (AMD included), so it needs an in-kernel LAPIC.
@@ -81,7 +87,8 @@ pub mod kvm_feature {
     pub const CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
 
     /// The features that are served by KVM's in-kernel LAPIC: a VM without one must not offer them
-    /// (Linux would enable PV EOI with a plain `wrmsr`, which KVM then refuses with #GP).
+    /// (api.rst 9.1 says so of PV unhalt; PV EOI has the guest skip its EOI write for KVM's LAPIC to
+    /// do it, and PV IPIs and the async PF interrupt are delivered by that LAPIC).
     pub const NEED_IN_KERNEL_LAPIC: u32 = PV_EOI | PV_UNHALT | PV_SEND_IPI | ASYNC_PF_INT;
 }
 
@@ -94,8 +101,7 @@ const KVM_HINTS_REALTIME: u32 = 1 << 0;
 pub struct VmFeatures {
     /// The VM has KVM's in-kernel LAPIC (KVM_CREATE_IRQCHIP).
     pub in_kernel_lapic: bool,
-    /// KVM_CAP_TSC_DEADLINE_TIMER: KVM emulates the LAPIC's TSC-deadline mode (api.rst 8.x, "x86 has
-    /// the in-kernel TSC deadline timer").
+    /// KVM_CAP_TSC_DEADLINE_TIMER: KVM emulates the LAPIC's TSC-deadline mode (api.rst 4.46).
     pub tsc_deadline_timer: bool,
 }
 
@@ -120,13 +126,17 @@ pub fn adjust_for_vm(entries: &mut [kvm_cpuid_entry2], vm: VmFeatures, host: imp
     for e in entries.iter_mut() {
         match e.function {
             0x1 => {
-                // api.rst, KVM_CAP_TSC_DEADLINE_TIMER: KVM emulates TSC-deadline mode but leaves the bit
-                // to userspace, since it works only with the in-kernel LAPIC. With it Linux skips the
-                // LAPIC timer calibration (arch/x86/kernel/apic/apic.c, calibrate_APIC_clock).
+                // api.rst 4.46 and 9.1: KVM emulates TSC-deadline mode but leaves the bit to userspace,
+                // since it works only with the in-kernel LAPIC. With it Linux skips the LAPIC timer
+                // calibration (arch/x86/kernel/apic/apic.c, calibrate_APIC_clock).
                 if vm.in_kernel_lapic && vm.tsc_deadline_timer {
                     e.ecx |= LEAF1_ECX_TSC_DEADLINE;
                 } else {
                     e.ecx &= !LEAF1_ECX_TSC_DEADLINE;
+                }
+                // api.rst 9.1: x2APIC mode is KVM's in-kernel LAPIC's; without one there is no x2APIC.
+                if !vm.in_kernel_lapic {
+                    e.ecx &= !LEAF1_ECX_X2APIC;
                 }
             }
             // KVM (6.1 `__do_cpuid_func`, default case) zeroes these; the host's values are the real
@@ -294,6 +304,16 @@ mod tests {
             );
             assert_eq!(e[0].ecx & LEAF1_ECX_TSC_DEADLINE != 0, want, "lapic {lapic} cap {cap}");
         }
+    }
+
+    #[test]
+    fn x2apic_only_with_an_in_kernel_lapic() {
+        let mut e = [zeroed(1)];
+        e[0].ecx = LEAF1_ECX_X2APIC;
+        adjust_for_vm(&mut e, VmFeatures { in_kernel_lapic: true, tsc_deadline_timer: false }, fake_host(0));
+        assert_ne!(e[0].ecx & LEAF1_ECX_X2APIC, 0);
+        adjust_for_vm(&mut e, VmFeatures::default(), fake_host(0));
+        assert_eq!(e[0].ecx & LEAF1_ECX_X2APIC, 0);
     }
 
     #[test]
