@@ -8,9 +8,10 @@
 //! ratios ember/QEMU of each round (the figure to read: absolute times in the nested lane are TCG's).
 //!
 //! Then, where a difference lives: each VMM boots the guest once more per round with `dmesg` as the
-//! command (the VMM is stopped once the whole ring buffer is on the console), and the guests' own printk timestamps are cut into phases at lines both kernels print
-//! (CPU set-up, timer set-up, SMP bring-up, ...), with the lines only one of the two printed and the
-//! largest gaps between consecutive lines. A regression shows as the phase that grew.
+//! command (the VMM is stopped once the whole ring buffer is on the console), and the guests' own
+//! printk timestamps are cut into phases at lines both kernels print (CPU set-up, timer set-up, SMP
+//! bring-up, ...), with the lines only one of the two printed and the largest gaps between
+//! consecutive lines. A regression shows as the phase that grew.
 //!
 //! The timing is done inside the lane's machine, next to the VMM: this bench binary runs itself there
 //! (`--probe CMD...`: spawn, watch stdout, report), so the lane's transport is not counted.
