@@ -3,7 +3,9 @@
 //!
 //! The mapping is `MAP_NORESERVE` and untouched: a page of guest RAM costs the
 //! host nothing until the guest (or the loader) first writes it, so a 1 GiB
-//! guest that uses 20 MiB costs 20 MiB.
+//! guest that uses 20 MiB costs 20 MiB. Each range's host mapping starts on a
+//! 2 MiB boundary like its guest address, so KVM may back it with huge nested
+//! pages where the host gives it transparent huge pages ([`HOST_RAM_ALIGN`]).
 //!
 //! Above `layout::MMIO_GAP_START` the RAM is split: the 32-bit window below
 //! 4 GiB belongs to devices (virtio-mmio, IOAPIC, LAPIC), and the rest of the
@@ -48,9 +50,103 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     }
 }
 
-/// Maps `size` bytes of guest RAM (lazily) on the host.
-pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Mmap { size_mib: size >> 20, source })
+/// Host alignment of each RAM range: a 2 MiB page (Intel SDM vol. 3A 4.5, AMD APM vol. 2 5.3.4).
+///
+/// KVM maps guest memory with huge pages only where the guest-physical and the host-virtual address
+/// agree modulo the huge page size; one misaligned slot gets 4 KiB nested page mappings throughout
+/// (KVM's `kvm_alloc_memslot_metadata`, "If the gfn and userspace address are not aligned wrt each
+/// other, disable large page support for this slot"). The ranges start at 2 MiB multiples, so their
+/// host mappings do too. Where the host backs anonymous memory with transparent huge pages
+/// (`/sys/kernel/mm/transparent_hugepage/enabled` = always, as on Debian's kernels, or madvise with
+/// QEMU's MADV_HUGEPAGE), a guest then touches its memory in 2 MiB nested faults instead of 4 KiB
+/// ones, which is what QEMU does by aligning its RAM blocks the same way. Where the host does not
+/// (madvise, this crate does not ask), nothing changes: untouched memory still costs nothing.
+pub const HOST_RAM_ALIGN: usize = 2 << 20;
+
+/// Guest RAM: vm-memory's view of it, and the host mappings behind it, unmapped on drop.
+///
+/// The mappings are made here (2 MiB-aligned, see [`HOST_RAM_ALIGN`]) rather than by vm-memory, which
+/// cannot align them, so this owns them. Clones of the `GuestMemoryMmap` (virtio devices hold some)
+/// must not outlive it: [`crate::vmm::Vmm`] keeps it as its last field, dropped after everything else.
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    maps: Vec<(usize, usize)>,
+}
+
+impl std::ops::Deref for GuestRam {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        for &(addr, len) in &self.maps {
+            // SAFETY: `addr..addr+len` is a mapping made by `map_aligned` and owned by this value; the
+            // regions that point into it are vm-memory's non-owning views (see the type's doc).
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
+}
+
+/// Maps `len` bytes of anonymous, lazily backed memory starting at a multiple of `align`: maps
+/// `len + align`, then gives back the unaligned head and the tail.
+fn map_aligned(len: usize, align: usize) -> std::io::Result<usize> {
+    let total = len + align;
+    // SAFETY: a fresh anonymous private mapping at an address of the kernel's choice; nothing else
+    // is affected.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let raw = raw as usize;
+    let start = raw.next_multiple_of(align);
+    // SAFETY: both pieces lie inside the mapping just made and are not referenced by anyone.
+    unsafe {
+        if start > raw {
+            libc::munmap(raw as *mut libc::c_void, start - raw);
+        }
+        let end = start + len;
+        if raw + total > end {
+            libc::munmap(end as *mut libc::c_void, raw + total - end);
+        }
+    }
+    Ok(start)
+}
+
+/// Maps `size` bytes of guest RAM (lazily) on the host, each range 2 MiB-aligned ([`HOST_RAM_ALIGN`]).
+pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
+    use vm_memory::GuestRegionMmap;
+    use vm_memory::mmap::{FromRangesError, MmapRegionBuilder, MmapRegionError};
+    let err = |source| MemoryError::Mmap { size_mib: size >> 20, source };
+    // On an error, `ram` unmaps whatever was mapped so far.
+    let mut ram = GuestRam { mem: GuestMemoryMmap::default(), maps: Vec::new() };
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(size) {
+        let addr =
+            map_aligned(len, HOST_RAM_ALIGN).map_err(|e| err(FromRangesError::MmapRegion(MmapRegionError::Mmap(e))))?;
+        ram.maps.push((addr, len));
+        // SAFETY: `addr..addr+len` is the live mapping made just above, owned by `ram`, which outlives
+        // the region (see `GuestRam`).
+        let region = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(addr as *mut u8) }
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| err(FromRangesError::MmapRegion(e)))?;
+        regions.push(GuestRegionMmap::new(region, start).ok_or(err(FromRangesError::InvalidGuestRegion))?);
+    }
+    ram.mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(FromRangesError::Collection(e)))?;
+    Ok(ram)
 }
 
 /// Tells KVM where guest RAM lives in the host's address space, one slot per region.
@@ -109,6 +205,18 @@ mod tests {
         mem.write_obj(1u64, GuestAddress(0x10_0000)).unwrap();
         mem.write_obj(1u64, GuestAddress(0x20_0000)).unwrap();
         assert_eq!(resident_bytes(&mem), 2 * 4096);
+    }
+
+    #[test]
+    fn host_mappings_are_2mib_aligned_like_the_guest_ranges() {
+        for size in [16 << 20, 3584 << 20] {
+            let mem = create_guest_memory(size).unwrap();
+            for region in mem.iter() {
+                let host = mem.get_host_address(region.start_addr()).unwrap() as usize;
+                assert_eq!(host % HOST_RAM_ALIGN, 0, "{size}: host {host:#x}");
+                assert_eq!(region.start_addr().raw_value() as usize % HOST_RAM_ALIGN, 0);
+            }
+        }
     }
 
     #[test]

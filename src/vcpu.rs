@@ -200,7 +200,7 @@ pub struct VcpuShared {
     pub control: Arc<VmControl>,
     /// Boot timeline.
     pub timeline: Arc<Timeline>,
-    /// The supported CPUID to adapt per vCPU.
+    /// The supported CPUID, adjusted for this VM ([`cpuid::adjust_for_vm`]), to adapt per vCPU.
     pub base_cpuid: CpuId,
     /// Number of vCPUs.
     pub count: u8,
@@ -221,9 +221,6 @@ impl Vcpu {
 
         let mut cpuid = shared.base_cpuid.clone();
         cpuid::adjust_for_vcpu(cpuid.as_mut_slice(), id, shared.count);
-        if !shared.irqchip {
-            cpuid::drop_irqchip_features(cpuid.as_mut_slice());
-        }
         fd.set_cpuid2(&cpuid).map_err(setup("CPUID"))?;
 
         let msrs = msr::boot_msrs();

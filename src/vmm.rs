@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -42,11 +42,11 @@ use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::layout;
-use crate::memory::{self, MemoryError};
+use crate::memory::{self, GuestRam, MemoryError};
 use crate::stats::ExitStats;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
-use crate::x86::{mptable, regs};
+use crate::x86::{cpuid, mptable, regs};
 
 /// Where KVM may put the TSS it needs for real-mode emulation on Intel
 /// (api.rst 4.43 KVM_SET_TSS_ADDR): three pages just below the BIOS area, in the MMIO gap.
@@ -139,7 +139,6 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     _vm: VmFd,
     _kvm: Kvm,
-    _mem: GuestMemoryMmap,
     /// The virtqueues' ioeventfds, for the event loop.
     queue_events: Vec<QueueEvent>,
     /// The taps of virtio-net devices, for the event loop.
@@ -155,6 +154,8 @@ pub struct Vmm {
     pub boot: BootInfo,
     /// Whether the in-kernel irqchip was created.
     pub irqchip: bool,
+    /// Guest RAM: last, so it is unmapped after every device and vCPU that holds a view of it.
+    mem: GuestRam,
 }
 
 /// Opens /dev/kvm, turning the usual failures into advice.
@@ -283,9 +284,16 @@ impl Vmm {
         let (queue_events, tap_events) = create_virtio_transports(&vm, &mem, &mut mmio, virtio)?;
 
         // 7. vCPUs.
-        let base_cpuid = kvm
+        let mut base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|source| VmmError::Kvm { what: "report its supported CPUID", source })?;
+        // What KVM leaves to userspace (x86/cpuid.rs): the TSC-deadline bit, the host's brand string
+        // and L1 cache leaf, the paravirtual features that need the in-kernel LAPIC.
+        let vm_features = cpuid::VmFeatures {
+            in_kernel_lapic: irqchip,
+            tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        cpuid::adjust_for_vm(base_cpuid.as_mut_slice(), vm_features, cpuid::host_cpuid);
         let shared = VcpuShared {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
@@ -304,7 +312,7 @@ impl Vmm {
             vcpus,
             _vm: vm,
             _kvm: kvm,
-            _mem: mem,
+            mem,
             queue_events,
             tap_events,
             control,
@@ -365,7 +373,7 @@ impl Vmm {
         let exits = reports.iter().map(|r| r.counts).collect();
         let registers = reports.iter().map(|r| r.registers).collect();
         let stats = reports.into_iter().map(|r| r.stats).collect();
-        let guest_resident_bytes = crate::memory::resident_bytes(&self._mem);
+        let guest_resident_bytes = crate::memory::resident_bytes(&self.mem);
         Ok(RunOutcome { reason, exits, stats, registers, guest_resident_bytes })
     }
 
