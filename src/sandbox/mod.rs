@@ -234,12 +234,13 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                     libc::SYS_epoll_pwait,
                     // Stdin in and out of the set as the UART's buffer fills and drains.
                     libc::SYS_epoll_ctl,
-                    // Kicking vCPU threads out of KVM_RUN at the stop.
-                    libc::SYS_tgkill,
                     // --timeline's "guest memory touched".
                     libc::SYS_mincore,
                 ],
             );
+            // Kicking vCPU threads out of KVM_RUN at the stop: that signal only.
+            let kick = Cond::new(2, Len::Dword, Op::Eq, crate::vcpu::kick_signal() as u64)?;
+            map.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![kick])?]);
             let term = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF].map(|r| r as u64);
             let mut reqs = vec![TUNSETOFFLOAD];
             reqs.extend(term);
@@ -377,6 +378,7 @@ extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut 
     let kind = KIND.try_with(|k| k.get()).ok().flatten();
     let mut buf = [0u8; 256];
     let len = violation_message(&mut buf, kind, nr);
+    crate::console::restore_terminal_now();
     // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf` is live.
     unsafe {
         libc::write(2, buf.as_ptr().cast(), len);
