@@ -492,10 +492,10 @@ fn linux_tier_in_lane(args: &BenchArgs, opts: &Options, tier: Tier) -> Result<Ti
     // The guest is built (or found) out here, where its cache is writable.
     crate::guest::default_guest(false).map_err(BenchError::Guest)?;
     // So is the image: pulled and its root file system built, for the machine to read.
-    if let Some(image) = &opts.image {
-        if !image.starts_with("dir:") {
-            crate::image::pull(image, &crate::image::PullOptions::default()).map_err(BenchError::Image)?;
-        }
+    if let Some(image) = &opts.image
+        && !image.starts_with("dir:")
+    {
+        crate::image::pull(image, &crate::image::PullOptions::default()).map_err(BenchError::Image)?;
     }
     // And the tools image (iperf3 and fio); without it those workloads are skipped.
     if let Err(e) = crate::guest::default_tools() {

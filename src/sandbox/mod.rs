@@ -241,7 +241,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             // Kicking vCPU threads out of KVM_RUN at the stop: that signal only.
             let kick = Cond::new(2, Len::Dword, Op::Eq, crate::vcpu::kick_signal() as u64)?;
             map.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![kick])?]);
-            let term = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF].map(|r| r as u64);
+            let term = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
             let mut reqs = vec![TUNSETOFFLOAD];
             reqs.extend(term);
             map.insert(libc::SYS_ioctl, ioctls(&reqs)?);
