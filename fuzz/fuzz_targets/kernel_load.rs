@@ -15,7 +15,7 @@ use ember::layout::{CMDLINE_START, HIMEM_START, PVH_INFO_START, ZERO_PAGE_START}
 use ember::memory;
 use ember::x86::regs::EntryMode;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const CMDLINE: &str = "console=ttyS0 quiet";
 /// `XEN_HVM_START_MAGIC_VALUE` (xen/include/public/arch-x86/hvm/start_info.h).

@@ -146,6 +146,10 @@ fuzz_target!(|data: &[u8]| {
         w(&mut t, VIRTIO_MMIO_QUEUE_USED_LOW, r.used as u32);
         w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
     }
+    // A driver hands over a zeroed used ring: the index counts from 0.
+    for r in &rings {
+        mem.write_obj(0u16, GuestAddress(r.used + 2)).expect("in range");
+    }
     let offered: Vec<Option<Vec<u16>>> = rings.iter().map(|r| r.offered(&mem)).collect();
     w(&mut t, VIRTIO_MMIO_STATUS, status | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
 
