@@ -197,8 +197,10 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    // What the guest transmitted reached the tap as whole frames, one per chain at most.
-    if let (Some(p), Some(Some(heads))) = (&peer, offered.get(1)) {
+    // What the guest transmitted reached the tap as whole frames, one per
+    // chain at most (again only when received frames cannot have rewritten
+    // the transmit ring).
+    if let (Some(p), Some(Some(heads)), true) = (&peer, offered.get(1), apart) {
         let mut frames = 0;
         let mut buf = vec![0u8; 128 << 10];
         // SAFETY: a non-blocking recv into a live buffer.
