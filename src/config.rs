@@ -111,6 +111,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The virtio-rng device.
     pub rng: RngMode,
+    /// The sandbox of ember's threads (src/sandbox): on unless debugging.
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 /// A device a tool adds to the port-I/O bus next to ember's own.
@@ -317,6 +319,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: RngMode::Auto,
+            seccomp: crate::sandbox::SeccompMode::On,
         }
     }
 

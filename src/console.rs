@@ -61,6 +61,18 @@ impl Drop for RawTerminal {
     }
 }
 
+/// Puts the terminal back as [`RawTerminal::enable`] found it, if it is in raw
+/// mode, for a path that ends ember without unwinding (the sandbox's SIGSYS
+/// handler). Never blocks: a `try_lock` and one `tcsetattr`.
+pub fn restore_terminal_now() {
+    if let Ok(saved) = SAVED.try_lock()
+        && let Some((fd, t)) = *saved
+    {
+        // SAFETY: restores saved settings on the same terminal.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) };
+    }
+}
+
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

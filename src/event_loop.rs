@@ -26,6 +26,7 @@ use crate::console::Escape;
 use crate::control::{StopReason, VmControl};
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::sandbox::{self, SeccompMode, ThreadKind};
 
 /// Every event source the loop knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +103,9 @@ pub enum EventLoopError {
     /// The signalfd could not be created.
     #[error("cannot create a signalfd")]
     Signalfd(#[source] std::io::Error),
+    /// The main thread could not enter its sandbox.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// Console input wiring for the loop.
@@ -153,7 +157,7 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
 
 /// If `fd` cannot be polled (a regular file, /dev/null), copy it through a pipe
 /// from a helper thread, so the loop sees one kind of input.
-fn pollable(epoll: &Epoll, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>), EventLoopError> {
+fn pollable(epoll: &Epoll, fd: RawFd, seccomp: SeccompMode) -> Result<(RawFd, Option<OwnedFd>), EventLoopError> {
     let probe = EpollEvent::new(EventSet::IN, Token::Stdin.to_u64());
     match epoll.ctl(ControlOperation::Add, fd, probe) {
         Ok(()) => Ok((fd, None)),
@@ -167,6 +171,12 @@ fn pollable(epoll: &Epoll, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>), EventL
             let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
             let src = fd;
             std::thread::spawn(move || {
+                // Should the sandbox fail here, the copy is not made: the
+                // guest sees an input that never comes, and the VM runs on.
+                if let Err(e) = sandbox::enter(ThreadKind::StdinCopy, seccomp) {
+                    log::warn!("stdin is not forwarded to the guest: {e}");
+                    return;
+                }
                 let mut w = std::fs::File::from(w);
                 // SAFETY: `src` is stdin (or the caller's fd), valid for the process lifetime;
                 // ManuallyDrop keeps us from closing it.
@@ -180,13 +190,17 @@ fn pollable(epoll: &Epoll, fd: RawFd) -> Result<(RawFd, Option<OwnedFd>), EventL
     }
 }
 
-/// Runs until the VM is asked to stop; returns why.
+/// Runs until the VM is asked to stop; returns why. Once every source is
+/// registered, before the first event is served, the calling thread enters the
+/// sandbox (`seccomp`) and calls `ready`.
 pub fn run(
     control: &VmControl,
     console: Option<ConsoleInput>,
     signals: &libc::sigset_t,
     queues: &[QueueEvent],
     taps: &[TapEvent],
+    seccomp: SeccompMode,
+    ready: impl FnOnce(),
 ) -> Result<StopReason, EventLoopError> {
     let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
     let add = |fd: RawFd, t: Token| {
@@ -210,7 +224,7 @@ pub fn run(
     let mut _pipe_keepalive = None;
     if let Some(c) = &console {
         add(c.drained.as_raw_fd(), Token::InputDrained)?;
-        let (fd, pipe) = pollable(&epoll, c.fd)?;
+        let (fd, pipe) = pollable(&epoll, c.fd, seccomp)?;
         input_fd = Some(fd);
         _pipe_keepalive = pipe;
     }
@@ -228,6 +242,8 @@ pub fn run(
     const FEED_RETRY_MS: i32 = 10;
     let mut buf = [0u8; 4096];
     let mut filtered = Vec::with_capacity(4096);
+    sandbox::enter(ThreadKind::Main, seccomp)?;
+    ready();
 
     loop {
         if control.is_stopped() {

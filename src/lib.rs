@@ -21,6 +21,8 @@
 //! - [`control`]: how a VM comes to an end, and why.
 //! - [`timeline`]: timestamps of the boot, for `--timeline` and benchmarks.
 //! - [`stats`]: VM exits by reason, address and device (`--stats`, `--trace-exits`).
+//! - [`sandbox`]: what each thread may still do once set-up is done: a seccomp
+//!   filter per kind of thread, no capabilities, no new privileges.
 //!
 //! Data path of one byte the guest prints: `vcpu.rs` (IoOut) -> `bus.rs` ->
 //! `devices/serial.rs` (THR) -> stdout.
@@ -67,6 +69,7 @@ pub mod image;
 pub mod lane;
 pub mod layout;
 pub mod memory;
+pub mod sandbox;
 pub mod stats;
 pub mod timeline;
 pub mod vcpu;

@@ -95,6 +95,12 @@ enum IrqchipArg {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum SeccompArg {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum TimelineFormat {
     Table,
     Json,
@@ -157,6 +163,10 @@ struct RunArgs {
     /// No virtio-rng device (Linux guests get one by default).
     #[arg(long)]
     no_rng: bool,
+    /// The sandbox of ember's threads (seccomp filters, no capabilities).
+    /// `off` is for debugging only: a guest that breaks a device gets all of ember's rights.
+    #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
+    seccomp: SeccompArg,
     /// An environment variable for the image's command (KEY=VALUE, or KEY to
     /// pass ember's own); repeatable.
     #[arg(short = 'e', long = "env", value_name = "KEY[=VALUE]")]
@@ -367,6 +377,9 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
         (_, true) => RngMode::Off,
         _ => RngMode::Auto,
     };
+    if a.seccomp == SeccompArg::Off {
+        cfg.seccomp = ember::sandbox::SeccompMode::Off;
+    }
     Ok(Plan { cfg, _scratch: scratch, image_disk })
 }
 
@@ -416,6 +429,9 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsStr
     }
     if a.no_rng {
         v.push("--no-rng".into());
+    }
+    if a.seccomp == SeccompArg::Off {
+        v.push("--seccomp=off".into());
     }
     v
 }
@@ -509,22 +525,27 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
 
 fn run(args: RunArgs, start: Instant) -> u8 {
     let timeline = Arc::new(Timeline::new(start));
-    let plan = match build_config(&args, &timeline) {
+    let mut plan = match build_config(&args, &timeline) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("ember: {msg}");
             return EXIT_VMM_ERROR;
         }
     };
-    let cfg = &plan.cfg;
-    if let Err(e) = cfg.validate() {
+    if let Err(e) = plan.cfg.validate() {
         eprintln!("ember: {e}");
         return EXIT_VMM_ERROR;
     }
     if let Some(code) = maybe_fallback(&args, &plan) {
         return code;
     }
-    let outcome = Vmm::new(cfg, timeline.clone()).and_then(|vmm| vmm.run());
+    // The run's temporary files are open (or read) once the VM is built:
+    // removed before it runs, as the sandboxed main thread could not.
+    let scratch = plan._scratch.take();
+    let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|vmm| {
+        drop(scratch);
+        vmm.run()
+    });
     timeline.mark("ember: VM torn down");
     let code = match &outcome {
         Ok(o) => exit_code_for(&o.reason),

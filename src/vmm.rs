@@ -43,6 +43,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::layout;
 use crate::memory::{self, GuestRam, MemoryError};
+use crate::sandbox::{self, SeccompMode, ThreadKind};
 use crate::stats::ExitStats;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
@@ -149,6 +150,7 @@ pub struct Vmm {
     stdout_sink: Option<StdoutSink>,
     input_drained: Arc<EventFd>,
     serial_mode: SerialMode,
+    seccomp: SeccompMode,
     timeline: Arc<Timeline>,
     /// What was loaded, for `ember demo`'s narration.
     pub boot: BootInfo,
@@ -241,7 +243,7 @@ impl Vmm {
         let mut stdout_sink = None;
         let sink: Box<dyn Write + Send> = match &cfg.serial {
             SerialMode::Stdio => {
-                let out = StdoutSink::new(dup_stdout()?, control.clone())
+                let out = StdoutSink::new(dup_stdout()?, control.clone(), cfg.seccomp)
                     .map_err(|e| VmmError::Host("the serial output thread", e))?;
                 stdout_sink = Some(out.clone());
                 Box::new(out)
@@ -320,6 +322,7 @@ impl Vmm {
             stdout_sink,
             input_drained,
             serial_mode: cfg.serial.clone(),
+            seccomp: cfg.seccomp,
             timeline,
             boot,
             irqchip,
@@ -345,18 +348,36 @@ impl Vmm {
             drained: self.input_drained.clone(),
         });
 
+        // Each vCPU thread enters its sandbox, then waits for the main thread
+        // to be in its own (or to give up: the sender dropped) before its
+        // first KVM_RUN: the guest runs only once every thread is confined.
         let mut handles: Vec<JoinHandle<VcpuReport>> = Vec::new();
+        let mut gates = Vec::new();
+        let seccomp = self.seccomp;
         for (i, v) in self.vcpus.drain(..).enumerate() {
             let control = self.control.clone();
+            let (gate, wait) = std::sync::mpsc::channel::<()>();
+            gates.push(gate);
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu::run_catching(&control, &format!("vCPU {i}"), || v.run()).unwrap_or_default())
+                .spawn(move || {
+                    vcpu::run_catching(&control, &format!("vCPU {i}"), || {
+                        if let Err(e) = sandbox::enter(ThreadKind::Vcpu, seccomp) {
+                            control.stop(StopReason::VmmError(format!("vCPU {i}: {e}")));
+                            return VcpuReport::default();
+                        }
+                        let _ = wait.recv();
+                        v.run()
+                    })
+                    .unwrap_or_default()
+                })
                 .map_err(|e| VmmError::Host("a vCPU thread", e))?;
             handles.push(h);
         }
 
         let result = vcpu::run_catching(&self.control, "the event loop", || {
-            event_loop::run(&self.control, console, &signals, &self.queue_events, &self.tap_events)
+            let queues = &self.queue_events;
+            event_loop::run(&self.control, console, &signals, queues, &self.tap_events, seccomp, move || drop(gates))
         })
         .unwrap_or_else(|| Ok(self.control.reason().unwrap_or(StopReason::VmmError("the event loop failed".into()))));
         if result.is_err() {

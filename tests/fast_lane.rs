@@ -418,3 +418,64 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
         r => panic!("expected an ember error, got {r:?}"),
     }
 }
+
+/// The Seccomp, NoNewPrivs and CapEff lines of every thread of a running
+/// `ember run` on the `echo` guest (which waits for input), with `args`.
+fn thread_sandboxes(args: &[&str]) -> Vec<String> {
+    use std::io::Write;
+    let g = guest("echo");
+    let mut cmd = std::process::Command::new(common::ember_bin());
+    cmd.args(["run", "--serial", "stdio"]).args(args).arg("--kernel").arg(&g);
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ember");
+    // The guest prints `echo> ` once it runs: by then every thread is in its sandbox.
+    let mut out = child.stdout.take().expect("piped");
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("echo>") {
+        use std::io::Read;
+        assert_eq!(out.read(&mut byte).expect("read"), 1, "ember ended early: {}", String::from_utf8_lossy(&seen));
+        seen.push(byte[0]);
+    }
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", child.id()));
+    let mut lines = Vec::new();
+    for t in std::fs::read_dir(&tasks).expect("tasks") {
+        let t = t.expect("task").path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default().trim().to_string();
+        if comm.starts_with("kvm") {
+            continue; // KVM's own kernel threads (kvm-nx-lpage-recovery)
+        }
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let keep: Vec<&str> = status
+            .lines()
+            .filter(|l| l.starts_with("Seccomp:") || l.starts_with("NoNewPrivs:") || l.starts_with("CapEff:"))
+            .collect();
+        lines.push(format!("{comm}: {}", keep.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")));
+    }
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(b"q").expect("write");
+    drop(stdin);
+    assert!(child.wait().expect("wait").success());
+    lines.sort();
+    lines
+}
+
+#[test]
+fn every_thread_runs_sandboxed_and_off_turns_it_off() {
+    if !kvm_available() {
+        return common::skipped("/dev/kvm absent — KVM tests not run");
+    }
+    let on = thread_sandboxes(&[]);
+    // main (the event loop), serial-out, vcpu0: filter mode 2, no new
+    // privileges, no effective capabilities, even as root.
+    assert_eq!(on.len(), 3, "{on:?}");
+    for l in &on {
+        assert!(l.contains("NoNewPrivs: 1 Seccomp: 2") && l.contains("CapEff: 0000000000000000"), "{on:?}");
+    }
+    let off = thread_sandboxes(&["--seccomp=off"]);
+    assert!(off.iter().all(|l| l.contains("Seccomp: 0")), "{off:?}");
+}

@@ -19,7 +19,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::control::VmControl;
+use crate::control::{StopReason, VmControl};
+use crate::sandbox::{self, SeccompMode, ThreadKind};
 
 /// Guest output buffered for stdout before the guest has to wait.
 const STDOUT_BUFFER: usize = 64 << 10;
@@ -65,8 +66,9 @@ pub struct StdoutSink {
 }
 
 impl StdoutSink {
-    /// Starts the writer thread on `fd`; `control` tells a waiting vCPU to give up.
-    pub fn new(fd: OwnedFd, control: Arc<VmControl>) -> io::Result<Self> {
+    /// Starts the writer thread on `fd`, in the sandbox unless `seccomp` is off;
+    /// `control` tells a waiting vCPU to give up.
+    pub fn new(fd: OwnedFd, control: Arc<VmControl>, seccomp: SeccompMode) -> io::Result<Self> {
         let shared = Arc::new(Shared { state: Mutex::new(State::default()), changed: Condvar::new() });
         let for_thread = shared.clone();
         // The thread blocks every signal (it inherits the mask it is spawned
@@ -81,8 +83,13 @@ impl StdoutSink {
             libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
             old
         };
-        let spawned =
-            std::thread::Builder::new().name("serial-out".into()).spawn(move || write_out(File::from(fd), &for_thread));
+        let stop = control.clone();
+        let spawned = std::thread::Builder::new().name("serial-out".into()).spawn(move || {
+            if let Err(e) = sandbox::enter(ThreadKind::SerialOut, seccomp) {
+                stop.stop(StopReason::VmmError(format!("the serial output thread: {e}")));
+            }
+            write_out(File::from(fd), &for_thread)
+        });
         // SAFETY: restores this thread's mask saved above.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         spawned?;
@@ -186,7 +193,7 @@ mod tests {
     fn a_stalled_reader_does_not_hold_a_stopped_vm() {
         let (reader, w) = pipe();
         let control = Arc::new(VmControl::new().unwrap());
-        let mut sink = StdoutSink::new(w, control.clone()).unwrap();
+        let mut sink = StdoutSink::new(w, control.clone(), SeccompMode::On).unwrap();
         // Nobody reads: the pipe (64 KiB) and the buffer fill, then a write waits...
         let c = control.clone();
         let stopper = std::thread::spawn(move || {
@@ -209,7 +216,7 @@ mod tests {
     fn output_is_flushed_at_the_end() {
         let (mut reader, w) = pipe();
         let control = Arc::new(VmControl::new().unwrap());
-        let mut sink = StdoutSink::new(w, control).unwrap();
+        let mut sink = StdoutSink::new(w, control, SeccompMode::On).unwrap();
         let t = std::thread::spawn(move || {
             let mut all = Vec::new();
             reader.read_to_end(&mut all).unwrap();

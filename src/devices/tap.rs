@@ -217,9 +217,10 @@ impl Tap {
         Ok(())
     }
 
-    /// One end of a frame pipe standing in for a tap, for the device's unit tests.
-    #[cfg(test)]
-    pub(crate) fn fake(file: File) -> Tap {
+    /// One end of a frame pipe (a SOCK_SEQPACKET socket) standing in for a
+    /// tap, for the device's unit tests and fuzz targets.
+    #[doc(hidden)]
+    pub fn fake(file: File) -> Tap {
         Tap { file, name: "fake".into(), fake: true }
     }
 
