@@ -55,6 +55,11 @@ const PAGE_SIZE: u64 = 4096;
 /// Errors while loading the kernel, initrd and boot data.
 #[derive(Debug, Error)]
 pub enum BootError {
+    /// The kernel's segments or entry point lie outside guest RAM, or it has
+    /// nothing to load (found by fuzz/kernel_load: an ELF whose only segment
+    /// is empty, at 2^52).
+    #[error("{0} loads nothing into guest RAM, or places its code or entry point outside it")]
+    KernelOutsideRam(String),
     /// The kernel file cannot be opened.
     #[error("cannot open kernel {path}")]
     OpenKernel {
@@ -294,6 +299,20 @@ pub fn load_kernel(
         }
     }
 
+    // linux-loader checks each segment it copies, not what is left over: an
+    // empty segment far above RAM passes and leaves an empty (end < start)
+    // kernel range, which the initrd placement below would then trust.
+    let entry_in_ram = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(e) => mem.address_in_range(e),
+        _ => mem.address_in_range(result.kernel_load),
+    };
+    if kernel_end <= result.kernel_load.raw_value()
+        || !mem.address_in_range(GuestAddress(kernel_end - 1))
+        || !entry_in_ram
+    {
+        return Err(BootError::KernelOutsideRam(name));
+    }
+
     let initrd_max = match result.setup_header {
         Some(hdr) if hdr.version >= 0x0203 => u64::from(hdr.initrd_addr_max),
         _ => DEFAULT_INITRD_ADDR_MAX,
@@ -478,6 +497,20 @@ mod tests {
         let mut cl = [0u8; 20];
         mem.read_slice(&mut cl, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&cl, b"console=ttyS0 hello\0");
+    }
+
+    #[test]
+    fn a_kernel_that_loads_nothing_into_ram_is_refused() {
+        // fuzz/kernel_load's find: one empty segment, and the entry, at 2^52.
+        let mut f = tiny_elf();
+        let ph = 64;
+        f[24..32].copy_from_slice(&(1u64 << 52).to_le_bytes());
+        f[ph + 16..ph + 24].copy_from_slice(&(1u64 << 52).to_le_bytes());
+        f[ph + 24..ph + 32].copy_from_slice(&(1u64 << 52).to_le_bytes());
+        f[ph + 32..ph + 48].fill(0);
+        let src = KernelSource::Builtin(Box::leak(f.into_boxed_slice()));
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert!(matches!(load_kernel(&mem, &src, None, ""), Err(BootError::KernelOutsideRam(_))));
     }
 
     #[test]
