@@ -55,6 +55,15 @@ fn layer_one() -> Vec<u8> {
         Entry::Dir("srv", 0o755, 0, 0),
         Entry::CharDev("srv/null", 1, 3),
         Entry::FileXattr("bin/cap", 0o755, "user.ember", b"xattr-kept", b"#!/bin/sh\n".to_vec()),
+        // A file capability (struct vfs_cap_data, revision 2: effective,
+        // CAP_NET_BIND_SERVICE permitted), as `setcap` writes it.
+        Entry::FileXattr(
+            "bin/netbind",
+            0o755,
+            "security.capability",
+            &[1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            b"#!/bin/sh\n".to_vec(),
+        ),
         Entry::Dir("work", 0o755, 0, 0),
     ])
 }
@@ -243,6 +252,8 @@ fn layers_are_applied_with_whiteouts_links_devices_and_modes() {
     let sqfs = rec.expect("a built root file system").path();
     let x = run(Command::new("rdsquashfs").arg("-x").arg("/bin/cap").arg(&sqfs));
     assert!(x.contains("user.ember") && x.contains("xattr-kept"), "{x}");
+    let x = run(Command::new("rdsquashfs").arg("-x").arg("/bin/netbind").arg(&sqfs));
+    assert!(x.contains("security.capability"), "{x}");
 }
 
 #[test]
