@@ -141,9 +141,6 @@ impl Progress {
         pb.set_message(format!("ember: pulling {name}"));
         Box::new(pb.wrap_read(r))
     }
-
-    /// All blobs are in.
-    pub fn done(&self) {}
 }
 
 /// What a run needs of an image.

@@ -213,7 +213,6 @@ pub fn pull(
     for l in &m.layers {
         size += c.blob(store, l, progress)?;
     }
-    progress.done();
     Ok(ImageRecord {
         name: r.to_string(),
         manifest_digest: digest,

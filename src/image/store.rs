@@ -14,7 +14,7 @@
 //! pulls and runs hold it shared.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -257,14 +257,6 @@ impl Store {
     /// Now, for records.
     pub fn now() -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-    }
-
-    /// Writes `bytes` to `dst` atomically (through `tmp/`).
-    pub fn write_atomic(&self, dst: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-        let tmp = self.temp_path("file");
-        let mut f = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("cannot write", &tmp))?;
-        fs::rename(&tmp, dst).map_err(io_err("cannot write", dst))
     }
 }
 
