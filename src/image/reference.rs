@@ -160,6 +160,34 @@ fn valid_component(c: &str) -> bool {
     c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-'))
 }
 
+/// `host[:port]` (or `[ipv6][:port]`): DNS labels or an address, and a
+/// numeric port (distribution/reference's `domain` rule).
+fn valid_registry(r: &str) -> bool {
+    let (host, port) = match r.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((h, p)) if !h.is_empty() && h.chars().all(|c| c.is_ascii_hexdigit() || c == ':') => (h, p),
+            _ => return false,
+        },
+        None => match r.split_once(':') {
+            Some((h, p)) => (h, &r[h.len()..][..1 + p.len()]),
+            None => (r, ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = r.starts_with('[')
+        || (!host.is_empty()
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }));
+    port_ok && host_ok
+}
+
 fn valid_tag(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 128
@@ -230,7 +258,7 @@ fn parse_registry(s: &str) -> Result<RegistryRef, ReferenceError> {
         _ => (DOCKER_HUB.to_string(), name.to_string()),
     };
     let repository = if registry == DOCKER_HUB && !path.contains('/') { format!("library/{path}") } else { path };
-    if repository.split('/').any(|c| !valid_component(c)) || registry.is_empty() {
+    if repository.split('/').any(|c| !valid_component(c)) || !valid_registry(&registry) {
         return Err(ReferenceError::BadName(name.to_string()));
     }
     let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
@@ -283,6 +311,11 @@ mod tests {
         assert!(matches!(parse("a@sha256:12"), Err(ReferenceError::BadDigest(_))));
         assert!(matches!(parse("a/../b"), Err(ReferenceError::BadName(_))));
         assert!(matches!(parse("oci:"), Err(ReferenceError::NoPath(_))));
+        // fuzz/cli_values: a "registry" that is a transport prefix would print
+        // as, and parse back into, an archive reference.
+        assert!(matches!(parse("docker://oci-archive:app.tar:v/1"), Err(ReferenceError::BadName(_))));
+        assert!(matches!(parse("a:b:c/d"), Err(ReferenceError::BadName(_))));
+        assert!(parse("[::1]:5000/a").is_ok() && parse("reg-1.example.com:443/a/b").is_ok());
     }
 
     #[test]
