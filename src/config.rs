@@ -304,6 +304,21 @@ pub fn host_mem_bytes() -> Option<u64> {
 }
 
 impl VmConfig {
+    /// The host paths this VM writes (read-write disks, a serial file), absolute; a serial file that
+    /// does not exist yet is created empty, as the run would. The Linux lane lets its machine write
+    /// exactly these.
+    pub fn writable_host_paths(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in self.disks.iter().filter(|d| !d.read_only) {
+            out.push(d.path.clone());
+        }
+        if let SerialMode::File(p) = &self.serial {
+            let _ = std::fs::OpenOptions::new().append(true).create(true).open(p);
+            out.push(p.clone());
+        }
+        out.into_iter().filter_map(|p| std::path::absolute(&p).ok()).collect()
+    }
+
     /// A config with ember's defaults: 1 vCPU, 256 MiB, serial on stdio.
     pub fn new(kernel: KernelSource) -> Self {
         VmConfig {

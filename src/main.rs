@@ -59,6 +59,11 @@ enum Command {
     /// Compare start-up, memory and speed of one payload on the host, in
     /// containers (crun, runc) and in VMs (ember, QEMU microvm).
     Bench(ember::bench::BenchArgs),
+    /// The Linux lane's warm machine (hosts whose KVM cannot run Linux): `status`, `start`, `stop`.
+    Lane {
+        #[command(subcommand)]
+        action: LaneAction,
+    },
     /// Boot a tiny guest built into ember and show what each layer did.
     Demo {
         /// A chapter (number or name, see --list); none: the hello guest.
@@ -514,10 +519,10 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
             return Some(EXIT_VMM_ERROR);
         }
     };
-    match ember::lane::run_interactive(&exe, &inner) {
+    match ember::lane::run_interactive(&exe, &inner, &cfg.writable_host_paths()) {
         Ok(code) => Some(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("ember: the emulated SVM machine failed: {e}");
+            eprintln!("ember: the Linux lane failed: {}", chain(&e));
             Some(EXIT_VMM_ERROR)
         }
     }
@@ -572,6 +577,74 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     code
 }
 
+/// `ember lane ...`.
+#[derive(Subcommand)]
+enum LaneAction {
+    /// Whether this user's warm machine runs, since when, how many runs it served.
+    Status,
+    /// Boot the warm machine now (the first `ember run` that needs it does otherwise).
+    Start,
+    /// Stop the warm machine (it also stops by itself after EMBER_LANE_IDLE seconds without runs).
+    Stop,
+    /// The daemon itself (started by `ember run`; not for people).
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+        #[arg(long)]
+        build: String,
+        #[arg(long)]
+        once: bool,
+        #[arg(long)]
+        tap: Vec<String>,
+    },
+}
+
+fn lane(action: LaneAction) -> u8 {
+    use ember::lane::warm;
+    match action {
+        LaneAction::Status => {
+            println!("{}", warm::status());
+            0
+        }
+        LaneAction::Stop => {
+            println!("{}", if warm::stop() { "warm lane: stopped" } else { "warm lane: not running" });
+            0
+        }
+        LaneAction::Start => {
+            let started = std::env::current_exe().map_err(|e| e.to_string()).and_then(|exe| {
+                warm::start(&exe).map_err(|e| chain(&e))
+            });
+            match started {
+                Ok(status) => {
+                    println!("{status}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("ember: {e}");
+                    EXIT_VMM_ERROR
+                }
+            }
+        }
+        LaneAction::Serve { state_dir, build, once, tap } => {
+            let taps = tap
+                .iter()
+                .map(|t| match t.strip_suffix(",create") {
+                    Some(name) => ember::lane::HostTap { name: name.to_string(), create: true },
+                    None => ember::lane::HostTap { name: t.clone(), create: false },
+                })
+                .collect();
+            match warm::serve(warm::ServeOptions { state_dir, build, once, taps }) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("ember: {}", chain(&e));
+                    EXIT_VMM_ERROR
+                }
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
@@ -587,6 +660,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(*args, start),
         Command::Bench(args) => ember::bench::main(args),
+        Command::Lane { action } => lane(action),
         Command::Pull { image, insecure_registry } => {
             let o = ember::image::PullOptions { insecure: insecure_registry, refresh: true };
             match ember::image::pull(&image, &o) {

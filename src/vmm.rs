@@ -344,7 +344,9 @@ impl Vmm {
         let console = (self.serial_mode == SerialMode::Stdio).then(|| ConsoleInput {
             serial: self.serial.clone(),
             fd: stdin_fd,
-            escape: console::is_tty(stdin_fd),
+            // Also when the Linux lane's client, which holds the user's terminal, says so: there
+            // this ember's stdin is a pipe from that terminal (lane::warm::ESCAPE_ENV).
+            escape: console::is_tty(stdin_fd) || std::env::var_os(crate::lane::warm::ESCAPE_ENV).is_some_and(|v| v == "1"),
             drained: self.input_drained.clone(),
         });
 

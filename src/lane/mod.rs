@@ -12,6 +12,8 @@
 //! Code map:
 //! - [`flavour`]: which KVM the host has, and whether Linux guests need the nested lane.
 //! - [`nested`]: the outer machine: artifacts (`guest-kernels/lane/build-outer.sh`), QEMU, the agent.
+//! - [`warm`]: the per-user daemon that keeps one outer machine running between `ember run`s, and gives
+//!   each run write access to exactly the host paths it names.
 //! - [`wire`]: the formats between host and agent, unit-tested without a machine.
 //!
 //! Tests start the lane once per test binary and run many invocations through it:
@@ -44,6 +46,7 @@
 
 pub mod flavour;
 pub mod nested;
+pub mod warm;
 pub mod wire;
 
 use std::ffi::OsString;
@@ -101,6 +104,9 @@ pub enum LaneError {
     /// A host tap cannot be handed to the outer machine (missing, or existing despite `,create`).
     #[error(transparent)]
     Tap(#[from] crate::devices::tap::TapError),
+    /// What the warm lane's daemon reported (already a whole message).
+    #[error("{0}")]
+    Daemon(String),
     /// The outer machine stopped answering; it was killed and the next `run` boots a new one.
     #[error("the outer machine stopped answering after {after:?}; it was killed (the next run restarts it)\n{log}")]
     Wedged {
@@ -177,6 +183,9 @@ pub struct LaneConfig {
     /// Host taps (in this process's network namespace) given to the outer machine as virtio-net NICs;
     /// inside, each is bridged to a new tap of the same name for the inner ember to open (default none).
     pub host_taps: Vec<HostTap>,
+    /// A host directory shared writable as the tag `window` (mounted at `/window` inside), through which
+    /// the warm lane gives each run write access to exactly the paths it names (`lane::warm`).
+    pub window: Option<PathBuf>,
 }
 
 impl Default for LaneConfig {
@@ -203,6 +212,7 @@ impl Default for LaneConfig {
             cpu_model: "EPYC,+svm".into(),
             writable,
             host_taps: Vec::new(),
+            window: None,
         }
     }
 }
@@ -237,7 +247,7 @@ impl LinuxLane {
         let flavour = KvmFlavour::detect();
         let nested = config.force_nested.unwrap_or(flavour.needs_nested_lane());
         let kind = if nested {
-            let machine = OuterMachine::boot(&config, false)?;
+            let machine = OuterMachine::boot(&config, 0)?;
             let last_boot = machine.boot_time;
             log::info!("lane: outer machine ready in {last_boot:?} (kernel {})", machine.release);
             Kind::Nested { machine: Some(Box::new(machine)), boots: 1, last_boot }
@@ -281,7 +291,7 @@ impl LinuxLane {
             Kind::Direct => run_direct(program, inv, timeout),
             Kind::Nested { machine, boots, last_boot } => {
                 if machine.is_none() {
-                    let m = OuterMachine::boot(&self.config, false)?;
+                    let m = OuterMachine::boot(&self.config, 0)?;
                     *boots += 1;
                     *last_boot = m.boot_time;
                     *machine = Some(Box::new(m));
@@ -373,16 +383,20 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
     Ok(Outcome { status, stdout, stderr, elapsed: start.elapsed() })
 }
 
-/// `ember run`'s fallback where Linux guests need the nested lane: boots the outer machine, runs
-/// `ember <args>` inside with this process's stdin, stdout and stderr, and returns its exit status.
-/// Silent itself: the outer kernel's console goes to a log file that is only shown if the machine fails.
-/// When stdin is a terminal it is put in raw mode for the run (as ember does for a guest console), so
-/// keys such as Ctrl-C reach the guest. On hosts that run Linux directly, runs `ember_bin` here.
+/// `ember run`'s fallback where Linux guests need the nested lane: runs `ember <args>` in the outer
+/// machine with this process's stdin, stdout and stderr, and returns its exit status. The machine is the
+/// warm one of this user ([`warm`]: booted by the first run, reused by the next ones); runs that bring
+/// host taps, or `EMBER_LANE_WARM=0`, get a private machine for this run only. Silent itself: the outer
+/// kernel's console goes to a log file that is only shown if the machine fails. When stdin is a terminal
+/// it is put in raw mode for the run (as ember does for a guest console), so keys such as Ctrl-C reach
+/// the guest, and `Ctrl-a x` still quits. On hosts that run Linux directly, runs `ember_bin` here.
 ///
-/// Each `--net tap=NAME` in `ember_args` names a tap on this host: it becomes a NIC of the outer
-/// machine, bridged inside to a tap NAME that the inner ember opens (see [`LaneConfig::host_taps`]).
-pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32, LaneError> {
-    let mut config = LaneConfig::default();
+/// `writable` lists the host paths the run writes (read-write disks, a serial file): the machine may
+/// write those and nothing else. Each `--net tap=NAME` in `ember_args` names a tap on this host: it
+/// becomes a NIC of the outer machine, bridged inside to a tap NAME that the inner ember opens (see
+/// [`LaneConfig::host_taps`]).
+pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString], writable: &[PathBuf]) -> Result<i32, LaneError> {
+    let config = LaneConfig::default();
     if !config.force_nested.unwrap_or(KvmFlavour::detect().needs_nested_lane()) {
         use std::os::unix::process::ExitStatusExt;
         let status = Command::new(ember_bin)
@@ -395,30 +409,17 @@ pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32,
         .map_err(|source| LaneError::Io { what: format!("resolving {}", ember_bin.display()), source })?;
     let (host_taps, ember_args) =
         wire::host_taps(ember_args).map_err(|e| LaneError::Unavailable(format!("--net: {e}")))?;
-    config.host_taps = host_taps;
-    let mut machine = OuterMachine::boot(&config, true)?;
-    let mut env = Vec::new();
-    for key in ["TERM", "RUST_LOG", "RUST_BACKTRACE"] {
-        if let Ok(v) = std::env::var(key) {
-            env.push((key.to_string(), v));
-        }
-    }
-    let inv = Invocation { args: ember_args, stdin: Vec::new(), env };
-    let raw = RawTerminal::enter();
-    let status = machine.stream(&ember_bin, &inv);
-    drop(raw);
-    machine.shutdown();
-    status
+    warm::run(&ember_bin, ember_args, writable, &host_taps)
 }
 
 /// Raw mode on stdin while it lives, if stdin is a terminal; restores the settings on drop. Output
 /// post-processing stays on so `\n` still starts a new line.
-struct RawTerminal {
+pub(crate) struct RawTerminal {
     saved: Option<libc::termios>,
 }
 
 impl RawTerminal {
-    fn enter() -> RawTerminal {
+    pub(crate) fn enter() -> RawTerminal {
         // SAFETY: isatty only inspects the fd.
         if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
             return RawTerminal { saved: None };

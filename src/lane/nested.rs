@@ -100,11 +100,53 @@ pub fn build_artifacts(scratch: &Path) -> Result<Artifacts, LaneError> {
     })
 }
 
-/// Host ends of the interactive ports.
-struct Streams {
-    input: UnixStream,
+/// The host ends of one set of streamed-run ports (`ember.in<k>`, `ember.out<k>`, `ember.err<k>`).
+///
+/// QEMU connects to the input port's socket with `reconnect=1`: a run's end of input is the host closing
+/// that connection (the guest reads EOF), and QEMU connects again within a second for the next run.
+pub struct Slot {
+    /// `k`: which ports these are.
+    pub index: usize,
+    input_listener: UnixListener,
+    input: Option<UnixStream>,
     output: UnixStream,
     error: UnixStream,
+}
+
+impl Slot {
+    /// Whether QEMU's input connection is there (accepting it if it just arrived).
+    pub fn input_ready(&mut self) -> bool {
+        if self.input.is_none() {
+            let _ = self.input_listener.set_nonblocking(true);
+            if let Ok((s, _)) = self.input_listener.accept() {
+                let _ = s.set_nonblocking(false);
+                self.input = Some(s);
+            }
+        }
+        self.input.is_some()
+    }
+
+    /// Second handles on the output and error ports, for a run's pumps.
+    pub(super) fn output_ports(&self) -> io::Result<(UnixStream, UnixStream)> {
+        Ok((self.output.try_clone()?, self.error.try_clone()?))
+    }
+
+    /// The input connection, for one run: closing it is the run's EOF (QEMU reconnects afterwards).
+    pub(super) fn take_input(&mut self) -> Option<UnixStream> {
+        self.input.take()
+    }
+
+    /// Waits up to `timeout` for QEMU's input connection.
+    pub(super) fn wait_input(&mut self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while !self.input_ready() {
+            if Instant::now() > end {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
 }
 
 /// A running outer machine and its agent.
@@ -113,7 +155,7 @@ pub struct OuterMachine {
     keeper: Option<Keeper>,
     ctl: UnixStream,
     lines: LineBuffer,
-    streams: Option<Streams>,
+    slots: Vec<Slot>,
     dir: PathBuf,
     next_id: u64,
     /// The outer kernel's release, as the agent reported it.
@@ -130,11 +172,11 @@ enum Wait {
 }
 
 impl OuterMachine {
-    /// Builds the artifacts, starts QEMU and waits until the agent is ready. With `interactive`, the
-    /// machine also gets the stdin/stdout/stderr ports [`OuterMachine::stream`] uses.
-    pub fn boot(config: &LaneConfig, interactive: bool) -> Result<OuterMachine, LaneError> {
+    /// Builds the artifacts, starts QEMU and waits until the agent is ready. The machine gets `slots`
+    /// sets of stdin/stdout/stderr ports for streamed runs ([`Slot`], used by `lane::warm`).
+    pub fn boot(config: &LaneConfig, slots: usize) -> Result<OuterMachine, LaneError> {
         let dir = create_lane_dir()?;
-        match Self::boot_in(config, interactive, dir.clone()) {
+        match Self::boot_in(config, slots, dir.clone()) {
             Ok(m) => Ok(m),
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -143,7 +185,7 @@ impl OuterMachine {
         }
     }
 
-    fn boot_in(config: &LaneConfig, interactive: bool, dir: PathBuf) -> Result<OuterMachine, LaneError> {
+    fn boot_in(config: &LaneConfig, slots: usize, dir: PathBuf) -> Result<OuterMachine, LaneError> {
         let t = Instant::now();
         let artifacts = build_artifacts(&dir)?;
         log::debug!("lane: artifacts ready in {:?}: {artifacts:?}", t.elapsed());
@@ -157,9 +199,12 @@ impl OuterMachine {
             UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))
         };
         let ctl_listener = listen("ctl")?;
-        let stream_listeners = if interactive { Some([listen("in")?, listen("out")?, listen("err")?]) } else { None };
+        let mut stream_listeners = Vec::new();
+        for k in 0..slots {
+            stream_listeners.push([listen(&format!("in{k}"))?, listen(&format!("out{k}"))?, listen(&format!("err{k}"))?]);
+        }
 
-        let mut cmd = qemu_command(config, &artifacts, &dir, interactive);
+        let mut cmd = qemu_command(config, &artifacts, &dir, slots);
         let log = fs::File::create(dir.join("qemu.log")).map_err(io("creating qemu.log".into()))?;
         let log2 = log.try_clone().map_err(io("dup qemu.log".into()))?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2).process_group(0);
@@ -185,23 +230,27 @@ impl OuterMachine {
                 return Err(qemu_tap_error(config, &dir).map_or(e, LaneError::Tap));
             }
         };
-        let streams = match stream_listeners.as_ref().map(|[i, o, e]| -> Result<Streams, LaneError> {
-            Ok(Streams { input: accept(i, &mut child)?, output: accept(o, &mut child)?, error: accept(e, &mut child)? })
-        }) {
-            Some(Err(e)) => {
-                stop_child(&mut child, keeper);
-                return Err(e);
+        let mut streams = Vec::new();
+        for (index, [i, o, e]) in stream_listeners.into_iter().enumerate() {
+            let slot = (|| {
+                let input = Some(accept(&i, &mut child)?);
+                Ok(Slot { index, input, output: accept(&o, &mut child)?, error: accept(&e, &mut child)?, input_listener: i })
+            })();
+            match slot {
+                Ok(s) => streams.push(s),
+                Err(e) => {
+                    stop_child(&mut child, keeper);
+                    return Err(e);
+                }
             }
-            Some(Ok(s)) => Some(s),
-            None => None,
-        };
+        }
 
         let mut machine = OuterMachine {
             child,
             keeper: Some(keeper),
             ctl,
             lines: LineBuffer::default(),
-            streams,
+            slots: streams,
             dir,
             next_id: 1,
             release: String::new(),
@@ -306,20 +355,25 @@ impl OuterMachine {
             .map_err(|source| LaneError::Io { what: "writing to the agent's control port".into(), source })
     }
 
-    fn new_request(
+    fn new_request(&mut self, program: &Path, inv: &Invocation, redirect_files: bool) -> Result<(u64, PathBuf), LaneError> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        self.new_request_in(program, inv, redirect_files, &cwd)
+    }
+
+    fn new_request_in(
         &mut self,
         program: &Path,
         inv: &Invocation,
         redirect_files: bool,
+        cwd: &Path,
     ) -> Result<(u64, PathBuf), LaneError> {
         let id = self.next_id;
         self.next_id += 1;
         let req = self.dir.join("req").join(id.to_string());
         let io = |what: &'static str| move |source| LaneError::Io { what: what.into(), source };
         fs::create_dir_all(&req).map_err(io("creating a request dir"))?;
-        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         let redirect = if redirect_files { Redirect::Files(&req) } else { Redirect::Inherit };
-        let script = wire::render_run_script(&cwd, &inv.env, program, &inv.args, redirect);
+        let script = wire::render_run_script(cwd, &inv.env, program, &inv.args, redirect);
         fs::write(req.join("run.sh"), script).map_err(io("writing run.sh"))?;
         if redirect_files {
             fs::write(req.join("stdin"), &inv.stdin).map_err(io("writing the invocation's stdin"))?;
@@ -357,45 +411,43 @@ impl OuterMachine {
         Ok(Outcome { status, stdout, stderr, elapsed })
     }
 
-    /// Runs `program` with `inv.args`/`inv.env` inside the machine with its stdin, stdout and stderr
-    /// connected to this process's (`inv.stdin` is ignored); returns its exit status.
-    pub fn stream(&mut self, program: &Path, inv: &Invocation) -> Result<i32, LaneError> {
-        let Some(streams) = self.streams.take() else {
-            return Err(LaneError::Unavailable("this outer machine was booted without streams".into()));
-        };
-        let (id, _req) = self.new_request(program, inv, false)?;
-        let marker = end_marker();
-        let pump = |from: UnixStream, to: fn() -> Box<dyn Write + Send>, marker: String| {
-            thread::spawn(move || pump_output(from, to(), marker.as_bytes()))
-        };
-        let out = pump(streams.output, || Box::new(io::stdout()), marker.clone());
-        let err = pump(streams.error, || Box::new(io::stderr()), marker.clone());
-        let (stop_tx, stop_rx) = stop_pipe()?;
-        let input = thread::spawn(move || pump_input(streams.input, stop_rx));
+    /// The streamed-run port sets, for `lane::warm` to hand out (empty after the first call).
+    pub(super) fn take_slots(&mut self) -> Vec<Slot> {
+        std::mem::take(&mut self.slots)
+    }
 
-        self.send(&format!("stream {id} {marker}"))?;
-        log::debug!("lane: stream {id} sent");
-        let result = loop {
-            match self.wait(None) {
-                Wait::Message(AgentMessage::Done { id: got, status }) if got == id => {
-                    log::debug!("lane: stream {id} done, status {status}");
-                    break Ok(status);
-                }
-                Wait::Message(other) => log::warn!("lane: unexpected agent message {other:?}"),
-                Wait::Deadline | Wait::Gone => {
-                    break Err(self.fail("the outer machine died during the run"));
-                }
-            }
-        };
-        if result.is_err() {
-            // The output pumps would wait for a marker that never comes.
-            let _ = self.child.kill();
-        }
-        let _ = out.join();
-        let _ = err.join();
-        drop(stop_tx); // wakes the input pump
-        let _ = input.join();
-        result
+    /// A second handle on the control port, for a thread that only reads it.
+    pub(super) fn ctl_reader(&self) -> Result<UnixStream, LaneError> {
+        let s = self.ctl.try_clone().map_err(|source| LaneError::Io { what: "cloning the control port".into(), source })?;
+        let _ = s.set_read_timeout(None);
+        Ok(s)
+    }
+
+    /// Writes one line to the agent.
+    pub(super) fn send_line(&mut self, line: &str) -> Result<(), LaneError> {
+        self.send(line)
+    }
+
+    /// Writes `<lanedir>/req/<id>/run.sh` for a streamed run (stdio inherited from the agent's ports)
+    /// that starts in `cwd`.
+    pub(super) fn new_stream_request_in(
+        &mut self,
+        program: &Path,
+        inv: &Invocation,
+        cwd: &Path,
+    ) -> Result<(u64, PathBuf), LaneError> {
+        self.new_request_in(program, inv, false, cwd)
+    }
+
+    /// Whether QEMU is still running.
+    pub(super) fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills QEMU now (the machine is wedged or its owner is going away); sockets close, so every pump
+    /// and reader sees EOF.
+    pub(super) fn kill(&mut self) {
+        let _ = self.child.kill();
     }
 
     /// Powers the machine off (killing it if it does not stop within a second) and removes its dir.
@@ -423,10 +475,13 @@ impl Drop for OuterMachine {
     }
 }
 
-fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, interactive: bool) -> Command {
+fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) -> Command {
     let rw: Vec<String> = config.writable.iter().map(|p| p.display().to_string()).collect();
-    let append =
+    let mut append =
         format!("console=ttyS0 quiet loglevel=0 panic=-1 ember_lanedir={} ember_rw={}", dir.display(), rw.join(","));
+    if config.window.is_some() {
+        append.push_str(" ember_window=1");
+    }
     let mut cmd = Command::new(&a.qemu);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", &config.cpu_model])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)])
@@ -437,16 +492,19 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, interactive: boo
         .arg(&a.initramfs)
         .args(["-append", &append])
         .args(["-serial", &format!("file:{}", dir.join("console.log").display())])
-        .args(["-device", "virtio-serial-pci,max_ports=8"]);
-    let mut port = |name: &str| {
-        cmd.args(["-chardev", &format!("socket,id={name},path={}", dir.join(format!("{name}.sock")).display())]);
+        // Port 0 is reserved for a console; then one control port and three per slot (at most 31).
+        .args(["-device", &format!("virtio-serial-pci,max_ports={}", (2 + 3 * slots).clamp(8, 31))]);
+    let mut port = |name: &str, extra: &str| {
+        let path = dir.join(format!("{name}.sock"));
+        cmd.args(["-chardev", &format!("socket,id={name},path={}{extra}", path.display())]);
         cmd.args(["-device", &format!("virtserialport,chardev={name},name=ember.{name}")]);
     };
-    port("ctl");
-    if interactive {
-        port("in");
-        port("out");
-        port("err");
+    port("ctl", "");
+    for k in 0..slots.min(9) {
+        // The host closes an input port to give the guest EOF; QEMU then connects again.
+        port(&format!("in{k}"), ",reconnect=1");
+        port(&format!("out{k}"), "");
+        port(&format!("err{k}"), "");
     }
     let mut share = |path: &str, tag: &str, ro: bool| {
         let ro = if ro { ",readonly=on" } else { "" };
@@ -457,6 +515,9 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, interactive: boo
         share(p, &format!("rw{i}"), false);
     }
     share(&dir.display().to_string(), "lanework", false);
+    if let Some(w) = &config.window {
+        share(&w.display().to_string(), "window", false);
+    }
     for (i, t) in config.host_taps.iter().enumerate() {
         // QEMU's option syntax escapes a comma by doubling it.
         let name = t.name.replace(',', ",,");
@@ -573,7 +634,7 @@ fn accept_until(l: &UnixListener, child: &mut Child, deadline: Instant, dir: &Pa
 }
 
 /// Copies an output port to `to` until the end marker.
-fn pump_output(mut from: UnixStream, mut to: Box<dyn Write + Send>, marker: &[u8]) {
+pub(super) fn pump_output(mut from: UnixStream, mut to: Box<dyn Write + Send>, marker: &[u8]) {
     let mut strip = MarkerStripper::new(marker);
     let mut buf = vec![0u8; 64 * 1024];
     while !strip.is_done() {
@@ -590,14 +651,14 @@ fn pump_output(mut from: UnixStream, mut to: Box<dyn Write + Send>, marker: &[u8
     }
 }
 
-/// Copies this process's stdin to the input port until EOF (then closes the port, which the guest sees
+/// Copies `from` (the user's stdin) to the input port until EOF (then closes the port, which the guest sees
 /// as EOF) or until `stop` becomes readable (the run is over).
 ///
 /// QEMU drops a chardev connection as soon as it sees the peer hang up, discarding what it has not read
 /// yet, and it reads only as much as the guest has buffers for. So after stdin's EOF the socket is
 /// closed only once QEMU has taken every byte (the send queue, `SIOCOUTQ`, is empty); the guest then
 /// reads the rest of the data before it sees EOF.
-fn pump_input(mut to: UnixStream, stop: fs::File) {
+pub(super) fn pump_input(from: std::os::fd::RawFd, mut to: UnixStream, stop: fs::File) {
     let mut buf = vec![0u8; 64 * 1024];
     let stopped = |timeout_ms: i32| {
         let mut fd = libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -606,7 +667,7 @@ fn pump_input(mut to: UnixStream, stop: fs::File) {
     };
     loop {
         let mut fds = [
-            libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: from, events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
@@ -622,7 +683,7 @@ fn pump_input(mut to: UnixStream, stop: fs::File) {
         }
         if fds[0].revents != 0 {
             // SAFETY: reads into a buffer we own, of the given length.
-            let got = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+            let got = unsafe { libc::read(from, buf.as_mut_ptr().cast(), buf.len()) };
             if got == 0 {
                 while unsent_bytes(&to) > 0 && !stopped(2) {}
                 break;
@@ -644,7 +705,7 @@ fn unsent_bytes(s: &UnixStream) -> i32 {
 }
 
 /// A pipe whose read end becomes readable (EOF) when the write end is dropped.
-fn stop_pipe() -> Result<(fs::File, fs::File), LaneError> {
+pub(super) fn stop_pipe() -> Result<(fs::File, fs::File), LaneError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two-element array on success.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -655,7 +716,7 @@ fn stop_pipe() -> Result<(fs::File, fs::File), LaneError> {
     Ok(unsafe { (fs::File::from_raw_fd(fds[1]), fs::File::from_raw_fd(fds[0])) })
 }
 
-fn end_marker() -> String {
+pub(super) fn end_marker() -> String {
     let mut bytes = [0u8; 16];
     if fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
@@ -693,7 +754,7 @@ fn create_lane_dir() -> Result<PathBuf, LaneError> {
 }
 
 /// The last lines of the outer console and QEMU's own messages, for error reports.
-fn console_tail(dir: &Path) -> String {
+pub(super) fn console_tail(dir: &Path) -> String {
     let mut out = String::new();
     for (name, title) in [("qemu.log", "QEMU"), ("console.log", "outer console")] {
         let text = fs::read_to_string(dir.join(name)).unwrap_or_default();

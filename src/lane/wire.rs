@@ -3,7 +3,7 @@
 //! - `KEY=value` lines printed by `guest-kernels/lane/build-outer.sh` ([`parse_kv`]).
 //! - The per-invocation shell script the outer agent runs chrooted into the host root
 //!   ([`render_run_script`]): single-quoted, so arguments are passed byte for byte.
-//! - Control-port lines from the agent: `ready <release>`, `fail <reason>`, `done <id> <status>`
+//! - Control-port lines from the agent: `ready <release>`, `fail <reason>`, `done <id> <status>`, `pong`
 //!   ([`AgentMessage::parse`]); `net <id> <mac> <tap>` from the host ([`net_line`]).
 //! - The `--net` options of an `ember run` command line, which name host taps the outer machine must
 //!   reach ([`host_taps`]), and the MAC its NIC on such a tap gets ([`outer_nic_mac`]).
@@ -169,6 +169,8 @@ pub enum AgentMessage {
     },
     /// The outer machine cannot serve: why.
     Fail(String),
+    /// The answer to the host's `ping`: the agent's loop still runs.
+    Pong,
     /// Invocation `id` finished with shell exit status `status` (128+N when killed by signal N).
     Done {
         /// The invocation id the host sent.
@@ -186,6 +188,7 @@ impl AgentMessage {
         match word {
             "ready" => Some(AgentMessage::Ready { release: rest.to_string() }),
             "fail" => Some(AgentMessage::Fail(rest.to_string())),
+            "pong" => Some(AgentMessage::Pong),
             "done" => {
                 let mut it = rest.split(' ');
                 let id = it.next()?.parse().ok()?;
@@ -378,6 +381,7 @@ mod tests {
         assert_eq!(AgentMessage::parse("done x 3"), None);
         assert_eq!(AgentMessage::parse("done 1 2 3"), None);
         assert_eq!(AgentMessage::parse("hello"), None);
+        assert_eq!(AgentMessage::parse("pong"), Some(AgentMessage::Pong));
     }
 
     #[test]
