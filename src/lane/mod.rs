@@ -186,6 +186,11 @@ pub struct LaneConfig {
     /// A host directory shared writable as the tag `window` (mounted at `/window` inside), through which
     /// the warm lane gives each run write access to exactly the paths it names (`lane::warm`).
     pub window: Option<PathBuf>,
+    /// Host paths whose content never changes in place (ember's content-addressed cache, the ember
+    /// binary the warm machine serves), seen inside through a second read-only share with the outer
+    /// kernel's page cache on (9p `cache=loose`), so a warm machine reads a guest kernel or the binary
+    /// over 9p once, not on every run.
+    pub cached: Vec<PathBuf>,
 }
 
 impl Default for LaneConfig {
@@ -213,6 +218,7 @@ impl Default for LaneConfig {
             writable,
             host_taps: Vec::new(),
             window: None,
+            cached: Vec::new(),
         }
     }
 }

@@ -191,6 +191,12 @@ impl OuterMachine {
         log::debug!("lane: artifacts ready in {:?}: {artifacts:?}", t.elapsed());
         for p in config.writable.iter().chain([&dir]) {
             check_share_path(p)?;
+            if !p.is_dir() {
+                return Err(LaneError::Unavailable(format!("writable share {} is not a directory", p.display())));
+            }
+        }
+        for p in &config.cached {
+            check_share_path(p)?;
         }
         check_host_taps(config)?;
         let io = |what: String| move |source| LaneError::Io { what, source };
@@ -482,6 +488,10 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) ->
     if config.window.is_some() {
         append.push_str(" ember_window=1");
     }
+    let cached: Vec<String> = config.cached.iter().map(|p| p.display().to_string()).collect();
+    if !cached.is_empty() {
+        append.push_str(&format!(" ember_cached={}", cached.join(",")));
+    }
     let mut cmd = Command::new(&a.qemu);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", &config.cpu_model])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)])
@@ -511,6 +521,10 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) ->
         cmd.args(["-virtfs", &format!("local,path={path},mount_tag={tag},security_model=none,multidevs=remap{ro}")]);
     };
     share("/", "hostroot", true);
+    if !config.cached.is_empty() {
+        // A virtio 9p channel serves one mount: the cached view needs its own device.
+        share("/", "hostcache", true);
+    }
     for (i, p) in rw.iter().enumerate() {
         share(p, &format!("rw{i}"), false);
     }
@@ -569,9 +583,6 @@ fn check_share_path(p: &Path) -> Result<(), LaneError> {
              without commas, quotes or spaces",
             p.display()
         )));
-    }
-    if !p.is_dir() {
-        return Err(LaneError::Unavailable(format!("writable share {} is not a directory", p.display())));
     }
     Ok(())
 }

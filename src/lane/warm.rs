@@ -439,7 +439,17 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
     let _ = fs::remove_dir_all(&window);
     fs::create_dir_all(&window).map_err(io_err("creating the window dir"))?;
 
-    let config = LaneConfig { writable: Vec::new(), host_taps: opts.taps.clone(), window: Some(window.clone()), ..LaneConfig::default() };
+    // Content-addressed or rebuilt-means-restart (the build id): safe to cache inside across runs.
+    let mut cached: Vec<PathBuf> = vec![crate::guest::cache_dir()];
+    cached.extend(std::env::current_exe().ok());
+    cached.retain(|p| p.exists() && !p.to_str().unwrap_or(",").contains([',', ' ', '\t', '\n', '"', '\'']));
+    let config = LaneConfig {
+        writable: Vec::new(),
+        host_taps: opts.taps.clone(),
+        window: Some(window.clone()),
+        cached,
+        ..LaneConfig::default()
+    };
     eprintln!("lane daemon {}: booting the outer machine", std::process::id());
     let slots = if opts.once { 1 } else { SLOTS };
     let mut machine = match OuterMachine::boot(&config, slots) {
