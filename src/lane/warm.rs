@@ -18,7 +18,7 @@
 //! of that run only (guest-kernels/lane/init). So a run may write exactly what it named, and nothing
 //! else on the host is writable from the machine.
 //!
-//! A wedge: the daemon pings the agent every [`PING_EVERY`]; no answer for [`WEDGE_AFTER`] kills the
+//! A wedge: the daemon pings the agent every `PING_EVERY`; no answer for `WEDGE_AFTER` kills the
 //! machine and fails the runs on it with a message saying so. The next `ember run` boots a new one.
 //!
 //! Frames on the socket: `EMB1`, a 32-bit big-endian length, then that much JSON ([`Request`] one way,
@@ -51,7 +51,7 @@ use super::{Invocation, LaneConfig, LaneError};
 pub const SLOTS: usize = 4;
 /// How often the daemon asks the agent whether it still runs.
 const PING_EVERY: Duration = Duration::from_secs(5);
-/// Silence after which the outer machine counts as wedged and is killed.
+/// Silence after which the outer machine counts as wedged and is killed (`EMBER_LANE_WEDGE_SECS`).
 const WEDGE_AFTER: Duration = Duration::from_secs(60);
 /// Default idle time before the daemon stops its machine (`EMBER_LANE_IDLE`, seconds).
 const DEFAULT_IDLE: Duration = Duration::from_secs(600);
@@ -420,6 +420,8 @@ struct Warm {
     runs: AtomicU64,
     stop: AtomicBool,
     window: PathBuf,
+    sock: PathBuf,
+    sock_ino: u64,
     started: Instant,
     boot_time: Duration,
     release: String,
@@ -435,8 +437,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
     let sock = dir.join("lane.sock");
     let _ = fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(io_err(format!("binding {}", sock.display())))?;
-    let window = dir.join("window");
-    let _ = fs::remove_dir_all(&window);
+    let sock_ino = fs::metadata(&sock).map(|m| m.ino()).unwrap_or(0);
+    // A daemon that is going away may still clean up its own window: each has its own.
+    let window = dir.join(format!("window-{}", std::process::id()));
+    remove_stale_windows(&dir);
     fs::create_dir_all(&window).map_err(io_err("creating the window dir"))?;
 
     // Content-addressed or rebuilt-means-restart (the build id): safe to cache inside across runs.
@@ -458,7 +462,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
             let message = crate::error_chain(&e);
             eprintln!("{message}");
             answer_errors(&listener, &message);
-            let _ = fs::remove_file(&sock);
+            remove_if_ours(&sock, sock_ino);
+            let _ = fs::remove_dir_all(&window);
             return Err(e);
         }
     };
@@ -478,6 +483,8 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
         runs: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         window,
+        sock: sock.clone(),
+        sock_ino,
         started: Instant::now(),
         build: opts.build.clone(),
     });
@@ -521,7 +528,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
             break;
         }
     }
-    let _ = fs::remove_file(&sock);
+    remove_if_ours(&sock, sock_ino);
     drop(listener);
     // Let runs that are failing (a dead machine) answer their clients before the machine goes away.
     let end = Instant::now() + Duration::from_secs(5);
@@ -531,6 +538,29 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
     warm.machine.lock().unwrap_or_else(|p| p.into_inner()).kill();
     let _ = fs::remove_dir_all(&warm.window);
     Ok(())
+}
+
+/// Removes the socket at `path` if it is still the one this daemon bound (inode `ino`): a new daemon
+/// may already have replaced it.
+fn remove_if_ours(path: &Path, ino: u64) {
+    if fs::symlink_metadata(path).is_ok_and(|m| m.ino() == ino) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// Removes the windows of daemons that are gone (`window-<pid>`), unmounting what they left.
+fn remove_stale_windows(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("window-")).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Bind mounts of a dead daemon died with its mount namespace; what is left are directories.
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Answers clients that connected while the machine failed to boot, so none waits forever.
@@ -581,6 +611,8 @@ impl Warm {
         if d.is_none() {
             eprintln!("lane daemon: {why}");
             *d = Some(why);
+            // The next `ember run` must not connect here: it starts a new daemon.
+            remove_if_ours(&self.sock, self.sock_ino);
         }
         drop(d);
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -623,6 +655,8 @@ impl Warm {
 
     /// Pings the agent; kills a machine that stopped answering.
     fn heartbeat(&self) {
+        let wedge_after =
+            std::env::var("EMBER_LANE_WEDGE_SECS").ok().and_then(|s| s.parse().ok()).map_or(WEDGE_AFTER, Duration::from_secs);
         loop {
             thread::sleep(PING_EVERY);
             if self.dead_reason().is_some() {
@@ -630,7 +664,7 @@ impl Warm {
             }
             let _ = self.send("ping");
             let silent = self.last_pong.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-            if silent > WEDGE_AFTER {
+            if silent > wedge_after {
                 let mut m = self.machine.lock().unwrap_or_else(|p| p.into_inner());
                 let tail = nested::console_tail(m.dir());
                 m.kill();
@@ -787,7 +821,8 @@ impl Warm {
             drop(stdin);
         });
         let sent = self.send(&format!("stream {id} {marker} {}", slot.index));
-        let mut killed = false;
+        // The run may not have started inside yet when its client goes: ask again every second.
+        let mut last_kill: Option<Instant> = None;
         let result = match sent {
             Err(e) => Err(crate::error_chain(&e)),
             Ok(()) => loop {
@@ -800,10 +835,10 @@ impl Warm {
                         if let Some(why) = self.dead_reason() {
                             break Err(why);
                         }
-                        if !killed && hung_up(client) {
+                        if last_kill.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) && hung_up(client) {
                             log::info!("lane: the client of run {id} went away; killing the run");
                             let _ = self.send(&format!("kill {id}"));
-                            killed = true;
+                            last_kill = Some(Instant::now());
                         }
                     }
                 }
