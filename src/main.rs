@@ -492,7 +492,8 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
     }
     eprintln!(
         "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
-         emulated SVM machine instead (QEMU TCG: a few seconds more to start, a slower guest; --no-fallback refuses)"
+         emulated SVM machine instead (QEMU TCG, a slower guest; the first run boots it, later runs reuse it: \
+         `ember lane status`; --no-fallback refuses)"
     );
     // The inner ember gets the resolved kernel and initrd, so it never has to
     // build or look up the default guest inside the machine. `--net` taps stay

@@ -518,7 +518,19 @@ fn linux_tier_in_lane(args: &BenchArgs, opts: &Options, tier: Tier) -> Result<Ti
         inv.push("--".into());
         inv.extend(opts.command.iter().cloned());
     }
-    let out = lane.run(&Invocation::new(inv)).map_err(BenchError::Lane)?;
+    // The inner bench's progress lines, passed on as they come (a long run is never silent).
+    let mut partial = Vec::new();
+    let mut show = |bytes: &[u8]| {
+        partial.extend_from_slice(bytes);
+        while let Some(n) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=n).collect();
+            let line = String::from_utf8_lossy(&line);
+            if line.starts_with("ember bench:") {
+                eprint!("{line}");
+            }
+        }
+    };
+    let out = lane.run_with_progress(&Invocation::new(inv), &mut show).map_err(BenchError::Lane)?;
     let mut v: Vec<TierResult> = match serde_json::from_slice(&out.stdout) {
         Ok(v) if out.status == 0 => v,
         _ => {
@@ -777,6 +789,7 @@ fn run_tier(tier: Tier, opts: &Options, inner: bool) -> Result<TierResult, Bench
             seq += 1;
             stop_if_interrupted();
             pb.set_message(format!("{tier_name}: {} round {}", rt.name(), round + 1));
+            plain(format!("{tier_name} tier: round {}/{}: {}", round + 1, opts.warmup + opts.runs, rt.name()));
             let prepared = runtimes::prepare(rt, &setup, seq).map_err(io_err(format!("preparing {}", rt.name())))?;
             let mut s = run_one(rt, &setup, prepared, None, inner);
             s.run = round.saturating_sub(opts.warmup);

@@ -5,7 +5,8 @@
 //! Linux guests cannot run directly, so the lane boots an *outer machine* once — QEMU TCG with an
 //! emulated AMD SVM CPU running Debian's stock kernel with `kvm_amd npt=1` — and runs each invocation
 //! inside it, where `/dev/kvm` is real KVM. The outer machine sees the host's files at the same paths
-//! (read-only root over 9p, writable `/tmp`), so arguments need no translation. Host taps named by
+//! (read-only root over 9p; writable: `/tmp` for [`LinuxLane`], exactly the paths a run names for the
+//! warm machine of `ember run`), so arguments need no translation. Host taps named by
 //! `--net tap=NAME` are handed to the outer machine as NICs and bridged inside to taps of the same
 //! names ([`LaneConfig::host_taps`]), so the inner ember's `--net` reaches the user's tap unchanged.
 //!
@@ -290,11 +291,35 @@ impl LinuxLane {
         self.run_program(&bin, inv, timeout)
     }
 
+    /// Like [`run`](Self::run), passing ember's stderr to `progress` as it is written (nested lane) or
+    /// once it has exited (direct lane), for long runs that report progress.
+    pub fn run_with_progress(&mut self, inv: &Invocation, progress: &mut dyn FnMut(&[u8])) -> Result<Outcome, LaneError> {
+        let bin = self.ember_bin.clone();
+        let timeout = self.config.timeout;
+        self.run_inner(&bin, inv, timeout, Some(progress))
+    }
+
     /// Runs any host `program` (e.g. `/bin/sh` with a script that sets up a network namespace and
     /// runs ember inside it) on the lane's machine, like [`LinuxLane::run_with_timeout`] runs ember.
     pub fn run_program(&mut self, program: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome, LaneError> {
+        self.run_inner(program, inv, timeout, None)
+    }
+
+    fn run_inner(
+        &mut self,
+        program: &Path,
+        inv: &Invocation,
+        timeout: Duration,
+        progress: Option<&mut dyn FnMut(&[u8])>,
+    ) -> Result<Outcome, LaneError> {
         match &mut self.kind {
-            Kind::Direct => run_direct(program, inv, timeout),
+            Kind::Direct => {
+                let out = run_direct(program, inv, timeout);
+                if let (Some(f), Ok(o)) = (progress, &out) {
+                    f(&o.stderr);
+                }
+                out
+            }
             Kind::Nested { machine, boots, last_boot } => {
                 if machine.is_none() {
                     let m = OuterMachine::boot(&self.config, 0)?;
@@ -303,7 +328,7 @@ impl LinuxLane {
                     *machine = Some(Box::new(m));
                 }
                 let Some(m) = machine.as_mut() else { unreachable!("booted above") };
-                let result = m.run(program, inv, timeout);
+                let result = m.run(program, inv, timeout, progress);
                 if matches!(result, Err(LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) {
                     *machine = None; // dropping kills it
                 }

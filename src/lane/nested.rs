@@ -17,9 +17,9 @@
 //!    the bytes are on the host when the program has exited.
 //! 4. The agent answers `done <id> <status>`; the host reads the two files.
 //!
-//! Interactive runs ([`OuterMachine::stream`]) use three more ports (`ember.in`, `ember.out`,
-//! `ember.err`) connected to the user's stdin/stdout/stderr, and an end marker on each output port so
-//! the host knows it has every byte before it returns the exit status.
+//! Streamed runs (`ember run`'s, through [`super::warm`]) use three more ports per [`Slot`]
+//! (`ember.in<k>`, `ember.out<k>`, `ember.err<k>`) connected to the user's stdin/stdout/stderr, and an
+//! end marker on each output port so the host knows it has every byte before it returns the exit status.
 //!
 //! Host taps ([`LaneConfig::host_taps`]): QEMU opens each as the backend of a virtio-net NIC
 //! (`-netdev tap,ifname=NAME`; with `,create` QEMU's open creates it, and it vanishes when QEMU exits).
@@ -50,6 +50,10 @@ const INIT: &str = include_str!("../../guest-kernels/lane/init");
 /// How long the agent may stay silent past an invocation's own timeout before the machine is
 /// considered wedged and is killed.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
+/// How often a waiting host asks the agent whether its loop still runs.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+/// Silence after which the outer machine counts as wedged and is killed.
+pub const WEDGE_AFTER: Duration = Duration::from_secs(60);
 /// Shell status of a program killed by SIGKILL (what `timeout -s KILL` leaves).
 const STATUS_SIGKILL: i32 = 128 + libc::SIGKILL;
 
@@ -388,18 +392,44 @@ impl OuterMachine {
     }
 
     /// Runs `program` with `inv` inside the machine. `Err(LaneError::Wedged)` means the agent did not
-    /// answer in time and the machine must be discarded.
-    pub fn run(&mut self, program: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome, LaneError> {
+    /// answer in time (its `ping`s went unanswered for [`WEDGE_AFTER`], or the run outlived its timeout
+    /// by [`AGENT_GRACE`]) and the machine must be discarded. `progress` gets the program's stderr as
+    /// it is written, while it runs.
+    pub fn run(
+        &mut self,
+        program: &Path,
+        inv: &Invocation,
+        timeout: Duration,
+        mut progress: Option<&mut dyn FnMut(&[u8])>,
+    ) -> Result<Outcome, LaneError> {
         let (id, req) = self.new_request(program, inv, true)?;
         let start = Instant::now();
         self.send(&format!("run {id} {}", timeout.as_secs_f64().ceil().max(1.0) as u64))?;
         let deadline = start + timeout + AGENT_GRACE;
+        let (mut last_ping, mut last_pong) = (Instant::now(), Instant::now());
+        let mut seen = 0usize;
         let status = loop {
-            match self.wait(Some(deadline)) {
+            match self.wait(Some((Instant::now() + Duration::from_secs(1)).min(deadline))) {
                 Wait::Message(AgentMessage::Done { id: got, status }) if got == id => break status,
+                Wait::Message(AgentMessage::Pong) => last_pong = Instant::now(),
                 Wait::Message(other) => log::warn!("lane: unexpected agent message {other:?}"),
                 Wait::Deadline => {
-                    return Err(LaneError::Wedged { after: start.elapsed(), log: console_tail(&self.dir) });
+                    if Instant::now() >= deadline || last_pong.elapsed() > WEDGE_AFTER {
+                        return Err(LaneError::Wedged { after: start.elapsed(), log: console_tail(&self.dir) });
+                    }
+                    if let Some(f) = progress.as_mut() {
+                        // The request dir is a 9p share without caching: the bytes are here as written.
+                        if let Ok(all) = fs::read(req.join("stderr")) {
+                            if all.len() > seen {
+                                f(&all[seen..]);
+                                seen = all.len();
+                            }
+                        }
+                    }
+                    if last_ping.elapsed() >= PING_EVERY {
+                        self.send("ping")?;
+                        last_ping = Instant::now();
+                    }
                 }
                 Wait::Gone => return Err(self.fail("the outer machine died during an invocation")),
             }

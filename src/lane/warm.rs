@@ -18,7 +18,8 @@
 //! of that run only (guest-kernels/lane/init). So a run may write exactly what it named, and nothing
 //! else on the host is writable from the machine.
 //!
-//! A wedge: the daemon pings the agent every `PING_EVERY`; no answer for `WEDGE_AFTER` kills the
+//! A wedge: the daemon pings the agent every [`PING_EVERY`]; no answer for [`WEDGE_AFTER`] (or
+//! `EMBER_LANE_WEDGE_SECS`) kills the
 //! machine and fails the runs on it with a message saying so. The next `ember run` boots a new one.
 //!
 //! Frames on the socket: `EMB1`, a 32-bit big-endian length, then that much JSON ([`Request`] one way,
@@ -49,10 +50,7 @@ use super::{Invocation, LaneConfig, LaneError};
 
 /// Streamed runs one warm machine serves at once (each needs three virtio-serial ports).
 pub const SLOTS: usize = 4;
-/// How often the daemon asks the agent whether it still runs.
-const PING_EVERY: Duration = Duration::from_secs(5);
-/// Silence after which the outer machine counts as wedged and is killed (`EMBER_LANE_WEDGE_SECS`).
-const WEDGE_AFTER: Duration = Duration::from_secs(60);
+use nested::{PING_EVERY, WEDGE_AFTER};
 /// Default idle time before the daemon stops its machine (`EMBER_LANE_IDLE`, seconds).
 const DEFAULT_IDLE: Duration = Duration::from_secs(600);
 /// Frame header magic.
