@@ -30,6 +30,17 @@ pub fn is_tty(fd: RawFd) -> bool {
 impl RawTerminal {
     /// Puts terminal `fd` in raw mode; None if it is not a terminal.
     pub fn enable(fd: RawFd) -> Option<Self> {
+        Self::enable_with(fd, false)
+    }
+
+    /// Raw input, but output post-processing kept on (`\n` still starts a new line): for the Linux
+    /// lane's client, where the guest's bytes and the inner ember's own messages (plain `\n` lines
+    /// on its stderr) share the user's terminal.
+    pub fn enable_keeping_output(fd: RawFd) -> Option<Self> {
+        Self::enable_with(fd, true)
+    }
+
+    fn enable_with(fd: RawFd, keep_output_processing: bool) -> Option<Self> {
         if !is_tty(fd) {
             return None;
         }
@@ -42,7 +53,10 @@ impl RawTerminal {
         let mut raw = saved;
         // SAFETY: cfmakeraw edits the struct we own.
         unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output post-processing off too: the guest sends its own CR LF.
+        // Output post-processing off too (the guest sends its own CR LF), unless asked for.
+        if keep_output_processing {
+            raw.c_oflag |= libc::OPOST | libc::ONLCR;
+        }
         // SAFETY: valid fd and termios.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return None;

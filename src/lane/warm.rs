@@ -217,7 +217,7 @@ pub fn run(ember_bin: &Path, args: Vec<OsString>, writable: &[PathBuf], taps: &[
         cwd: cwd.into_os_string().into_vec(),
         writable: writable.iter().map(|p| p.as_os_str().as_bytes().to_vec()).collect(),
     };
-    let raw = super::RawTerminal::enter();
+    let raw = crate::console::RawTerminal::enable_keeping_output(libc::STDIN_FILENO);
     let sent = write_frame(&sock, &Request::Run(req), &[libc::STDIN_FILENO, libc::STDOUT_FILENO, libc::STDERR_FILENO]);
     let reply = sent.and_then(|_| read_frame::<Reply>(&sock));
     drop(raw);
