@@ -444,7 +444,7 @@ fn report(e: &VmmError) {
 fn exit_code_for(reason: &StopReason) -> u8 {
     match reason {
         StopReason::GuestExit(s) => *s,
-        StopReason::Reset => 0,
+        StopReason::Reset | StopReason::PowerOff => 0,
         StopReason::GuestCrash(what) => {
             eprintln!("ember: the guest crashed: {what}");
             EXIT_GUEST_CRASH

@@ -5,8 +5,9 @@
 //! 2. KVM_CREATE_VM; in-kernel PIC/IOAPIC/PIT       api.rst 4.2, 4.24, 4.68
 //! 3. map guest RAM, KVM_SET_USER_MEMORY_REGION     memory.rs
 //! 4. load kernel, initrd, cmdline, boot_params     boot.rs (Linux boot.rst / PVH)
-//! 5. GDT, page tables, MP table                    x86/regs.rs, x86/mptable.rs
-//! 6. devices on the PIO bus: COM1, i8042, exit     devices/
+//! 5. GDT, page tables, MP table, ACPI tables       x86/regs.rs, x86/mptable.rs, x86/acpi.rs
+//! 6. devices on the PIO bus: COM1, i8042, exit,    devices/
+//!    ACPI sleep registers; virtio-mmio on MMIO
 //! 7. vCPUs: CPUID, MSRs, registers, LAPIC          vcpu.rs, x86/
 //! 8. one thread per vCPU, the event loop on main   vcpu.rs, event_loop.rs
 //! ```
@@ -30,6 +31,7 @@ use crate::bus::{Bus, BusError};
 use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
+use crate::devices::acpi_sleep::AcpiSleep;
 use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
@@ -47,7 +49,7 @@ use crate::sandbox::{self, SeccompMode, ThreadKind};
 use crate::stats::ExitStats;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
-use crate::x86::{cpuid, mptable, regs};
+use crate::x86::{acpi, cpuid, mptable, regs};
 
 /// Where KVM may put the TSS it needs for real-mode emulation on Intel
 /// (api.rst 4.43 KVM_SET_TSS_ADDR): three pages just below the BIOS area, in the MMIO gap.
@@ -83,6 +85,9 @@ pub enum VmmError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// Device wiring.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -233,7 +238,15 @@ impl Vmm {
             regs::setup_page_tables(&mem)?;
         }
         if irqchip {
+            // Both: a kernel without CONFIG_ACPI reads the MP table, one with it the ACPI tables.
             mptable::setup_mptable(&mem, cfg.cpus)?;
+            let slots: Vec<acpi::MmioSlot> = (0..virtio.len())
+                .map(|i| {
+                    let (base, gsi) = virtio_slot(i);
+                    acpi::MmioSlot { base, size: layout::VIRTIO_MMIO_SIZE, gsi }
+                })
+                .collect();
+            acpi::setup_acpi(&mem, cfg.cpus, &slots)?;
         }
         timeline.mark("ember: kernel loaded");
 
@@ -278,6 +291,12 @@ impl Vmm {
             u64::from(layout::EXIT_PORT_LEN),
             "exit device",
             Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
+        )?;
+        pio.insert(
+            u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
+            u64::from(layout::ACPI_SLEEP_PORT_LEN),
+            "ACPI sleep registers",
+            Arc::new(Mutex::new(AcpiSleep::new(control.clone()))),
         )?;
         for extra in &cfg.extra_pio {
             pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
