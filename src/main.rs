@@ -101,6 +101,13 @@ enum SeccompArg {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum OutputArg {
+    Auto,
+    Split,
+    Console,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum TimelineFormat {
     Table,
     Json,
@@ -163,6 +170,13 @@ struct RunArgs {
     /// No virtio-rng device (Linux guests get one by default).
     #[arg(long)]
     no_rng: bool,
+    /// Where the command's output goes. `split`: its stdout to ember's stdout
+    /// and its stderr to ember's stderr, byte-exact, without kernel messages
+    /// (a virtio-console device; needs the default guest's init). `console`:
+    /// everything on the one serial console, as on a terminal. `auto`: split
+    /// for the default guest unless stdin and stdout are both terminals.
+    #[arg(long, value_enum, default_value_t = OutputArg::Auto, require_equals = true, value_name = "auto|split|console")]
+    output: OutputArg,
     /// The sandbox of ember's threads (seccomp filters, no capabilities).
     /// `off` is for debugging only: a guest that breaks a device gets all of ember's rights.
     #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
@@ -380,6 +394,19 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     if a.seccomp == SeccompArg::Off {
         cfg.seccomp = ember::sandbox::SeccompMode::Off;
     }
+    cfg.split_output = match a.output {
+        OutputArg::Split => true,
+        OutputArg::Console => false,
+        // Only ember's own init (the default initramfs, image runs included)
+        // knows the console ports; another init would print into the void.
+        OutputArg::Auto => {
+            a.kernel.is_none()
+                && a.initrd.is_none()
+                && a.root_disk.is_none()
+                && cfg.serial == config::SerialMode::Stdio
+                && !(ember::console::is_tty(0) && ember::console::is_tty(1))
+        }
+    };
     Ok(Plan { cfg, _scratch: scratch, image_disk })
 }
 
@@ -433,7 +460,15 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsStr
     if a.seccomp == SeccompArg::Off {
         v.push("--seccomp=off".into());
     }
+    v.push(output_arg(cfg).into());
     v
+}
+
+/// `--output=` as the outer ember resolved it, for the inner ember of the
+/// Linux lane (whose stdin and stdout are never terminals, and whose kernel
+/// and initrd are given explicitly).
+fn output_arg(cfg: &VmConfig) -> &'static str {
+    if cfg.split_output { "--output=split" } else { "--output=console" }
 }
 
 /// Prints an error with its chain of causes.
@@ -505,7 +540,13 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
         if let (None, Some(i)) = (&args.initrd, &cfg.initrd) {
             extra.extend(["--initrd".into(), i.clone().into_os_string()]);
         }
+        if args.output == OutputArg::Auto {
+            extra.push(output_arg(cfg).into());
+        }
         inner.splice(at..at, extra);
+    } else if args.output == OutputArg::Auto {
+        let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
+        inner.insert(at, output_arg(cfg).into());
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,

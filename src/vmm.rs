@@ -14,7 +14,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -39,6 +39,7 @@ use crate::devices::serial_sink::{SERIAL_FILE_LIMIT, StdoutSink};
 use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::console::{Console, Port};
 use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
@@ -153,6 +154,8 @@ pub struct Vmm {
     serial: Arc<Mutex<Serial>>,
     /// The stdout writer behind the serial console (`--serial stdio`).
     stdout_sink: Option<StdoutSink>,
+    /// The writers behind the console ports (`VmConfig::split_output`): stdout, stderr.
+    port_sinks: Vec<StdoutSink>,
     input_drained: Arc<EventFd>,
     serial_mode: SerialMode,
     seccomp: SeccompMode,
@@ -200,7 +203,17 @@ impl Vmm {
             boot::open_initrd(initrd)?;
         }
         let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
-        let virtio = open_virtio_devices(cfg, linux)?;
+        let mut virtio = open_virtio_devices(cfg, linux)?;
+        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
+        let mut port_sinks = Vec::new();
+        if cfg.split_output && linux {
+            let (console, sinks) = create_console(&control, cfg.seccomp)?;
+            virtio.push(("virtio-console", Box::new(console)));
+            port_sinks = sinks;
+            if virtio.len() > config::MAX_VIRTIO_DEVICES {
+                return Err(ConfigError::TooManyDevices(virtio.len()).into());
+            }
+        }
         let cmdline = cmdline_with_virtio(&cfg.cmdline, virtio.len())?;
 
         // 1. /dev/kvm
@@ -251,10 +264,11 @@ impl Vmm {
         timeline.mark("ember: kernel loaded");
 
         // 6. Devices.
-        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
         let mut stdout_sink = None;
         let sink: Box<dyn Write + Send> = match &cfg.serial {
+            // The console's output (kernel messages) mixes into neither stream.
+            SerialMode::Stdio if !port_sinks.is_empty() => Box::new(std::io::sink()),
             SerialMode::Stdio => {
                 let out = StdoutSink::new(dup_stdout()?, control.clone(), cfg.seccomp)
                     .map_err(|e| VmmError::Host("the serial output thread", e))?;
@@ -339,6 +353,7 @@ impl Vmm {
             control,
             serial,
             stdout_sink,
+            port_sinks,
             input_drained,
             serial_mode: cfg.serial.clone(),
             seccomp: cfg.seccomp,
@@ -408,6 +423,7 @@ impl Vmm {
         self.timeline.mark("ember: event loop saw the stop");
         let reports = stop_vcpus(handles);
         self.timeline.mark("ember: vCPUs joined");
+        self.finish_console_ports();
         self.finish_serial_output();
         let reason = result?;
         let exits = reports.iter().map(|r| r.counts).collect();
@@ -415,6 +431,35 @@ impl Vmm {
         let stats = reports.into_iter().map(|r| r.stats).collect();
         let guest_resident_bytes = crate::memory::resident_bytes(&self.mem);
         Ok(RunOutcome { reason, exits, stats, registers, guest_resident_bytes })
+    }
+
+    /// The console ports' last output: what the guest wrote just before it
+    /// stopped the VM may still be in a transmit queue the event loop has not
+    /// served. The VM is stopped, so the sinks may grow now; then they are
+    /// written out like the serial console's (unless the user quit).
+    fn finish_console_ports(&self) {
+        if self.port_sinks.is_empty() {
+            return;
+        }
+        let quit = matches!(self.control.reason(), Some(StopReason::UserQuit(_)));
+        if !quit {
+            self.port_sinks.iter().for_each(StdoutSink::unbounded);
+            let consoles = self.tap_events.iter().map(|t| &t.transport).filter(|t| {
+                t.lock().is_ok_and(|t| t.device_type() == virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE)
+            });
+            for t in consoles {
+                // Each call serves one queue's worth per port; a stopped guest adds nothing.
+                while let Ok(mut t) = t.lock()
+                    && t.host_event()
+                {}
+            }
+        }
+        for sink in &self.port_sinks {
+            let dropped = sink.finish(quit);
+            if dropped > 0 && !quit {
+                log::warn!("console: output is not being read: the last {dropped} bytes of the guest's output are dropped");
+            }
+        }
     }
 
     /// Writes out what the guest printed (unless the user quit: then it is
@@ -471,6 +516,22 @@ fn open_virtio_devices(cfg: &VmConfig, linux: bool) -> Result<Vec<NamedDevice>, 
         return Err(ConfigError::TooManyDevices(devices.len()).into());
     }
     Ok(devices)
+}
+
+/// The virtio-console device of `VmConfig::split_output`: port 0
+/// `ember.stdout` to a copy of fd 1, port 1 `ember.stderr` to a copy of fd 2,
+/// each through its own writer thread.
+fn create_console(control: &Arc<VmControl>, seccomp: SeccompMode) -> Result<(Console, Vec<StdoutSink>), VmmError> {
+    let room = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
+    let mut ports = Vec::new();
+    let mut sinks = Vec::new();
+    for (fd, name, thread) in [(1, "ember.stdout", "console-out"), (2, "ember.stderr", "console-err")] {
+        let sink = StdoutSink::for_device(dup_fd(fd)?, control.clone(), seccomp, thread, room.clone())
+            .map_err(|e| VmmError::Host("a console output thread", e))?;
+        ports.push(Port::new(name, sink.clone()));
+        sinks.push(sink);
+    }
+    Ok((Console::new(ports, room), sinks))
 }
 
 /// The guest address and IRQ of virtio-mmio device `i`.
@@ -556,10 +617,15 @@ fn stop_vcpus(handles: Vec<JoinHandle<VcpuReport>>) -> Vec<VcpuReport> {
 }
 
 fn dup_stdout() -> Result<OwnedFd, VmmError> {
-    // SAFETY: dup of fd 1 returns a new descriptor (or -1) that we then own.
-    let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    dup_fd(1)
+}
+
+/// A copy of descriptor `src` (1 or 2), which the writer threads own.
+fn dup_fd(src: RawFd) -> Result<OwnedFd, VmmError> {
+    // SAFETY: dup of an fd returns a new descriptor (or -1) that we then own.
+    let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 3) };
     if fd < 0 {
-        return Err(VmmError::Host("a copy of stdout", std::io::Error::last_os_error()));
+        return Err(VmmError::Host("a copy of stdout or stderr", std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is fresh and owned here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
