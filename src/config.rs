@@ -118,6 +118,10 @@ pub struct VmConfig {
     /// stdout and stderr, while the serial console's output (kernel messages)
     /// is not shown (`ember run --output split`; devices/virtio/console.rs).
     pub split_output: bool,
+    /// ACPI tables (x86/acpi.rs), with the virtio devices in the DSDT instead
+    /// of on the command line; off (`--acpi=off`): the MP table and
+    /// `virtio_mmio.device=` only, for kernels built without CONFIG_ACPI.
+    pub acpi: bool,
 }
 
 /// A device a tool adds to the port-I/O bus next to ember's own.
@@ -326,6 +330,7 @@ impl VmConfig {
             rng: RngMode::Auto,
             seccomp: crate::sandbox::SeccompMode::On,
             split_output: false,
+            acpi: true,
         }
     }
 

@@ -94,6 +94,7 @@ enum IrqchipArg {
     Off,
 }
 
+/// on|off, for `--seccomp` and `--acpi`.
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum SeccompArg {
     On,
@@ -177,6 +178,11 @@ struct RunArgs {
     /// for the default guest unless stdin and stdout are both terminals.
     #[arg(long, value_enum, default_value_t = OutputArg::Auto, require_equals = true, value_name = "auto|split|console")]
     output: OutputArg,
+    /// ACPI tables for the guest (power-off, devices in the DSDT). `off`: the
+    /// MP table and `virtio_mmio.device=` on the command line only, for a
+    /// kernel built without CONFIG_ACPI (it would not find its virtio devices).
+    #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
+    acpi: SeccompArg,
     /// The sandbox of ember's threads (seccomp filters, no capabilities).
     /// `off` is for debugging only: a guest that breaks a device gets all of ember's rights.
     #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
@@ -394,6 +400,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     if a.seccomp == SeccompArg::Off {
         cfg.seccomp = ember::sandbox::SeccompMode::Off;
     }
+    cfg.acpi = a.acpi == SeccompArg::On;
     cfg.split_output = match a.output {
         OutputArg::Split => true,
         OutputArg::Console => false,
@@ -459,6 +466,9 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsStr
     }
     if a.seccomp == SeccompArg::Off {
         v.push("--seccomp=off".into());
+    }
+    if a.acpi == SeccompArg::Off {
+        v.push("--acpi=off".into());
     }
     v.push(output_arg(cfg).into());
     v

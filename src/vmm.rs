@@ -214,14 +214,6 @@ impl Vmm {
                 return Err(ConfigError::TooManyDevices(virtio.len()).into());
             }
         }
-        let cmdline = cmdline_with_virtio(&cfg.cmdline, virtio.len())?;
-
-        // 1. /dev/kvm
-        let kvm = open_kvm()?;
-        timeline.mark("ember: /dev/kvm opened");
-
-        // 2. The VM and, when needed, the in-kernel interrupt controllers.
-        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create a VM", source })?;
         let irqchip = match cfg.irqchip {
             IrqchipMode::On => true,
             IrqchipMode::Off => false,
@@ -230,6 +222,19 @@ impl Vmm {
             // virtio devices interrupt through irqfds, which need it too.
             IrqchipMode::Auto => cfg.cpus > 1 || linux || !virtio.is_empty(),
         };
+        // With ACPI tables the DSDT describes the virtio devices. Not on the
+        // command line too: there Linux would register each window twice, and
+        // a hardware-reduced ACPI machine has no legacy IRQ numbers for the
+        // command-line copies, which fail to probe and can hold the window.
+        let acpi = irqchip && cfg.acpi;
+        let cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() })?;
+
+        // 1. /dev/kvm
+        let kvm = open_kvm()?;
+        timeline.mark("ember: /dev/kvm opened");
+
+        // 2. The VM and, when needed, the in-kernel interrupt controllers.
+        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create a VM", source })?;
         if irqchip {
             vm.set_tss_address(KVM_TSS_ADDRESS)
                 .map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
@@ -253,6 +258,8 @@ impl Vmm {
         if irqchip {
             // Both: a kernel without CONFIG_ACPI reads the MP table, one with it the ACPI tables.
             mptable::setup_mptable(&mem, cfg.cpus)?;
+        }
+        if acpi {
             let slots: Vec<acpi::MmioSlot> = (0..virtio.len())
                 .map(|i| {
                     let (base, gsi) = virtio_slot(i);
