@@ -1,5 +1,6 @@
-//! What ACPI costs the default guest's boot: the same kernel booted with its
-//! ACPI tables and with `acpi=off` (the MP table then describes the machine),
+//! What ACPI costs the default guest's boot: the same kernel booted with
+//! ember's ACPI tables and with `--acpi=off` (the MP table and
+//! `virtio_mmio.device=` then describe the machine),
 //! in interleaved rounds, so a slow moment of the host hits both alike.
 //! `EMBER_BASELINE_VMLINUX=PATH` (with `EMBER_BASELINE_INITRD`) adds another
 //! kernel to every round, e.g. the default guest before a config change.
@@ -36,6 +37,8 @@ struct Variant {
     kernel: OsString,
     initrd: OsString,
     cmdline: String,
+    /// `--acpi=on` or `--acpi=off`.
+    acpi: &'static str,
     ready: Vec<f64>,
     exit: Vec<f64>,
 }
@@ -47,20 +50,23 @@ fn main() {
         return;
     }
     let g = default_guest(false).unwrap_or_else(|e| panic!("default guest: {e}"));
-    let variant = |name: &str, kernel: OsString, initrd: OsString, cmdline: String| Variant {
+    let variant = |name: &str, kernel: OsString, initrd: OsString, acpi: &'static str| Variant {
         name: name.into(),
         kernel,
         initrd,
-        cmdline,
+        cmdline: CMDLINE.into(),
+        acpi,
         ready: vec![],
         exit: vec![],
     };
+    let (k, i): (OsString, OsString) = (g.vmlinux.clone().into(), g.initramfs.clone().into());
     let mut variants = vec![
-        variant("ACPI tables", g.vmlinux.clone().into(), g.initramfs.clone().into(), CMDLINE.into()),
-        variant("acpi=off (MP table)", g.vmlinux.clone().into(), g.initramfs.clone().into(), format!("{CMDLINE} acpi=off")),
+        variant("ACPI tables", k.clone(), i.clone(), "--acpi=on"),
+        variant("--acpi=off (MP table)", k, i, "--acpi=off"),
     ];
-    if let (Some(k), Some(i)) = (std::env::var_os("EMBER_BASELINE_VMLINUX"), std::env::var_os("EMBER_BASELINE_INITRD")) {
-        variants.push(variant("baseline kernel", k, i, CMDLINE.into()));
+    let baseline = (std::env::var_os("EMBER_BASELINE_VMLINUX"), std::env::var_os("EMBER_BASELINE_INITRD"));
+    if let (Some(k), Some(i)) = baseline {
+        variants.push(variant("baseline kernel (--acpi=off)", k, i, "--acpi=off"));
     }
     let mut lane = LinuxLane::start(Path::new(env!("CARGO_BIN_EXE_ember"))).unwrap_or_else(|e| panic!("lane: {e}"));
     println!("\n## ACPI's cost at boot ({rounds} interleaved rounds) — lane: {}\n", lane.describe());
@@ -77,6 +83,8 @@ fn main() {
                 v.initrd.clone(),
                 "--cmdline".into(),
                 v.cmdline.clone().into(),
+                v.acpi.into(),
+                "--output=console".into(),
                 "--timeline=json".into(),
                 "--".into(),
                 "true".into(),

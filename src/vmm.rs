@@ -451,9 +451,10 @@ impl Vmm {
         let quit = matches!(self.control.reason(), Some(StopReason::UserQuit(_)));
         if !quit {
             self.port_sinks.iter().for_each(StdoutSink::unbounded);
-            let consoles = self.tap_events.iter().map(|t| &t.transport).filter(|t| {
-                t.lock().is_ok_and(|t| t.device_type() == virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE)
-            });
+            let consoles =
+                self.tap_events.iter().map(|t| &t.transport).filter(|t| {
+                    t.lock().is_ok_and(|t| t.device_type() == virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE)
+                });
             for t in consoles {
                 // Each call serves one queue's worth per port; a stopped guest adds nothing.
                 while let Ok(mut t) = t.lock()
@@ -464,7 +465,9 @@ impl Vmm {
         for sink in &self.port_sinks {
             let dropped = sink.finish(quit);
             if dropped > 0 && !quit {
-                log::warn!("console: output is not being read: the last {dropped} bytes of the guest's output are dropped");
+                log::warn!(
+                    "console: output is not being read: the last {dropped} bytes of the guest's output are dropped"
+                );
             }
         }
     }

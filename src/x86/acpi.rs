@@ -28,9 +28,7 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{
-    ACPI_SIZE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, IOAPIC_START,
-};
+use crate::layout::{ACPI_SIZE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, IOAPIC_START};
 
 /// The sleep type ember assigns to S5 in `\_S5` (any 3-bit value would do;
 /// the guest writes it back into SLP_TYPx, ACPI 4.8.3.7).
