@@ -35,7 +35,7 @@ use crate::devices::acpi_sleep::AcpiSleep;
 use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
-use crate::devices::serial_sink::{SERIAL_FILE_LIMIT, StdoutSink};
+use crate::devices::serial_sink::{ConsoleTail, SERIAL_FILE_LIMIT, StdoutSink};
 use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
@@ -156,6 +156,8 @@ pub struct Vmm {
     stdout_sink: Option<StdoutSink>,
     /// The writers behind the console ports (`VmConfig::split_output`): stdout, stderr.
     port_sinks: Vec<StdoutSink>,
+    /// The serial console's last bytes when it is not shown (split output).
+    console_tail: ConsoleTail,
     input_drained: Arc<EventFd>,
     serial_mode: SerialMode,
     seccomp: SeccompMode,
@@ -273,9 +275,11 @@ impl Vmm {
         // 6. Devices.
         let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
         let mut stdout_sink = None;
+        let console_tail = ConsoleTail::default();
         let sink: Box<dyn Write + Send> = match &cfg.serial {
-            // The console's output (kernel messages) mixes into neither stream.
-            SerialMode::Stdio if !port_sinks.is_empty() => Box::new(std::io::sink()),
+            // The console's output (kernel messages) mixes into neither stream;
+            // its tail is shown only if the guest crashes.
+            SerialMode::Stdio if !port_sinks.is_empty() => Box::new(console_tail.clone()),
             SerialMode::Stdio => {
                 let out = StdoutSink::new(dup_stdout()?, control.clone(), cfg.seccomp)
                     .map_err(|e| VmmError::Host("the serial output thread", e))?;
@@ -361,6 +365,7 @@ impl Vmm {
             serial,
             stdout_sink,
             port_sinks,
+            console_tail,
             input_drained,
             serial_mode: cfg.serial.clone(),
             seccomp: cfg.seccomp,
@@ -469,6 +474,12 @@ impl Vmm {
                     "console: output is not being read: the last {dropped} bytes of the guest's output are dropped"
                 );
             }
+        }
+        // After the command's own output: ember's report comes last.
+        if let Some(StopReason::GuestCrash(_)) = self.control.reason() {
+            let tail = self.console_tail.contents();
+            let tail = String::from_utf8_lossy(&tail);
+            eprintln!("ember: the guest crashed; the end of its console:\n{}", tail.trim_end());
         }
     }
 

@@ -14,6 +14,10 @@
 //! before taking a buffer from the guest, and when there is none the writer
 //! thread signals the device's eventfd once it has made room.
 //!
+//! With the command's output on console ports (`--output split`) the serial
+//! console is not shown; [`ConsoleTail`] keeps its last bytes, which ember
+//! prints on stderr only if the guest crashed (the panic report is there).
+//!
 //! `--serial file:PATH` is a plain file, which `SerialOutput` (serial.rs)
 //! stops growing at [`SERIAL_FILE_LIMIT`] bytes.
 
@@ -248,6 +252,37 @@ fn write_out(mut out: File, shared: &Shared) {
     }
 }
 
+/// The last [`ConsoleTail::CAPACITY`] bytes of a console nobody is shown.
+#[derive(Clone, Default)]
+pub struct ConsoleTail {
+    bytes: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl ConsoleTail {
+    /// Bytes kept.
+    pub const CAPACITY: usize = 16 << 10;
+
+    /// What was kept, oldest first.
+    pub fn contents(&self) -> Vec<u8> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = &data[data.len().saturating_sub(Self::CAPACITY)..];
+        let excess = (b.len() + keep.len()).saturating_sub(Self::CAPACITY);
+        b.drain(..excess);
+        b.extend(keep);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +318,17 @@ mod tests {
         stopper.join().unwrap();
         assert!(sink.finish(true) > 0, "buffered output is dropped when the user quits");
         drop(reader);
+    }
+
+    #[test]
+    fn the_console_tail_keeps_the_last_bytes() {
+        let mut t = ConsoleTail::default();
+        for i in 0..40_000u32 {
+            t.write_all(format!("{}\n", i % 10).as_bytes()).unwrap();
+        }
+        let c = t.contents();
+        assert_eq!(c.len(), ConsoleTail::CAPACITY);
+        assert!(c.ends_with(b"8\n9\n"));
     }
 
     #[test]
