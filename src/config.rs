@@ -113,6 +113,15 @@ pub struct VmConfig {
     pub rng: RngMode,
     /// The sandbox of ember's threads (src/sandbox): on unless debugging.
     pub seccomp: crate::sandbox::SeccompMode,
+    /// The guest's stdout and stderr apart from its console: a virtio-console
+    /// device whose ports `ember.stdout` and `ember.stderr` go to ember's
+    /// stdout and stderr, while the serial console's output (kernel messages)
+    /// is not shown (`ember run --output split`; devices/virtio/console.rs).
+    pub split_output: bool,
+    /// ACPI tables (x86/acpi.rs), with the virtio devices in the DSDT instead
+    /// of on the command line; off (`--acpi=off`): the MP table and
+    /// `virtio_mmio.device=` only, for kernels built without CONFIG_ACPI.
+    pub acpi: bool,
 }
 
 /// A device a tool adds to the port-I/O bus next to ember's own.
@@ -335,6 +344,8 @@ impl VmConfig {
             nets: Vec::new(),
             rng: RngMode::Auto,
             seccomp: crate::sandbox::SeccompMode::On,
+            split_output: false,
+            acpi: true,
         }
     }
 

@@ -1,7 +1,7 @@
 //! How a running VM comes to an end.
 //!
 //! Any thread may decide the VM is over: a vCPU that sees a triple fault, the
-//! exit device, the i8042 reset line, the console's `Ctrl-a x`, a signal. Each
+//! exit device, the i8042 reset line, the ACPI sleep control register, the console's `Ctrl-a x`, a signal. Each
 //! calls [`VmControl::stop`] with a [`StopReason`]; the first reason wins, the
 //! event loop wakes on `stop_evt`, kicks every vCPU out of KVM_RUN and joins them.
 
@@ -18,6 +18,9 @@ pub enum StopReason {
     GuestExit(u8),
     /// The guest reset the machine (i8042 reset, KVM system event): a reboot.
     Reset,
+    /// The guest powered the machine off (ACPI S5 through the sleep control
+    /// register, devices/acpi_sleep.rs).
+    PowerOff,
     /// The guest crashed: triple fault, KVM internal error, kernel panic, a
     /// bus fault on unmapped MMIO. The text says what happened.
     GuestCrash(String),
@@ -88,6 +91,7 @@ impl VmControl {
         let who = match self.reason()? {
             StopReason::GuestExit(_) => "guest: exit device",
             StopReason::Reset => "guest: reset",
+            StopReason::PowerOff => "guest: power off",
             StopReason::GuestCrash(_) => "guest: crash",
             StopReason::UserQuit(_) => "user",
             StopReason::VmmError(_) => "ember",

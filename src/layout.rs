@@ -13,6 +13,7 @@
 //! 0x0002_0000  kernel command line (up to CMDLINE_MAX_SIZE bytes)
 //! 0x0009_fc00  MP floating pointer + MP configuration table (in the EBDA)
 //! 0x000a_0000  ..0x000f_ffff legacy VGA/BIOS hole: not RAM in the e820 map
+//! 0x000e_0000  ACPI tables: RSDP, XSDT, FADT, DSDT, MADT (x86/acpi.rs)
 //! 0x0010_0000  kernel (vmlinux segments at their physical addresses, bzImage
 //!              protected-mode code here); initrd near the top of low RAM
 //! 0xc000_0000  ..0xffff_ffff 32-bit MMIO gap: virtio-mmio devices, IOAPIC, LAPIC
@@ -45,6 +46,10 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// End of usable low memory; 0xa0000..0x100000 is the legacy hole.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables, RSDP first: Linux scans 0xe0000..0xfffff for it (ACPI 6.4, 5.2.5.1).
+pub const ACPI_START: u64 = 0xe_0000;
+/// Bytes reserved for the ACPI tables from `ACPI_START`.
+pub const ACPI_SIZE: u64 = 0x1_0000;
 /// Start of "high" memory, where the kernel is loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -76,6 +81,14 @@ pub const EXIT_PORT: u16 = 0x501;
 /// 0x501 also covers 0x502..=0x504 (the bus refuses an access that runs past a
 /// device), so all three widths reach it. Only 0x501 itself acts.
 pub const EXIT_PORT_LEN: u16 = 4;
+
+/// ACPI sleep control register (FADT SLEEP_CONTROL_REG, ACPI 6.4 4.8.3.7):
+/// writing SLP_EN with the `\_S5` sleep type powers the VM off (devices/acpi_sleep.rs).
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// ACPI sleep status register (FADT SLEEP_STATUS_REG), the port after the control register.
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+/// Ports the sleep registers take from `ACPI_SLEEP_CONTROL_PORT`.
+pub const ACPI_SLEEP_PORT_LEN: u16 = 2;
 
 /// Number of IRQ lines the IOAPIC exposes (and the MP table lists).
 pub const IOAPIC_PINS: u32 = 24;

@@ -7,15 +7,18 @@
 //! - [`memory`]: guest RAM (vm-memory) and KVM memory slots; the MMIO gap.
 //! - [`boot`]: ELF/PVH and bzImage loading (linux-loader), initrd, cmdline, e820.
 //! - [`host_file`]: opening the kernel, initrd and disk images (no hang on a FIFO).
-//! - [`x86`]: CPUID, MSRs, GDT/page tables/registers, LAPIC pins, MP table.
+//! - [`x86`]: CPUID, MSRs, GDT/page tables/registers, LAPIC pins, MP table,
+//!   ACPI tables (`x86/acpi.rs`: hardware-reduced FADT, DSDT with `\_S5` and
+//!   the virtio-mmio devices, MADT).
 //! - [`layout`]: every guest address, port and IRQ.
 //!
 //! Running:
 //! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
 //! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
-//! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, and
+//! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, the
+//!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), and
 //!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-net,
-//!   virtio-rng), and the host tap behind virtio-net (`devices/tap.rs`).
+//!   virtio-rng, virtio-console), and the host tap behind virtio-net (`devices/tap.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.
@@ -31,6 +34,11 @@
 //! ioeventfd -> `event_loop.rs` (`Token::Queue`) -> `devices/virtio/mmio.rs`
 //! (notify) -> `devices/virtio/block.rs` (parse, pread/pwrite, add_used) ->
 //! interrupt through an irqfd.
+//!
+//! Data path of one byte the command writes to stdout (`--output split`):
+//! the guest's write to its console port queues a chain -> ioeventfd ->
+//! `event_loop.rs` -> `devices/virtio/console.rs` (copy into the port's sink)
+//! -> `devices/serial_sink.rs` (writer thread) -> ember's stdout.
 //!
 //! Data path of one received frame: the tap becomes readable -> `event_loop.rs`
 //! (`Token::Tap`, edge-triggered) -> `devices/virtio/mmio.rs` (host_event) ->

@@ -99,10 +99,18 @@ enum IrqchipArg {
     Off,
 }
 
+/// on|off, for `--seccomp` and `--acpi`.
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum SeccompArg {
     On,
     Off,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum OutputArg {
+    Auto,
+    Split,
+    Console,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -168,6 +176,18 @@ struct RunArgs {
     /// No virtio-rng device (Linux guests get one by default).
     #[arg(long)]
     no_rng: bool,
+    /// Where the command's output goes. `split`: its stdout to ember's stdout
+    /// and its stderr to ember's stderr, byte-exact, without kernel messages
+    /// (a virtio-console device; needs the default guest's init). `console`:
+    /// everything on the one serial console, as on a terminal. `auto`: split
+    /// for the default guest unless stdin and stdout are both terminals.
+    #[arg(long, value_enum, default_value_t = OutputArg::Auto, require_equals = true, value_name = "auto|split|console")]
+    output: OutputArg,
+    /// ACPI tables for the guest (power-off, devices in the DSDT). `off`: the
+    /// MP table and `virtio_mmio.device=` on the command line only, for a
+    /// kernel built without CONFIG_ACPI (it would not find its virtio devices).
+    #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
+    acpi: SeccompArg,
     /// The sandbox of ember's threads (seccomp filters, no capabilities).
     /// `off` is for debugging only: a guest that breaks a device gets all of ember's rights.
     #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
@@ -385,6 +405,20 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     if a.seccomp == SeccompArg::Off {
         cfg.seccomp = ember::sandbox::SeccompMode::Off;
     }
+    cfg.acpi = a.acpi == SeccompArg::On;
+    cfg.split_output = match a.output {
+        OutputArg::Split => true,
+        OutputArg::Console => false,
+        // Only ember's own init (the default initramfs, image runs included)
+        // knows the console ports; another init would print into the void.
+        OutputArg::Auto => {
+            a.kernel.is_none()
+                && a.initrd.is_none()
+                && a.root_disk.is_none()
+                && cfg.serial == config::SerialMode::Stdio
+                && !(ember::console::is_tty(0) && ember::console::is_tty(1))
+        }
+    };
     Ok(Plan { cfg, _scratch: scratch, image_disk })
 }
 
@@ -438,7 +472,18 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsStr
     if a.seccomp == SeccompArg::Off {
         v.push("--seccomp=off".into());
     }
+    if a.acpi == SeccompArg::Off {
+        v.push("--acpi=off".into());
+    }
+    v.push(output_arg(cfg).into());
     v
+}
+
+/// `--output=` as the outer ember resolved it, for the inner ember of the
+/// Linux lane (whose stdin and stdout are never terminals, and whose kernel
+/// and initrd are given explicitly).
+fn output_arg(cfg: &VmConfig) -> &'static str {
+    if cfg.split_output { "--output=split" } else { "--output=console" }
 }
 
 /// Prints an error with its chain of causes.
@@ -449,7 +494,7 @@ fn report(e: &VmmError) {
 fn exit_code_for(reason: &StopReason) -> u8 {
     match reason {
         StopReason::GuestExit(s) => *s,
-        StopReason::Reset => 0,
+        StopReason::Reset | StopReason::PowerOff => 0,
         StopReason::GuestCrash(what) => {
             eprintln!("ember: the guest crashed: {what}");
             EXIT_GUEST_CRASH
@@ -511,7 +556,13 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
         if let (None, Some(i)) = (&args.initrd, &cfg.initrd) {
             extra.extend(["--initrd".into(), i.clone().into_os_string()]);
         }
+        if args.output == OutputArg::Auto {
+            extra.push(output_arg(cfg).into());
+        }
         inner.splice(at..at, extra);
+    } else if args.output == OutputArg::Auto {
+        let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
+        inner.insert(at, output_arg(cfg).into());
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,

@@ -5,15 +5,16 @@
 //! 2. KVM_CREATE_VM; in-kernel PIC/IOAPIC/PIT       api.rst 4.2, 4.24, 4.68
 //! 3. map guest RAM, KVM_SET_USER_MEMORY_REGION     memory.rs
 //! 4. load kernel, initrd, cmdline, boot_params     boot.rs (Linux boot.rst / PVH)
-//! 5. GDT, page tables, MP table                    x86/regs.rs, x86/mptable.rs
-//! 6. devices on the PIO bus: COM1, i8042, exit     devices/
+//! 5. GDT, page tables, MP table, ACPI tables       x86/regs.rs, x86/mptable.rs, x86/acpi.rs
+//! 6. devices on the PIO bus: COM1, i8042, exit,    devices/
+//!    ACPI sleep registers; virtio-mmio on MMIO
 //! 7. vCPUs: CPUID, MSRs, registers, LAPIC          vcpu.rs, x86/
 //! 8. one thread per vCPU, the event loop on main   vcpu.rs, event_loop.rs
 //! ```
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,13 +31,15 @@ use crate::bus::{Bus, BusError};
 use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
+use crate::devices::acpi_sleep::AcpiSleep;
 use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
-use crate::devices::serial_sink::{SERIAL_FILE_LIMIT, StdoutSink};
+use crate::devices::serial_sink::{ConsoleTail, SERIAL_FILE_LIMIT, StdoutSink};
 use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::console::{Console, Port};
 use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::rng::Rng;
@@ -47,7 +50,7 @@ use crate::sandbox::{self, SeccompMode, ThreadKind};
 use crate::stats::ExitStats;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
-use crate::x86::{cpuid, mptable, regs};
+use crate::x86::{acpi, cpuid, mptable, regs};
 
 /// Where KVM may put the TSS it needs for real-mode emulation on Intel
 /// (api.rst 4.43 KVM_SET_TSS_ADDR): three pages just below the BIOS area, in the MMIO gap.
@@ -83,6 +86,9 @@ pub enum VmmError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// Device wiring.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -148,6 +154,10 @@ pub struct Vmm {
     serial: Arc<Mutex<Serial>>,
     /// The stdout writer behind the serial console (`--serial stdio`).
     stdout_sink: Option<StdoutSink>,
+    /// The writers behind the console ports (`VmConfig::split_output`): stdout, stderr.
+    port_sinks: Vec<StdoutSink>,
+    /// The serial console's last bytes when it is not shown (split output).
+    console_tail: ConsoleTail,
     input_drained: Arc<EventFd>,
     serial_mode: SerialMode,
     seccomp: SeccompMode,
@@ -195,15 +205,17 @@ impl Vmm {
             boot::open_initrd(initrd)?;
         }
         let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
-        let virtio = open_virtio_devices(cfg, linux)?;
-        let cmdline = cmdline_with_virtio(&cfg.cmdline, virtio.len())?;
-
-        // 1. /dev/kvm
-        let kvm = open_kvm()?;
-        timeline.mark("ember: /dev/kvm opened");
-
-        // 2. The VM and, when needed, the in-kernel interrupt controllers.
-        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create a VM", source })?;
+        let mut virtio = open_virtio_devices(cfg, linux)?;
+        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
+        let mut port_sinks = Vec::new();
+        if cfg.split_output && linux {
+            let (console, sinks) = create_console(&control, cfg.seccomp)?;
+            virtio.push(("virtio-console", Box::new(console)));
+            port_sinks = sinks;
+            if virtio.len() > config::MAX_VIRTIO_DEVICES {
+                return Err(ConfigError::TooManyDevices(virtio.len()).into());
+            }
+        }
         let irqchip = match cfg.irqchip {
             IrqchipMode::On => true,
             IrqchipMode::Off => false,
@@ -212,6 +224,19 @@ impl Vmm {
             // virtio devices interrupt through irqfds, which need it too.
             IrqchipMode::Auto => cfg.cpus > 1 || linux || !virtio.is_empty(),
         };
+        // With ACPI tables the DSDT describes the virtio devices. Not on the
+        // command line too: there Linux would register each window twice, and
+        // a hardware-reduced ACPI machine has no legacy IRQ numbers for the
+        // command-line copies, which fail to probe and can hold the window.
+        let acpi = irqchip && cfg.acpi;
+        let cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() })?;
+
+        // 1. /dev/kvm
+        let kvm = open_kvm()?;
+        timeline.mark("ember: /dev/kvm opened");
+
+        // 2. The VM and, when needed, the in-kernel interrupt controllers.
+        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create a VM", source })?;
         if irqchip {
             vm.set_tss_address(KVM_TSS_ADDRESS)
                 .map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
@@ -233,15 +258,28 @@ impl Vmm {
             regs::setup_page_tables(&mem)?;
         }
         if irqchip {
+            // Both: a kernel without CONFIG_ACPI reads the MP table, one with it the ACPI tables.
             mptable::setup_mptable(&mem, cfg.cpus)?;
+        }
+        if acpi {
+            let slots: Vec<acpi::MmioSlot> = (0..virtio.len())
+                .map(|i| {
+                    let (base, gsi) = virtio_slot(i);
+                    acpi::MmioSlot { base, size: layout::VIRTIO_MMIO_SIZE, gsi }
+                })
+                .collect();
+            acpi::setup_acpi(&mem, cfg.cpus, &slots)?;
         }
         timeline.mark("ember: kernel loaded");
 
         // 6. Devices.
-        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
         let mut stdout_sink = None;
+        let console_tail = ConsoleTail::default();
         let sink: Box<dyn Write + Send> = match &cfg.serial {
+            // The console's output (kernel messages) mixes into neither stream;
+            // its tail is shown only if the guest crashes.
+            SerialMode::Stdio if !port_sinks.is_empty() => Box::new(console_tail.clone()),
             SerialMode::Stdio => {
                 let out = StdoutSink::new(dup_stdout()?, control.clone(), cfg.seccomp)
                     .map_err(|e| VmmError::Host("the serial output thread", e))?;
@@ -278,6 +316,12 @@ impl Vmm {
             u64::from(layout::EXIT_PORT_LEN),
             "exit device",
             Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
+        )?;
+        pio.insert(
+            u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
+            u64::from(layout::ACPI_SLEEP_PORT_LEN),
+            "ACPI sleep registers",
+            Arc::new(Mutex::new(AcpiSleep::new(control.clone()))),
         )?;
         for extra in &cfg.extra_pio {
             pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
@@ -320,6 +364,8 @@ impl Vmm {
             control,
             serial,
             stdout_sink,
+            port_sinks,
+            console_tail,
             input_drained,
             serial_mode: cfg.serial.clone(),
             seccomp: cfg.seccomp,
@@ -391,6 +437,7 @@ impl Vmm {
         self.timeline.mark("ember: event loop saw the stop");
         let reports = stop_vcpus(handles);
         self.timeline.mark("ember: vCPUs joined");
+        self.finish_console_ports();
         self.finish_serial_output();
         let reason = result?;
         let exits = reports.iter().map(|r| r.counts).collect();
@@ -398,6 +445,44 @@ impl Vmm {
         let stats = reports.into_iter().map(|r| r.stats).collect();
         let guest_resident_bytes = crate::memory::resident_bytes(&self.mem);
         Ok(RunOutcome { reason, exits, stats, registers, guest_resident_bytes })
+    }
+
+    /// The console ports' last output: what the guest wrote just before it
+    /// stopped the VM may still be in a transmit queue the event loop has not
+    /// served. The VM is stopped, so the sinks may grow now; then they are
+    /// written out like the serial console's (unless the user quit).
+    fn finish_console_ports(&self) {
+        if self.port_sinks.is_empty() {
+            return;
+        }
+        let quit = matches!(self.control.reason(), Some(StopReason::UserQuit(_)));
+        if !quit {
+            self.port_sinks.iter().for_each(StdoutSink::unbounded);
+            let consoles =
+                self.tap_events.iter().map(|t| &t.transport).filter(|t| {
+                    t.lock().is_ok_and(|t| t.device_type() == virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE)
+                });
+            for t in consoles {
+                // Each call serves one queue's worth per port; a stopped guest adds nothing.
+                while let Ok(mut t) = t.lock()
+                    && t.host_event()
+                {}
+            }
+        }
+        for sink in &self.port_sinks {
+            let dropped = sink.finish(quit);
+            if dropped > 0 && !quit {
+                log::warn!(
+                    "console: output is not being read: the last {dropped} bytes of the guest's output are dropped"
+                );
+            }
+        }
+        // After the command's own output: ember's report comes last.
+        if let Some(StopReason::GuestCrash(_)) = self.control.reason() {
+            let tail = self.console_tail.contents();
+            let tail = String::from_utf8_lossy(&tail);
+            eprintln!("ember: the guest crashed; the end of its console:\n{}", tail.trim_end());
+        }
     }
 
     /// Writes out what the guest printed (unless the user quit: then it is
@@ -454,6 +539,22 @@ fn open_virtio_devices(cfg: &VmConfig, linux: bool) -> Result<Vec<NamedDevice>, 
         return Err(ConfigError::TooManyDevices(devices.len()).into());
     }
     Ok(devices)
+}
+
+/// The virtio-console device of `VmConfig::split_output`: port 0
+/// `ember.stdout` to a copy of fd 1, port 1 `ember.stderr` to a copy of fd 2,
+/// each through its own writer thread.
+fn create_console(control: &Arc<VmControl>, seccomp: SeccompMode) -> Result<(Console, Vec<StdoutSink>), VmmError> {
+    let room = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
+    let mut ports = Vec::new();
+    let mut sinks = Vec::new();
+    for (fd, name, thread) in [(1, "ember.stdout", "console-out"), (2, "ember.stderr", "console-err")] {
+        let sink = StdoutSink::for_device(dup_fd(fd)?, control.clone(), seccomp, thread, room.clone())
+            .map_err(|e| VmmError::Host("a console output thread", e))?;
+        ports.push(Port::new(name, sink.clone()));
+        sinks.push(sink);
+    }
+    Ok((Console::new(ports, room), sinks))
 }
 
 /// The guest address and IRQ of virtio-mmio device `i`.
@@ -539,10 +640,15 @@ fn stop_vcpus(handles: Vec<JoinHandle<VcpuReport>>) -> Vec<VcpuReport> {
 }
 
 fn dup_stdout() -> Result<OwnedFd, VmmError> {
-    // SAFETY: dup of fd 1 returns a new descriptor (or -1) that we then own.
-    let fd = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3) };
+    dup_fd(1)
+}
+
+/// A copy of descriptor `src` (1 or 2), which the writer threads own.
+fn dup_fd(src: RawFd) -> Result<OwnedFd, VmmError> {
+    // SAFETY: dup of an fd returns a new descriptor (or -1) that we then own.
+    let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 3) };
     if fd < 0 {
-        return Err(VmmError::Host("a copy of stdout", std::io::Error::last_os_error()));
+        return Err(VmmError::Host("a copy of stdout or stderr", std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is fresh and owned here.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -219,6 +219,25 @@ fn image_config_and_docker_run_overrides() {
     );
 }
 
+/// An image run splits its command's stdout and stderr like the default
+/// guest (not terminals here: `--output=auto` splits): stdout holds exactly
+/// the command's stdout, with LF line ends (no tty), stderr its stderr, and a
+/// binary file comes out of `cat` byte for byte.
+#[test]
+fn an_image_command_keeps_stdout_and_stderr_apart() {
+    let f = fixture();
+    let img = f.image("base");
+    let Some(o) = vm(&["run", &img, "sh", "-c", "echo out; echo err >&2; echo out2"]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    assert_eq!(o.stdout_lossy(), "out\nout2\n", "{}", show(&o));
+    assert!(o.stderr_lossy().lines().any(|l| l == "err"), "{}", show(&o));
+    // The image's /bin/busybox is the host's (common/oci.rs, busybox_layer).
+    let Some(o) = vm(&["run", &img, "cat", "/bin/busybox"]) else { return };
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    assert_eq!(o.status, 0, "{}", o.stderr_lossy());
+    assert!(o.stdout == busybox, "{} bytes out, {} in /bin/busybox", o.stdout.len(), busybox.len());
+}
+
 #[test]
 fn a_missing_entrypoint_exits_127_like_docker() {
     let f = fixture();

@@ -428,3 +428,202 @@ fn tools_disk_runs_fio_and_iperf3_in_the_guest() {
     assert!(out.contains("fio-3."), "fio --version: {}", show(&o));
     assert!(out.contains("iperf 3."), "iperf3 --version: {}", show(&o));
 }
+
+// ---- Power off through ACPI, and the command's stdout and stderr apart (issue #12) ----
+
+/// Runs `ember ARGS...` in the lane with a longer timeout (a distribution's boot).
+fn ember_slow(args: &[&str], timeout: std::time::Duration) -> Option<Outcome> {
+    let mut l = lane()?;
+    let inv = Invocation::new(args.iter().copied());
+    Some(l.run_with_timeout(&inv, timeout).unwrap_or_else(|e| panic!("ember {args:?}: {e}")))
+}
+
+/// `poweroff -f` skips the init: the kernel itself powers off through ACPI
+/// (the FADT's sleep control register), which must end the VM with 0, like a
+/// reboot through the i8042 and busybox's `poweroff` (a signal to the init).
+/// `--timeline` names who asked for the stop, so each path is checked.
+#[test]
+fn poweroff_and_reboot_end_the_vm_with_zero() {
+    for (cmd, who) in
+        [("poweroff -f", "guest: power off"), ("reboot -f", "guest: reset"), ("poweroff", "guest: exit device")]
+    {
+        let Some(o) = ember(&["run", "--timeline", "--", "sh", "-c", cmd]) else { return };
+        assert_eq!(o.status, 0, "{cmd}: {}", show(&o));
+        assert!(o.stderr_lossy().contains(&format!("{who}: stop requested")), "{cmd}: {}", show(&o));
+    }
+}
+
+/// The SHA-256 of `data`, in lowercase hex (as sha256sum prints it).
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 8 MiB of random bytes through the command's stdout, a line on stderr after
+/// each MiB, the kernel talking on its console all along (no `quiet`): stdout
+/// is exactly the data, stderr exactly the lines, and neither has a kernel message.
+#[test]
+fn stdout_and_stderr_stay_apart_byte_exact() {
+    let script = "head -c 8388608 /dev/urandom > /tmp/data && \
+                  for i in 0 1 2 3 4 5 6 7; do \
+                  dd if=/tmp/data bs=1048576 skip=$i count=1 2>/dev/null; echo err-$i >&2; done; \
+                  sha256sum < /tmp/data >&2";
+    let cmdline = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 loglevel=7";
+    let args = ["run", "--memory", "512M", "--cmdline", cmdline, "--", "sh", "-c", script];
+    let Some(o) = ember(&args) else { return };
+    let brief = format!("status {}, {} bytes on stdout; stderr:\n{}", o.status, o.stdout.len(), o.stderr_lossy());
+    assert_eq!(o.status, 0, "{brief}");
+    assert_eq!(o.stdout.len(), 8 << 20, "{brief}");
+    let err = o.stderr_lossy();
+    let lines: Vec<&str> = err.lines().collect();
+    let want: Vec<String> = (0..8).map(|i| format!("err-{i}")).collect();
+    assert_eq!(lines.len(), 9, "{brief}");
+    assert_eq!(lines[..8], want[..], "{brief}");
+    let guest_sum = lines[8].split_whitespace().next().unwrap_or("");
+    assert_eq!(sha256_hex(&o.stdout), guest_sum, "stdout is byte for byte what the guest wrote");
+    let text = String::from_utf8_lossy(&o.stdout);
+    for marker in ["Linux version", "Run /init", "virtio"] {
+        assert!(!text.contains(marker) && !err.contains(marker), "kernel message `{marker}` leaked: {brief}");
+    }
+}
+
+/// `2>/dev/null` drops exactly the command's stderr; a binary file comes out
+/// of `cat` byte for byte (the initramfs's /bin/busybox is the host's).
+#[test]
+fn stderr_to_dev_null_and_a_binary_file_through_stdout() {
+    let Some(mut l) = lane() else { return };
+    let bin = env!("CARGO_BIN_EXE_ember");
+    let script = format!(
+        "{bin} run -- sh -c 'echo out; echo err >&2' 2>/dev/null > /tmp/ember-split-$$.txt || exit 10; \
+         cat /tmp/ember-split-$$.txt; rm -f /tmp/ember-split-$$.txt"
+    );
+    let inv = Invocation::new(["-c", script.as_str()]);
+    let o = l.run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(120)).expect("lane");
+    assert_eq!((o.status, o.stdout.as_slice(), o.stderr.as_slice()), (0, &b"out\n"[..], &b""[..]), "{}", show(&o));
+    drop(l);
+
+    let Some(o) = ember(&["run", "--", "cat", "/bin/busybox"]) else { return };
+    let busybox = std::fs::read("/bin/busybox").expect("the host's busybox (package busybox-static)");
+    assert_eq!(o.status, 0, "{}", o.stderr_lossy());
+    assert!(o.stdout == busybox, "{} bytes out, {} in /bin/busybox", o.stdout.len(), busybox.len());
+}
+
+/// The host's Debian kernel and its initrd (/boot, package linux-image-amd64), if installed.
+fn debian_kernel() -> Option<(String, String)> {
+    let mut kernels: Vec<_> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("vmlinuz-"))
+        .collect();
+    kernels.sort();
+    let k = kernels.pop()?;
+    let initrd = format!("/boot/initrd.img-{}", k.trim_start_matches("vmlinuz-"));
+    std::path::Path::new(&initrd).is_file().then(|| (format!("/boot/{k}"), initrd))
+}
+
+/// A Debian 12 root with systemd (`debootstrap --variant=minbase
+/// --include=systemd-sysv,udev`) as a 1 GiB ext4 image, with one unit, wanted
+/// by multi-user.target, that runs `systemctl poweroff`.
+/// Made once (a few minutes, packages from Debian's archive) and cached in
+/// ember's cache; each test boots a copy in the host's temporary directory.
+struct SystemdRoot(RootfsCopy);
+
+impl SystemdRoot {
+    fn new(name: &str) -> SystemdRoot {
+        let cache = ember::guest::cache_dir().join("test-images");
+        std::fs::create_dir_all(&cache).expect("the test image cache");
+        let image = cache.join("debian-bookworm-systemd.ext4");
+        let lock = std::fs::File::create(cache.join(".debian-systemd.lock")).expect("lock file");
+        // SAFETY: flock on a descriptor we own.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+        if !image.is_file() {
+            eprintln!("linux_lane: building a Debian root with systemd (debootstrap, first run only)");
+            let work = cache.join(format!("debian-systemd.{}", std::process::id()));
+            std::fs::create_dir_all(&work).expect("work dir");
+            let status = std::process::Command::new("sh")
+                .args(["-euc", SYSTEMD_ROOT_SCRIPT, "sh"])
+                .arg(&image)
+                .arg(&work)
+                .status()
+                .expect("run sh");
+            let _ = std::fs::remove_dir_all(&work);
+            assert!(status.success(), "building the systemd root failed ({status}); needs debootstrap and the network");
+        }
+        let dir = std::env::temp_dir().join(format!("ember-lane-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a temporary directory");
+        let copy = dir.join("rootfs.ext4");
+        let ok = std::process::Command::new("cp").arg("--sparse=always").arg(&image).arg(&copy).status();
+        assert!(ok.is_ok_and(|s| s.success()), "copy the systemd root image");
+        SystemdRoot(RootfsCopy { dir, image: copy })
+    }
+
+    /// `e2fsck -n`: true when the file system is clean.
+    fn clean(&self) -> (bool, String) {
+        let o = std::process::Command::new("e2fsck").arg("-fn").arg(&self.0.image).output().expect("run e2fsck");
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    }
+}
+
+/// Builds the systemd root image: `sh -euc SCRIPT sh OUT.ext4 WORKDIR`.
+const SYSTEMD_ROOT_SCRIPT: &str = r#"
+out=$1 work=$2 root=$2/root
+debootstrap --variant=minbase --include=systemd-sysv,udev bookworm "$root" http://deb.debian.org/debian >&2
+mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
+cat >"$root/etc/systemd/system/ember-poweroff.service" <<'UNIT'
+[Unit]
+Description=ember test: say so and power off once booted
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'echo ember-systemd-booted >/dev/console; systemctl --no-block poweroff'
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -sf ../ember-poweroff.service "$root/etc/systemd/system/multi-user.target.wants/ember-poweroff.service"
+echo ember >"$root/etc/hostname"
+: >"$root/etc/fstab"
+mkfs.ext4 -q -F -L ember-systemd -d "$root" "$work/img" 1G
+mv "$work/img" "$out"
+"#;
+
+/// Debian's own kernel and initrd find the virtio-mmio disk through the DSDT
+/// (LNRO0005 -> udev loads virtio_mmio), systemd boots from it, and
+/// `systemctl poweroff` ends ember with 0 on a clean file system.
+#[test]
+fn debian_kernel_boots_systemd_and_poweroff_ends_the_vm() {
+    if lane().is_none() {
+        return;
+    }
+    let Some((kernel, initrd)) = debian_kernel() else {
+        eprintln!("SKIPPED: no /boot/vmlinuz-* with its initrd (apt install linux-image-amd64)");
+        return;
+    };
+    let root = SystemdRoot::new("debian-systemd");
+    let args = ["run", "--kernel", &kernel, "--initrd", &initrd, "--memory", "1G", "--root-disk", root.0.path()];
+    let Some(o) = ember_slow(&args, std::time::Duration::from_secs(400)) else { return };
+    loud(&format!("debian kernel + systemd root, boot to poweroff in the lane: {:.1} s", o.elapsed.as_secs_f64()));
+    assert_eq!(o.status, 0, "{}", show(&o));
+    // The kernel's own last word (pr_emerg, shown under `quiet`): systemd got as far as powering off.
+    assert!(o.stdout_lossy().contains("reboot: Power down"), "{}", show(&o));
+    let (clean, fsck) = root.clean();
+    assert!(clean, "e2fsck -fn after the power-off:\n{fsck}");
+}
+
+/// The default kernel has what systemd needs (cgroups, namespaces, autofs,
+/// seccomp, ...): the same root boots to multi-user and powers off.
+#[test]
+fn default_kernel_boots_systemd_and_poweroff_ends_the_vm() {
+    if lane().is_none() {
+        return;
+    }
+    let root = SystemdRoot::new("default-systemd");
+    let args = ["run", "--memory", "1G", "--root-disk", root.0.path()];
+    let Some(o) = ember_slow(&args, std::time::Duration::from_secs(300)) else { return };
+    loud(&format!("default kernel + systemd root, boot to poweroff in the lane: {:.1} s", o.elapsed.as_secs_f64()));
+    assert_eq!(o.status, 0, "{}", show(&o));
+    let out = o.stdout_lossy();
+    assert!(out.contains("reboot: Power down"), "{}", show(&o));
+    assert!(!out.contains("Freezing execution"), "{}", show(&o));
+    let (clean, fsck) = root.clean();
+    assert!(clean, "e2fsck -fn after the power-off:\n{fsck}");
+}

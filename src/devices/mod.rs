@@ -2,6 +2,7 @@
 //! know nothing of KVM: they get bytes from the bus and raise interrupts through
 //! an `EventFd` (an irqfd when the in-kernel irqchip exists).
 
+pub mod acpi_sleep;
 pub mod exit;
 pub mod i8042;
 pub mod serial;

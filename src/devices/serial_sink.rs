@@ -9,6 +9,15 @@
 //!   printing. A write(2) that blocks forever could not be interrupted: the
 //!   vCPU would never leave it, and ember never exit.
 //!
+//! A virtio-console port (devices/virtio/console.rs) uses the same sink from
+//! the event loop, which must never wait: it asks [`StdoutSink::has_room`]
+//! before taking a buffer from the guest, and when there is none the writer
+//! thread signals the device's eventfd once it has made room.
+//!
+//! With the command's output on console ports (`--output split`) the serial
+//! console is not shown; [`ConsoleTail`] keeps its last bytes, which ember
+//! prints on stderr only if the guest crashed (the panic report is there).
+//!
 //! `--serial file:PATH` is a plain file, which `SerialOutput` (serial.rs)
 //! stops growing at [`SERIAL_FILE_LIMIT`] bytes.
 
@@ -18,6 +27,8 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{StopReason, VmControl};
 use crate::sandbox::{self, SeccompMode, ThreadKind};
@@ -43,12 +54,18 @@ struct State {
     shutdown: bool,
     /// Bytes written to stdout so far (progress, for the flush at exit).
     written: u64,
+    /// A producer found no room ([`StdoutSink::has_room`]): signal `room` when there is.
+    want_room: bool,
+    /// [`StdoutSink::unbounded`] was called.
+    unbounded: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
     /// Signalled on every change: data, room, closed, shutdown.
     changed: Condvar,
+    /// Written when room appears after a producer found none (a device's host eventfd).
+    room: Option<Arc<EventFd>>,
 }
 
 impl Shared {
@@ -69,7 +86,29 @@ impl StdoutSink {
     /// Starts the writer thread on `fd`, in the sandbox unless `seccomp` is off;
     /// `control` tells a waiting vCPU to give up.
     pub fn new(fd: OwnedFd, control: Arc<VmControl>, seccomp: SeccompMode) -> io::Result<Self> {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), changed: Condvar::new() });
+        Self::spawn(fd, control, seccomp, "serial-out", None)
+    }
+
+    /// A sink for a device that never waits: `room` is written whenever
+    /// [`StdoutSink::has_room`] said no and room has appeared since.
+    pub fn for_device(
+        fd: OwnedFd,
+        control: Arc<VmControl>,
+        seccomp: SeccompMode,
+        thread_name: &str,
+        room: Arc<EventFd>,
+    ) -> io::Result<Self> {
+        Self::spawn(fd, control, seccomp, thread_name, Some(room))
+    }
+
+    fn spawn(
+        fd: OwnedFd,
+        control: Arc<VmControl>,
+        seccomp: SeccompMode,
+        thread_name: &str,
+        room: Option<Arc<EventFd>>,
+    ) -> io::Result<Self> {
+        let shared = Arc::new(Shared { state: Mutex::new(State::default()), changed: Condvar::new(), room });
         let for_thread = shared.clone();
         // The thread blocks every signal (it inherits the mask it is spawned
         // with): SIGTERM and SIGINT must reach the event loop's signalfd, not
@@ -84,7 +123,7 @@ impl StdoutSink {
             old
         };
         let stop = control.clone();
-        let spawned = std::thread::Builder::new().name("serial-out".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name(thread_name.into()).spawn(move || {
             if let Err(e) = sandbox::enter(ThreadKind::SerialOut, seccomp) {
                 stop.stop(StopReason::VmmError(format!("the serial output thread: {e}")));
             }
@@ -94,6 +133,33 @@ impl StdoutSink {
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         spawned?;
         Ok(StdoutSink { shared, control })
+    }
+
+    /// True when [`StdoutSink::push`] may take more bytes now (or the reader
+    /// is gone and bytes are dropped anyway). When false, the room eventfd is
+    /// written once the writer thread has taken the buffer.
+    pub fn has_room(&self) -> bool {
+        let mut s = self.shared.lock();
+        if s.closed || s.unbounded || s.buf.len() < STDOUT_BUFFER {
+            return true;
+        }
+        s.want_room = true;
+        false
+    }
+
+    /// From now on [`StdoutSink::has_room`] always says yes: for the last
+    /// drain of a device once the VM has stopped (the guest adds nothing more).
+    pub fn unbounded(&self) {
+        self.shared.lock().unbounded = true;
+    }
+
+    /// Queues `bytes` without waiting (the caller asked [`StdoutSink::has_room`]).
+    pub fn push(&self, bytes: &[u8]) {
+        let mut s = self.shared.lock();
+        if !s.closed {
+            s.buf.extend(bytes);
+            self.shared.changed.notify_all();
+        }
     }
 
     /// At the end of the VM: waits until what the guest printed is written,
@@ -155,6 +221,12 @@ fn write_out(mut out: File, shared: &Shared) {
             chunk.clear();
             chunk.extend(s.buf.drain(..));
             s.in_flight = true;
+            if std::mem::take(&mut s.want_room)
+                && let Some(room) = &shared.room
+            {
+                // A full counter (2^64-2 writes unread) is the only failure; one is enough.
+                let _ = room.write(1);
+            }
             shared.changed.notify_all();
         }
         let result = out.write_all(&chunk);
@@ -169,9 +241,45 @@ fn write_out(mut out: File, shared: &Shared) {
                 }
                 s.closed = true;
                 s.buf.clear();
+                if std::mem::take(&mut s.want_room)
+                    && let Some(room) = &shared.room
+                {
+                    let _ = room.write(1);
+                }
             }
         }
         shared.changed.notify_all();
+    }
+}
+
+/// The last [`ConsoleTail::CAPACITY`] bytes of a console nobody is shown.
+#[derive(Clone, Default)]
+pub struct ConsoleTail {
+    bytes: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl ConsoleTail {
+    /// Bytes kept.
+    pub const CAPACITY: usize = 16 << 10;
+
+    /// What was kept, oldest first.
+    pub fn contents(&self) -> Vec<u8> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
+    }
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut b = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = &data[data.len().saturating_sub(Self::CAPACITY)..];
+        let excess = (b.len() + keep.len()).saturating_sub(Self::CAPACITY);
+        b.drain(..excess);
+        b.extend(keep);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -210,6 +318,17 @@ mod tests {
         stopper.join().unwrap();
         assert!(sink.finish(true) > 0, "buffered output is dropped when the user quits");
         drop(reader);
+    }
+
+    #[test]
+    fn the_console_tail_keeps_the_last_bytes() {
+        let mut t = ConsoleTail::default();
+        for i in 0..40_000u32 {
+            t.write_all(format!("{}\n", i % 10).as_bytes()).unwrap();
+        }
+        let c = t.contents();
+        assert_eq!(c.len(), ConsoleTail::CAPACITY);
+        assert!(c.ends_with(b"8\n9\n"));
     }
 
     #[test]

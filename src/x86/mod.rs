@@ -7,6 +7,7 @@
 //! registers, FPU, the LAPIC's LINT pins, and the MP table that tells the guest
 //! how many CPUs there are.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod mptable;
 pub mod msr;

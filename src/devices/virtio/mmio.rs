@@ -130,7 +130,7 @@ impl MmioTransport {
             guest_warn!("virtio-mmio: notify of queue {index} before DRIVER_OK (status {:#x}): ignored", self.status);
             return false;
         }
-        let Some(queue) = self.queues.get_mut(i) else {
+        let Some(queue) = self.queues.get(i) else {
             guest_warn!("virtio-mmio: notify of queue {index}, the device has {}: ignored", self.queues.len());
             return false;
         };
@@ -138,7 +138,7 @@ impl MmioTransport {
             guest_warn!("virtio-mmio: notify of queue {index}, which was never made ready: ignored");
             return false;
         }
-        let outcome = self.device.process_queue(i, queue, &self.mem);
+        let outcome = self.device.process_queues(i, &mut self.queues, &self.mem);
         self.apply(outcome)
     }
 

@@ -3,7 +3,8 @@
 //! Split in two, as in the spec: the transport ([`mmio::MmioTransport`],
 //! the register file the guest's virtio_mmio driver programs) owns the
 //! virtqueues and the interrupt; a device ([`block::Block`], [`net::Net`], [`rng::Rng`])
-//! only says who it is and serves its queues, through [`VirtioDevice`].
+//! only says who it is and serves its queues, through [`VirtioDevice`]
+//! ([`console::Console`] carries the guest command's stdout and stderr).
 //! A device with a host-side event source ([`net::Net`]'s tap) names its
 //! descriptor with [`VirtioDevice::host_fd`]; the event loop watches it
 //! (`Token::Tap`) and calls [`mmio::MmioTransport::host_event`].
@@ -23,6 +24,7 @@
 //! answered as the spec says; it never panics or stops ember.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -71,6 +73,15 @@ pub trait VirtioDevice: Send {
     /// Serves the available buffers of queue `index`, at most one queue's
     /// worth per call (then [`QueueOutcome::More`]).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome;
+    /// Serves queue `index` with every queue at hand, for a device whose
+    /// queues work in pairs (virtio-console's control queues answer on the
+    /// other one); by default [`VirtioDevice::process_queue`] on that queue.
+    fn process_queues(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> QueueOutcome {
+        match queues.get_mut(index) {
+            Some(q) => self.process_queue(index, q, mem),
+            None => QueueOutcome::Quiet,
+        }
+    }
     /// The driver reset the device (status 0): forget negotiated state.
     fn reset(&mut self);
     /// A host descriptor the event loop should watch for this device
