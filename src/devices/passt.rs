@@ -43,6 +43,9 @@ use thiserror::Error;
 /// the header, rounded down to 32 bits), which ember's init sets too.
 pub const MTU: u16 = 65520;
 
+/// The user (and group) passt becomes when started as root: `nobody`/`nogroup`.
+const NOBODY: u32 = 65534;
+
 /// Errors starting passt (each ends ember with exit code 125).
 #[derive(Debug, Error)]
 pub enum PasstError {
@@ -364,6 +367,15 @@ impl Passt {
                 (Some(a), Some(b))
             }
             Some(path) => {
+                // passt binds the socket after dropping root for `nobody`
+                // (65534 on Debian): hand it the (private) directory.
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0
+                    && let Some(dir) = path.parent()
+                {
+                    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY))
+                        .map_err(io_err("handing the socket's directory to nobody"))?;
+                }
                 cmd.arg("-1").arg("-s").arg(path);
                 (None, None)
             }

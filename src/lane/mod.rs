@@ -177,7 +177,15 @@ pub struct LaneConfig {
     /// Host taps (in this process's network namespace) given to the outer machine as virtio-net NICs;
     /// inside, each is bridged to a new tap of the same name for the inner ember to open (default none).
     pub host_taps: Vec<HostTap>,
+    /// A Unix socket on the host (a passt listening there, for `--net user`) that becomes the outer
+    /// machine's virtio-serial port `ember.net0`, which the inner ember opens as
+    /// `--net stream=/dev/virtio-ports/ember.net0` ([`USER_NET_PORT`]; default none).
+    pub user_net: Option<PathBuf>,
 }
+
+/// Inside the outer machine: the virtio-serial port that carries `--net user`'s frames to the host's
+/// passt (see [`LaneConfig::user_net`]).
+pub const USER_NET_PORT: &str = "/dev/virtio-ports/ember.net0";
 
 impl Default for LaneConfig {
     fn default() -> LaneConfig {
@@ -203,6 +211,7 @@ impl Default for LaneConfig {
             cpu_model: "EPYC,+svm".into(),
             writable,
             host_taps: Vec::new(),
+            user_net: None,
         }
     }
 }
@@ -381,7 +390,10 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
 ///
 /// Each `--net tap=NAME` in `ember_args` names a tap on this host: it becomes a NIC of the outer
 /// machine, bridged inside to a tap NAME that the inner ember opens (see [`LaneConfig::host_taps`]).
-pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32, LaneError> {
+///
+/// `user_net`: the socket of a passt on this host that the inner ember's `--net stream=`[`USER_NET_PORT`]
+/// reaches (see [`LaneConfig::user_net`]); main.rs starts that passt and rewrites `--net user`.
+pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString], user_net: Option<&Path>) -> Result<i32, LaneError> {
     let mut config = LaneConfig::default();
     if !config.force_nested.unwrap_or(KvmFlavour::detect().needs_nested_lane()) {
         use std::os::unix::process::ExitStatusExt;
@@ -396,6 +408,7 @@ pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString]) -> Result<i32,
     let (host_taps, ember_args) =
         wire::host_taps(ember_args).map_err(|e| LaneError::Unavailable(format!("--net: {e}")))?;
     config.host_taps = host_taps;
+    config.user_net = user_net.map(Path::to_path_buf);
     let mut machine = OuterMachine::boot(&config, true)?;
     let mut env = Vec::new();
     for key in ["TERM", "RUST_LOG", "RUST_BACKTRACE"] {
