@@ -434,6 +434,8 @@ fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, String> {
     match user {
         Some(config::NetConfig { backend: config::NetBackendConfig::User { publish: p, guest }, .. }) => {
             *p = publish;
+            // Said first: without passt, nothing else about the network matters.
+            ember::devices::passt::find_binary().map_err(|e| e.to_string())?;
             if guest.is_none() {
                 *guest = Some(ember::devices::passt::GuestIpv4::from_host().map_err(|e| e.to_string())?);
             }
