@@ -11,14 +11,14 @@
 //! gateway reaches the host's loopback (its default; `--no-map-gw` would turn
 //! that off). `-t`/`-u` publish host ports to guest ports (`ember -p`).
 //!
-//! How ember runs it: `passt -f -q -F FD -P /dev/fd/N` plus the published
+//! How ember runs it: `passt -f -q -F FD -P /proc/self/fd/N` plus the published
 //! ports and the addresses ember computed ([`GuestIpv4::from_host`], the
 //! same ones passt would pick, passed explicitly so both sides agree).
 //! - `-F FD`: one end of a socketpair ember made, so no socket file exists to
 //!   be left behind, and passt quits by itself when the socket closes (`-F`
 //!   implies `--one-off`): also when ember is killed.
 //! - `-f`: it stays ember's child (no daemon), so ember can stop and reap it.
-//! - `-P /dev/fd/N`: readiness. passt writes its PID file once its set-up is
+//! - `-P /proc/self/fd/N`: readiness (not /dev/fd, which a bare devtmpfs lacks). passt writes its PID file once its set-up is
 //!   done (ports bound); N is the write end of a pipe ember reads. A passt that
 //!   fails (a port in use) exits instead, and the pipe reads EOF. Started as
 //!   root, passt drops to user `nobody` before it opens the file, so the pipe
@@ -356,7 +356,7 @@ impl Passt {
         if unsafe { libc::fchmod(ready_w.as_raw_fd(), 0o622) } != 0 {
             return Err(PasstError::Io { what: "fchmod on a pipe", source: io::Error::last_os_error() });
         }
-        cmd.arg("-P").arg(format!("/dev/fd/{}", ready_w.as_raw_fd()));
+        cmd.arg("-P").arg(format!("/proc/self/fd/{}", ready_w.as_raw_fd()));
         let mut keep: Vec<RawFd> = vec![ready_w.as_raw_fd()];
         let (ours, theirs) = match listen {
             None => {
