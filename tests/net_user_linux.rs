@@ -242,7 +242,7 @@ fn published_port_is_on_the_host_loopback_in_either_lane() {
     // machines at once would slow both past their timeouts on a 2-core host.
     let _serial = lane();
     let Some(ns) = netns::NetNs::new("nuhost") else { return };
-    if Command::new("modprobe").arg("veth").status().is_err() {
+    if Command::new("modprobe").arg("veth").output().is_err() {
         eprintln!("SKIPPED: no modprobe");
         return;
     }
