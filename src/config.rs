@@ -237,7 +237,9 @@ pub enum ConfigError {
     )]
     BadNet(String),
     /// A `-p` value we do not understand.
-    #[error("-p `{0}` is not understood: write [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp], e.g. 8080:80 or 127.0.0.1:5353:53/udp")]
+    #[error(
+        "-p `{0}` is not understood: write [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp], e.g. 8080:80 or 127.0.0.1:5353:53/udp"
+    )]
     BadPublish(String),
     /// `-p` without `--net user`.
     #[error("-p publishes ports through --net user, which this VM does not have (it has --net none or only taps)")]
@@ -614,9 +616,22 @@ mod tests {
         assert_eq!(render_net(&n), s);
         assert_eq!(parse_net("stream=/s").unwrap().guest_ipv4(), None);
         for bad in [
-            "", "tap=", "tap0", "tap=a,tap=b", "tap=a,xyz", "tap=a234567890123456", "tap=a/b", "user,tap=a", "users",
-            "user,create", "stream=", "stream=/s,ip=10.0.0.2/24", "stream=/s,ip=10.0.0.2,gw=10.0.0.1",
-            "stream=/s,mtu=9000", "tap=a,ip=10.0.0.2/24", "none",
+            "",
+            "tap=",
+            "tap0",
+            "tap=a,tap=b",
+            "tap=a,xyz",
+            "tap=a234567890123456",
+            "tap=a/b",
+            "user,tap=a",
+            "users",
+            "user,create",
+            "stream=",
+            "stream=/s,ip=10.0.0.2/24",
+            "stream=/s,ip=10.0.0.2,gw=10.0.0.1",
+            "stream=/s,mtu=9000",
+            "tap=a,ip=10.0.0.2/24",
+            "none",
         ] {
             assert!(matches!(parse_net(bad), Err(ConfigError::BadNet(_))), "{bad}");
         }

@@ -27,17 +27,17 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusError};
+use crate::config::NetBackendConfig;
 use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
 use crate::devices::exit::ExitDevice;
-use crate::devices::i8042::I8042;
-use crate::devices::serial::{IrqLine, Serial, SerialOutput};
-use crate::devices::serial_sink::{SERIAL_FILE_LIMIT, StdoutSink};
-use crate::config::NetBackendConfig;
 use crate::devices::frame_stream::FrameStream;
+use crate::devices::i8042::I8042;
 use crate::devices::net_backend::NetBackend;
 use crate::devices::passt::{Endpoint, GuestIpv4, Passt, PasstError};
+use crate::devices::serial::{IrqLine, Serial, SerialOutput};
+use crate::devices::serial_sink::{SERIAL_FILE_LIMIT, StdoutSink};
 use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
@@ -471,11 +471,7 @@ type NamedDevice = (&'static str, Box<dyn VirtioDevice>);
 /// Opens the virtio devices `cfg` asks for, in bus order: the disks (the
 /// first becomes /dev/vda), the NICs (the first is eth0), then the entropy
 /// device. Host files and taps are checked here, before any KVM call.
-fn open_virtio_devices(
-    cfg: &VmConfig,
-    linux: bool,
-    passts: &mut Vec<Passt>,
-) -> Result<Vec<NamedDevice>, VmmError> {
+fn open_virtio_devices(cfg: &VmConfig, linux: bool, passts: &mut Vec<Passt>) -> Result<Vec<NamedDevice>, VmmError> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     for disk in &cfg.disks {
         devices.push(("virtio-blk", Box::new(Block::open(disk)?)));

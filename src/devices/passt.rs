@@ -170,12 +170,9 @@ impl Publish {
             Proto::Udp => std::net::UdpSocket::bind((addr, self.host_port)).map(drop),
         };
         match r {
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(PasstError::PortInUse {
-                spec: self.spec(),
-                addr,
-                port: self.host_port,
-                proto: self.proto.name(),
-            }),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                Err(PasstError::PortInUse { spec: self.spec(), addr, port: self.host_port, proto: self.proto.name() })
+            }
             // Anything else (EACCES for a low port, EADDRNOTAVAIL) passt reports.
             _ => Ok(()),
         }
@@ -271,9 +268,8 @@ fn interface_ipv4(name: &str) -> Option<(Ipv4Addr, u8)> {
             continue;
         }
         // SAFETY: an AF_INET address and netmask are sockaddr_in.
-        let (a, m) = unsafe {
-            (*(ifa.ifa_addr as *const libc::sockaddr_in), *(ifa.ifa_netmask as *const libc::sockaddr_in))
-        };
+        let (a, m) =
+            unsafe { (*(ifa.ifa_addr as *const libc::sockaddr_in), *(ifa.ifa_netmask as *const libc::sockaddr_in)) };
         let addr = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
         let prefix = u32::from_be(m.sin_addr.s_addr).count_ones() as u8;
         found = Some((addr, prefix));
@@ -419,7 +415,11 @@ impl Passt {
         }
         // SAFETY: a fresh descriptor.
         let mut stderr = File::from(err_r);
-        let passt = Passt { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }, _stderr: stderr.try_clone().map_err(io_err("dup"))? };
+        let passt = Passt {
+            pid,
+            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
+            _stderr: stderr.try_clone().map_err(io_err("dup"))?,
+        };
         // The PID line, or EOF. passt may keep the file open: stop at the newline.
         let mut line = Vec::new();
         let mut ready = File::from(ready_r);
@@ -468,7 +468,13 @@ impl Drop for Passt {
     fn drop(&mut self) {
         // SAFETY: signals and reaps the process the pidfd refers to, our child.
         unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGTERM, std::ptr::null::<u8>(), 0);
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGTERM,
+                std::ptr::null::<u8>(),
+                0,
+            );
             let mut info: libc::siginfo_t = std::mem::zeroed();
             loop {
                 let r = libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED);
@@ -505,8 +511,21 @@ mod tests {
         assert_eq!(p.spec(), "127.0.0.1:5353:53/udp");
         assert_eq!(Publish::parse("1:2/tcp").unwrap().proto, Proto::Tcp);
         for bad in [
-            "", "80", "0:80", "80:0", "65536:80", "a:80", "80:80/sctp", "1.2.3:80:80", "::1:80:80", "80:80:80:80",
-            "+80:80", "80:", ":80", "80:80/", "99999999999999999999:1",
+            "",
+            "80",
+            "0:80",
+            "80:0",
+            "65536:80",
+            "a:80",
+            "80:80/sctp",
+            "1.2.3:80:80",
+            "::1:80:80",
+            "80:80:80:80",
+            "+80:80",
+            "80:",
+            ":80",
+            "80:80/",
+            "99999999999999999999:1",
         ] {
             assert_eq!(Publish::parse(bad), None, "{bad}");
         }

@@ -273,7 +273,11 @@ impl Net {
                     // The host refused it (EAGAIN: its queue is full; EIO: the link is down; EINVAL;
                     // EPIPE: passt is gone).
                     self.dropped += 1;
-                    log::debug!("virtio-net: {} refused a {}-byte frame: {e}", self.backend.describe(), self.tx_buf.len());
+                    log::debug!(
+                        "virtio-net: {} refused a {}-byte frame: {e}",
+                        self.backend.describe(),
+                        self.tx_buf.len()
+                    );
                 }
             }
             Err(why) => self.drop_frame(format_args!("{why}")),
