@@ -486,7 +486,8 @@ fn open_virtio_devices(cfg: &VmConfig, linux: bool, passts: &mut Vec<Passt>) -> 
                 };
                 let (p, endpoint) = Passt::start(&guest, publish, None)?;
                 let Endpoint::Socket(socket) = endpoint else {
-                    unreachable!("Passt::start without a path gives a socket")
+                    // Passt::start without a path always gives a socket.
+                    return Err(VmmError::Host("passt's socket", std::io::Error::other("no socket pair")));
                 };
                 let name = format!("passt (pid {})", p.pid());
                 passts.push(p);

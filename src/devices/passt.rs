@@ -413,13 +413,10 @@ impl Passt {
             let _ = child.wait();
             return Err(PasstError::Io { what: "pidfd_open", source: e });
         }
-        // SAFETY: a fresh descriptor.
+        // SAFETY: a fresh descriptor, owned from here on.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
         let mut stderr = File::from(err_r);
-        let passt = Passt {
-            pid,
-            pidfd: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
-            _stderr: stderr.try_clone().map_err(io_err("dup"))?,
-        };
+        let passt = Passt { pid, pidfd, _stderr: stderr.try_clone().map_err(io_err("dup"))? };
         // The PID line, or EOF. passt may keep the file open: stop at the newline.
         let mut line = Vec::new();
         let mut ready = File::from(ready_r);
@@ -450,10 +447,9 @@ impl Passt {
         // The Child handle is not needed: the pidfd stops and reaps.
         std::mem::forget(child);
         log::debug!("passt {pid} ready: {}", String::from_utf8_lossy(&line).trim());
-        let endpoint = match (ours, listen) {
-            (Some(s), _) => Endpoint::Socket(File::from(OwnedFd::from(s))),
-            (None, Some(p)) => Endpoint::Path(p.to_path_buf()),
-            (None, None) => unreachable!("one of the two is set above"),
+        let endpoint = match ours {
+            Some(s) => Endpoint::Socket(File::from(OwnedFd::from(s))),
+            None => Endpoint::Path(listen.map(Path::to_path_buf).unwrap_or_default()),
         };
         Ok((passt, endpoint))
     }
