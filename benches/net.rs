@@ -111,7 +111,10 @@ done
 "#,
         bin = bin.display(),
         tools = tools.display(),
-        user_cmd = guest_cmd.replace("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ", ""),
+        // A stalled transfer (see the README's figures) must not hold the rest of the run.
+        user_cmd = guest_cmd
+            .replace("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ", "")
+            .replace("/mnt/bin/iperf3", "timeout 90 /mnt/bin/iperf3"),
     );
     let o = lane
         .run_program(Path::new("/bin/sh"), &Invocation::new(["-c", script.as_str()]), Duration::from_secs(1200))
