@@ -13,7 +13,16 @@
 //! runs in namespaces the script creates and deletes on exit, also on failure: the ember tap's
 //! (server 10.0.0.1, guest 10.0.0.2) and two joined by the veth pair (10.1.0.1, 10.1.0.2).
 //!
-//! `cargo bench --bench net` ; EMBER_NET_BENCH_SECS sets each iperf3 run's length (default 5).
+//! `--net user` (passt) is measured in the same run, against the tap: the same guest command in a
+//! namespace with a veth pair whose both ends stay inside (the default route via 10.0.0.1, an address
+//! no interface has, so passt's gateway mapping carries the guest to the namespace's loopback, where
+//! the server listens). Then the start-up cost of `--net user`: the wall time of `ember run -- cat
+//! /proc/uptime` without a network, with `--net user` (eth0 set from ember.net=) and with `--net user`
+//! and DHCP (`ember.net=dhcp`: busybox udhcpc), interleaved, medians; the guest's uptime when the
+//! command ran says how much of the difference is inside the guest.
+//!
+//! `cargo bench --bench net` ; EMBER_NET_BENCH_SECS sets each iperf3 run's length (default 5),
+//! EMBER_NET_BENCH_STARTS the start-up rounds (default 5).
 
 use std::path::Path;
 use std::time::Duration;
@@ -43,6 +52,7 @@ fn main() {
         .unwrap_or_else(|| panic!("no iperf3 on the host (apt-get install iperf3; tools.sh installs it too)"));
     let mut lane = LinuxLane::start(bin).unwrap_or_else(|e| panic!("the Linux lane: {e}"));
     // This goes between single quotes in the script below: no single quotes in it.
+    let rounds: u32 = std::env::var("EMBER_NET_BENCH_STARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let guest_cmd = format!(
         "ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 10 -i 0.2 10.0.0.1 | tail -1 && \
          mount -o ro /dev/vda /mnt && \
@@ -71,9 +81,40 @@ echo veth-ping $(ip netns exec $B busybox ping -c 10 -i 0.2 10.1.0.1 | tail -1)
 ip netns exec $B {iperf3} -c 10.1.0.1 -t {secs} -f m | sed 's/^/veth-up /'
 ip netns exec $B {iperf3} -c 10.1.0.1 -t {secs} -f m -R | sed 's/^/veth-down /'
 ip netns exec $NS {bin} run --memory 512M --disk {tools},ro --net tap=etap0 -- sh -c '{guest_cmd}' | sed 's/^/guest /'
+# --net user: passt in namespace $U, whose loopback the guest reaches at its gateway 10.0.0.1.
+U=ember-bnu-$$
+ip netns add $U || exit 93
+trap 'cleanup; kill $S3 2>/dev/null; ip netns del $U' EXIT
+ip -n $U link set lo up
+ip -n $U link add uv0 type veth peer name uv1 || exit 94
+ip -n $U addr add 10.0.0.2/24 dev uv0; ip -n $U addr add 10.0.0.3/24 dev uv1
+ip -n $U link set uv0 up; ip -n $U link set uv1 up
+ip -n $U route add default via 10.0.0.1 dev uv0
+ip netns exec $U {iperf3} -s -B 127.0.0.1 >/dev/null 2>&1 & S3=$!
+sleep 1
+ip netns exec $U {bin} run --memory 512M --disk {tools},ro --net user -- sh -c '{user_cmd}' | sed 's/^/user /'
+# Start-up: no network, --net user (ember.net= static), --net user with DHCP; interleaved.
+CL="console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet ember.net=dhcp"
+for i in $(seq {rounds}); do
+    for mode in none user dhcp; do
+        case $mode in
+        none) set -- ;;
+        user) set -- --net user ;;
+        dhcp) set -- --net user --cmdline "$CL" ;;
+        esac
+        t0=$(date +%s%N)
+        up=$(ip netns exec $U {bin} run "$@" -- cat /proc/uptime | tr -d '\r')
+        t1=$(date +%s%N)
+        echo "start $mode $(( (t1 - t0) / 1000000 )) ${{up%% *}}"
+    done
+done
 "#,
         bin = bin.display(),
         tools = tools.display(),
+        // A stalled transfer (see the README's figures) must not hold the rest of the run.
+        user_cmd = guest_cmd
+            .replace("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ", "")
+            .replace("/mnt/bin/iperf3", "timeout 90 /mnt/bin/iperf3"),
     );
     let o = lane
         .run_program(Path::new("/bin/sh"), &Invocation::new(["-c", script.as_str()]), Duration::from_secs(1200))
@@ -103,6 +144,41 @@ ip netns exec $NS {bin} run --memory 512M --disk {tools},ro --net tap=etap0 -- s
             println!("  ratio                                 : {:10.1} %", 100.0 * d / v);
         }
         _ => println!("  host -> guest (-R): no result"),
+    }
+    let (uup, udown) = (mbits(&out, "user up:"), mbits(&out, "user down:"));
+    println!("--net user (passt) against --net tap, same guest, same run:");
+    for (what, u, t) in [("guest -> host", uup, Some(up)), ("host -> guest (-R)", udown, down)] {
+        match (u, t) {
+            (Some(u), Some(t)) => {
+                println!("  {what:<20} passt {u:10.1} Mbit/s, tap {t:10.1} Mbit/s, ratio {:6.2}", u / t)
+            }
+            _ => println!("  {what:<20} no result"),
+        }
+    }
+    let median = |v: &mut Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    };
+    println!("start-up, `ember run [--net user] -- cat /proc/uptime`, {rounds} interleaved rounds, medians:");
+    let mut base = None;
+    for mode in ["none", "user", "dhcp"] {
+        let (mut wall, mut up): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
+        for l in out.lines().filter_map(|l| l.strip_prefix(&format!("start {mode} "))) {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if let (Some(a), Some(b)) = (w.first().and_then(|x| x.parse().ok()), w.get(1).and_then(|x| x.parse().ok()))
+            {
+                wall.push(a);
+                up.push(b);
+            }
+        }
+        let (w, u) = (median(&mut wall), median(&mut up) * 1000.0);
+        let label = match mode {
+            "none" => "no network",
+            "user" => "--net user (ember.net=)",
+            _ => "--net user, DHCP",
+        };
+        let b = *base.get_or_insert(w);
+        println!("  {label:<24} wall {w:8.0} ms ({:+6.0} ms), guest uptime at the command {u:8.0} ms", w - b);
     }
     match (guest_rtt, veth_rtt) {
         (Some(g), Some(v)) => {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::bus::BusDevice;
+pub use crate::devices::passt::{GuestIpv4, Publish};
 use crate::layout;
 use crate::stats::ExitObservation;
 
@@ -47,16 +48,63 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
-/// One virtio-net device: `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create]`.
+/// One virtio-net device: `--net tap=NAME[,mac=MAC][,create]`, `--net user[,mac=MAC]`
+/// or `--net stream=PATH[,mac=MAC][,ip=ADDR/PREFIX,gw=GW[,dns=DNS][,mtu=N]]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    /// The host tap interface (at most 15 bytes).
-    pub tap: String,
-    /// The guest's MAC; None: derived from the tap name and the device index
-    /// (`devices::virtio::net::default_mac`).
+    /// The host end.
+    pub backend: NetBackendConfig,
+    /// The guest's MAC; None: derived from the backend's name and the device
+    /// index (`devices::virtio::net::default_mac`).
     pub mac: Option<[u8; 6]>,
-    /// Create the tap (it must not exist) and remove it when ember exits.
-    pub create: bool,
+}
+
+/// The host end of a virtio-net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// A host tap interface.
+    Tap {
+        /// Its name (at most 15 bytes).
+        name: String,
+        /// Create the tap (it must not exist) and remove it when ember exits.
+        create: bool,
+    },
+    /// User-mode networking: a passt ember starts for this VM (devices/passt.rs).
+    User {
+        /// Host ports published to guest ports (`-p`).
+        publish: Vec<Publish>,
+        /// The guest's addresses, as passt hands them out; filled in from the
+        /// host's default route when the VM is built if None.
+        guest: Option<GuestIpv4>,
+    },
+    /// Frames over a stream someone else serves: a Unix socket to connect to
+    /// (a passt started with `-s PATH`) or a character device (the Linux
+    /// lane's virtio-serial port to the host's passt).
+    Stream {
+        /// The socket or device.
+        path: PathBuf,
+        /// The addresses ember's init sets on eth0; None: it asks DHCP.
+        guest: Option<GuestIpv4>,
+    },
+}
+
+impl NetConfig {
+    /// The name the default MAC is derived from: the tap's, `user`, or the path.
+    pub fn mac_seed(&self) -> String {
+        match &self.backend {
+            NetBackendConfig::Tap { name, .. } => name.clone(),
+            NetBackendConfig::User { .. } => "user".into(),
+            NetBackendConfig::Stream { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// The guest's IPv4 configuration, if ember knows it.
+    pub fn guest_ipv4(&self) -> Option<&GuestIpv4> {
+        match &self.backend {
+            NetBackendConfig::User { guest, .. } | NetBackendConfig::Stream { guest, .. } => guest.as_ref(),
+            NetBackendConfig::Tap { .. } => None,
+        }
+    }
 }
 
 /// Whether the VM gets a virtio-rng device.
@@ -193,9 +241,21 @@ pub enum ConfigError {
     VirtioWithoutIrqchip,
     /// A `--net` value we do not understand.
     #[error(
-        "--net `{0}` is not understood: write tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create] (NAME: 1 to 15 bytes, no `/`, `:` or spaces)"
+        "--net `{0}` is not understood: write user[,mac=MAC], none, or tap=NAME[,mac=MAC][,create] \
+         (NAME: 1 to 15 bytes, no `/`, `:` or spaces)"
     )]
     BadNet(String),
+    /// A `-p` value we do not understand.
+    #[error(
+        "-p `{0}` is not understood: write [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp], e.g. 8080:80 or 127.0.0.1:5353:53/udp"
+    )]
+    BadPublish(String),
+    /// `-p` without `--net user`.
+    #[error("-p publishes ports through --net user, which this VM does not have (it has --net none or only taps)")]
+    PublishWithoutUser,
+    /// Two `--net user`.
+    #[error("--net user is given twice: one user-mode network per VM (publish more ports with -p)")]
+    TwoUserNets,
     /// A MAC address that is malformed or not a unicast address.
     #[error(
         "--net: `{0}` is not a MAC address a NIC can have: write six hex pairs, e.g. 52:54:00:12:34:56, with the first octet even (unicast)"
@@ -212,28 +272,107 @@ pub enum ConfigError {
     DuplicateDisk(PathBuf),
 }
 
-/// Parses `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,create]` (options in any order).
+/// Parses a `--net` value other than `none`: `tap=NAME[,mac=MAC][,create]`,
+/// `user[,mac=MAC]` or `stream=PATH[,mac=MAC][,ip=ADDR/PREFIX,gw=GW[,dns=DNS][,mtu=N]]`
+/// (options in any order after the first).
 pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     let bad = || ConfigError::BadNet(text.to_string());
-    let mut net = NetConfig { tap: String::new(), mac: None, create: false };
-    for opt in text.split(',') {
-        if opt == "create" {
-            net.create = true;
-        } else if let Some(name) = opt.strip_prefix("tap=") {
-            if !net.tap.is_empty() || !crate::devices::tap::valid_name(name) {
+    let mut parts = text.split(',');
+    let first = parts.next().unwrap_or("");
+    let mut tap: Option<(String, bool)> = None;
+    let mut user = false;
+    let mut stream: Option<PathBuf> = None;
+    let mut mac = None;
+    let (mut ip, mut gw, mut dns, mut mtu) = (None, None, None, None);
+    if first == "user" {
+        user = true;
+    } else if let Some(name) = first.strip_prefix("tap=") {
+        if !crate::devices::tap::valid_name(name) {
+            return Err(bad());
+        }
+        tap = Some((name.to_string(), false));
+    } else if let Some(path) = first.strip_prefix("stream=").filter(|p| !p.is_empty()) {
+        stream = Some(PathBuf::from(path));
+    } else if first == "create" {
+        // `create,tap=NAME`: options in any order for a tap, as before.
+        tap = Some((String::new(), true));
+    } else if let Some(m) = first.strip_prefix("mac=") {
+        mac = Some(parse_mac(m)?);
+    } else {
+        return Err(bad());
+    }
+    for opt in parts {
+        let ipv4 = |v: &str| v.parse::<std::net::Ipv4Addr>().map_err(|_| bad());
+        if let Some(m) = opt.strip_prefix("mac=") {
+            mac = Some(parse_mac(m)?);
+        } else if opt == "create" && !user && stream.is_none() {
+            tap.get_or_insert_with(|| (String::new(), false)).1 = true;
+        } else if let Some(name) = opt.strip_prefix("tap=").filter(|_| !user && stream.is_none()) {
+            let t = tap.get_or_insert_with(|| (String::new(), false));
+            if !t.0.is_empty() || !crate::devices::tap::valid_name(name) {
                 return Err(bad());
             }
-            net.tap = name.to_string();
-        } else if let Some(mac) = opt.strip_prefix("mac=") {
-            net.mac = Some(parse_mac(mac)?);
+            t.0 = name.to_string();
+        } else if let (Some(v), true) = (opt.strip_prefix("ip="), stream.is_some()) {
+            let (a, p) = v.split_once('/').ok_or_else(bad)?;
+            let p: u8 = p.parse().ok().filter(|p| (1..=32).contains(p)).ok_or_else(bad)?;
+            ip = Some((ipv4(a)?, p));
+        } else if let (Some(v), true) = (opt.strip_prefix("gw="), stream.is_some()) {
+            gw = Some(ipv4(v)?);
+        } else if let (Some(v), true) = (opt.strip_prefix("dns="), stream.is_some()) {
+            dns = Some(ipv4(v)?);
+        } else if let (Some(v), true) = (opt.strip_prefix("mtu="), stream.is_some()) {
+            mtu = Some(v.parse::<u16>().ok().filter(|m| *m >= 68).ok_or_else(bad)?);
         } else {
             return Err(bad());
         }
     }
-    if net.tap.is_empty() {
-        return Err(bad());
+    let backend = if user {
+        NetBackendConfig::User { publish: Vec::new(), guest: None }
+    } else if let Some(path) = stream {
+        let guest = match (ip, gw) {
+            (Some((addr, prefix)), Some(gateway)) => {
+                Some(GuestIpv4 { addr, prefix, gateway, dns, mtu: mtu.unwrap_or(crate::devices::passt::MTU) })
+            }
+            (None, None) if dns.is_none() && mtu.is_none() => None,
+            _ => return Err(bad()),
+        };
+        NetBackendConfig::Stream { path, guest }
+    } else {
+        match tap {
+            Some((name, create)) if !name.is_empty() => NetBackendConfig::Tap { name, create },
+            _ => return Err(bad()),
+        }
+    };
+    Ok(NetConfig { backend, mac })
+}
+
+/// The `--net` value that says what [`parse_net`] reads (for the Linux lane,
+/// which hands the inner ember a rewritten `--net`).
+pub fn render_net(net: &NetConfig) -> String {
+    let mut s = match &net.backend {
+        NetBackendConfig::Tap { name, create } => format!("tap={name}{}", if *create { ",create" } else { "" }),
+        NetBackendConfig::User { .. } => "user".into(),
+        NetBackendConfig::Stream { path, guest } => {
+            let mut s = format!("stream={}", path.display());
+            if let Some(g) = guest {
+                s += &format!(",ip={}/{},gw={},mtu={}", g.addr, g.prefix, g.gateway, g.mtu);
+                if let Some(d) = g.dns {
+                    s += &format!(",dns={d}");
+                }
+            }
+            s
+        }
+    };
+    if let Some(m) = net.mac {
+        s += &format!(",mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
     }
-    Ok(net)
+    s
+}
+
+/// Parses a `-p` value (see [`Publish::parse`]).
+pub fn parse_publish(text: &str) -> Result<Publish, ConfigError> {
+    Publish::parse(text).ok_or_else(|| ConfigError::BadPublish(text.to_string()))
 }
 
 /// Parses `52:54:00:12:34:56` (or with `-`); refuses multicast addresses.
@@ -385,10 +524,20 @@ impl VmConfig {
         {
             return Err(ConfigError::VirtioWithoutIrqchip);
         }
+        let tap = |n: &NetConfig| match &n.backend {
+            NetBackendConfig::Tap { name, .. } => Some(name.clone()),
+            _ => None,
+        };
         for (i, n) in self.nets.iter().enumerate() {
-            if self.nets[..i].iter().any(|m| m.tap == n.tap) {
-                return Err(ConfigError::DuplicateTap(n.tap.clone()));
+            if let Some(name) = tap(n)
+                && self.nets[..i].iter().any(|m| tap(m).as_ref() == Some(&name))
+            {
+                return Err(ConfigError::DuplicateTap(name));
             }
+        }
+        let users = self.nets.iter().filter(|n| matches!(n.backend, NetBackendConfig::User { .. })).count();
+        if users > 1 {
+            return Err(ConfigError::TwoUserNets);
         }
         // The same file under two names (a symlink, `./x` and `x`) is the same
         // image: compare device and inode. A path that cannot be read is
@@ -478,13 +627,41 @@ mod tests {
 
     #[test]
     fn nets_parse() {
+        let tap = |name: &str, create| NetBackendConfig::Tap { name: name.into(), create };
         let n = parse_net("tap=tap0").unwrap();
-        assert_eq!(n, NetConfig { tap: "tap0".into(), mac: None, create: false });
+        assert_eq!(n, NetConfig { backend: tap("tap0", false), mac: None });
         let n = parse_net("create,mac=52:54:00:AB:cd:01,tap=t1").unwrap();
-        assert_eq!(n, NetConfig { tap: "t1".into(), mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]), create: true });
-        for bad in ["", "tap=", "tap0", "tap=a,tap=b", "tap=a,xyz", "tap=a234567890123456", "tap=a/b"] {
+        assert_eq!(n, NetConfig { backend: tap("t1", true), mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]) });
+        let n = parse_net("user,mac=52:54:00:00:00:02").unwrap();
+        assert_eq!(n.backend, NetBackendConfig::User { publish: vec![], guest: None });
+        assert_eq!(render_net(&n), "user,mac=52:54:00:00:00:02");
+        let s = "stream=/dev/virtio-ports/ember.net0,ip=10.0.0.2/24,gw=10.0.0.1,mtu=65520,dns=10.0.0.53";
+        let n = parse_net(s).unwrap();
+        let g = n.guest_ipv4().unwrap();
+        assert_eq!((g.addr.to_string(), g.prefix, g.gateway.to_string()), ("10.0.0.2".into(), 24, "10.0.0.1".into()));
+        assert_eq!(render_net(&n), s);
+        assert_eq!(parse_net("stream=/s").unwrap().guest_ipv4(), None);
+        for bad in [
+            "",
+            "tap=",
+            "tap0",
+            "tap=a,tap=b",
+            "tap=a,xyz",
+            "tap=a234567890123456",
+            "tap=a/b",
+            "user,tap=a",
+            "users",
+            "user,create",
+            "stream=",
+            "stream=/s,ip=10.0.0.2/24",
+            "stream=/s,ip=10.0.0.2,gw=10.0.0.1",
+            "stream=/s,mtu=9000",
+            "tap=a,ip=10.0.0.2/24",
+            "none",
+        ] {
             assert!(matches!(parse_net(bad), Err(ConfigError::BadNet(_))), "{bad}");
         }
+        assert!(matches!(parse_publish("80"), Err(ConfigError::BadPublish(_))));
         for bad in [
             "52:54:00:12:34",
             "52:54:00:12:34:5",
@@ -500,6 +677,8 @@ mod tests {
         assert!(c.validate().is_ok());
         c.nets.push(parse_net("tap=a,mac=02:00:00:00:00:01").unwrap());
         assert!(matches!(c.validate(), Err(ConfigError::DuplicateTap(_))));
+        c.nets = vec![parse_net("user").unwrap(), parse_net("user").unwrap()];
+        assert!(matches!(c.validate(), Err(ConfigError::TwoUserNets)));
     }
 
     #[test]

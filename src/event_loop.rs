@@ -86,10 +86,12 @@ pub struct QueueEvent {
     pub queue: u32,
 }
 
-/// A device's host descriptor (virtio-net's tap), watched edge-triggered.
+/// A device's host descriptor (virtio-net's tap or frame stream), watched edge-triggered.
 pub struct TapEvent {
     /// The descriptor (owned by the device, which lives as long as the transport).
     pub fd: RawFd,
+    /// Report it becoming writable too (a frame stream holding a frame back).
+    pub writable: bool,
     /// The device's transport.
     pub transport: Arc<Mutex<MmioTransport>>,
 }
@@ -214,7 +216,11 @@ pub fn run(
     for (n, t) in taps.iter().enumerate() {
         // Edge-triggered: a tap the device stopped reading (no receive
         // buffers) does not wake the loop again until a new frame arrives.
-        let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, Token::Tap(n as u32).to_u64());
+        let mut set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        if t.writable {
+            set |= EventSet::OUT;
+        }
+        let ev = EpollEvent::new(set, Token::Tap(n as u32).to_u64());
         epoll.ctl(ControlOperation::Add, t.fd, ev).map_err(EventLoopError::Epoll)?;
     }
     let sigfd = signalfd(signals)?;

@@ -18,7 +18,10 @@
 //! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, the
 //!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), and
 //!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-net,
-//!   virtio-rng, virtio-console), and the host tap behind virtio-net (`devices/tap.rs`).
+//!   virtio-rng, virtio-console), and the host ends behind virtio-net
+//!   (`devices/net_backend.rs`): a tap (`devices/tap.rs`), or a stream of
+//!   length-prefixed frames (`devices/frame_stream.rs`) to the passt that
+//!   `--net user` starts and stops (`devices/passt.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.
@@ -44,6 +47,10 @@
 //! (`Token::Tap`, edge-triggered) -> `devices/virtio/mmio.rs` (host_event) ->
 //! `devices/virtio/net.rs` (read, copy into receive buffers, add_used) -> irqfd.
 //! A transmitted frame takes the virtio-blk path to `net.rs`, which writes it to the tap.
+//! With `--net user` the tap is a socket to passt (`devices/frame_stream.rs`:
+//! the vnet header swapped for a 4-byte length), which turns frames into host
+//! sockets; a frame it cannot take whole yet waits there, and the event loop's
+//! writable event on the socket resumes the transmit queue.
 //!
 //! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
 //! guest: build, cache, passing a command to its init; the fio/iperf3 tools

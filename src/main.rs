@@ -165,11 +165,17 @@ struct RunArgs {
     /// default guest starts without its initramfs (see guest-kernels/rootfs.sh).
     #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
     root_disk: Option<String>,
-    /// A virtio-net device on host tap NAME; repeatable, the first is eth0 in
-    /// Linux. `mac=`: the guest's address (default: derived from NAME and the
-    /// device's position); `create`: create the tap (root) and remove it at exit.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC][,create]")]
+    /// A virtio-net device; repeatable, the first is eth0 in Linux. `user`:
+    /// user-mode networking through passt (the guest reaches the host's
+    /// loopback at its gateway; ports with -p); `tap=NAME`: host tap NAME
+    /// (`create`: create it, as root, and remove it at exit); `none`: no
+    /// network (image runs get `user` by default). `mac=`: the guest's address.
+    #[arg(long, value_name = "user|tap=NAME|none[,mac=MAC][,create]")]
     net: Vec<String>,
+    /// Publish a guest port on the host through --net user (passt's -t/-u);
+    /// repeatable. HOSTIP defaults to every address, the protocol to tcp.
+    #[arg(short = 'p', long = "publish", value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]")]
+    publish: Vec<String>,
     /// Give the guest a virtio-rng device even when it is not Linux.
     #[arg(long, conflicts_with = "no_rng")]
     rng: bool,
@@ -394,8 +400,17 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     for d in &a.disk {
         cfg.disks.push(config::parse_disk(d).map_err(|e| e.to_string())?);
     }
-    for n in &a.net {
-        cfg.nets.push(config::parse_net(n).map_err(|e| e.to_string())?);
+    cfg.nets = nets(a, image.is_some())?;
+    // The default guest's init configures eth0 from ember.net= (see
+    // guest-kernels/init): the addresses passt hands out, or DHCP.
+    if let Some(first) = cfg.nets.first()
+        && !cfg.cmdline.contains("ember.net=")
+    {
+        match (first.guest_ipv4(), &first.backend) {
+            (Some(g), _) => cfg.cmdline = format!("{} {}", cfg.cmdline, g.kernel_param()),
+            (None, config::NetBackendConfig::Stream { .. }) => cfg.cmdline += " ember.net=dhcp",
+            _ => {}
+        }
     }
     cfg.rng = match (a.rng, a.no_rng) {
         (true, _) => RngMode::On,
@@ -422,9 +437,60 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     Ok(Plan { cfg, _scratch: scratch, image_disk })
 }
 
+/// Whether `ember run IMAGE` gets `--net user` without asking, as `docker run`
+/// gives a container a network (see README: what it costs at start-up).
+const IMAGE_RUNS_GET_USER_NET: bool = true;
+
+/// The VM's NICs from `--net` and `-p`: `none` drops the image run's default
+/// user network; `-p` goes to the user network, whose guest addresses are
+/// taken from this host's default route (where passt will run).
+fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, String> {
+    let mut nets = Vec::new();
+    let mut none = false;
+    for n in &a.net {
+        if n == "none" {
+            none = true;
+        } else {
+            nets.push(config::parse_net(n).map_err(|e| e.to_string())?);
+        }
+    }
+    let publish =
+        a.publish.iter().map(|p| config::parse_publish(p).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    let is_user = |n: &config::NetConfig| matches!(n.backend, config::NetBackendConfig::User { .. });
+    // An image run's default network is best effort: without passt or a
+    // default route the image runs without a network, as with --net none.
+    if image && a.net.is_empty() && IMAGE_RUNS_GET_USER_NET && ember::devices::passt::find_binary().is_ok() {
+        match ember::devices::passt::GuestIpv4::from_host() {
+            Ok(g) => nets.push(config::NetConfig {
+                backend: config::NetBackendConfig::User { publish: vec![], guest: Some(g) },
+                mac: None,
+            }),
+            Err(e) if publish.is_empty() => log::info!("no default network for the image: {e}"),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let user = nets.iter_mut().find(|n| is_user(n));
+    match user {
+        Some(config::NetConfig { backend: config::NetBackendConfig::User { publish: p, guest }, .. }) => {
+            *p = publish;
+            // Said first: without passt, nothing else about the network matters.
+            ember::devices::passt::find_binary().map_err(|e| e.to_string())?;
+            if guest.is_none() {
+                *guest = Some(ember::devices::passt::GuestIpv4::from_host().map_err(|e| e.to_string())?);
+            }
+        }
+        _ if !publish.is_empty() => return Err(config::ConfigError::PublishWithoutUser.to_string()),
+        _ => {}
+    }
+    if none && !nets.is_empty() && nets.iter().any(is_user) {
+        return Err("--net none cannot be combined with --net user".into());
+    }
+    Ok(nets)
+}
+
 /// The VM options of `a` as command-line words, for the inner ember of the
 /// Linux lane when the outer one has resolved an image into kernel, initrd and disk.
-fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsString> {
+fn vm_args(a: &RunArgs, cfg: &VmConfig, nets: &[config::NetConfig], image_disk: &str) -> Vec<std::ffi::OsString> {
     let mut v: Vec<std::ffi::OsString> = vec!["run".into()];
     let KernelSource::Path(k) = &cfg.kernel else { return v };
     v.extend(["--kernel".into(), k.clone().into_os_string()]);
@@ -443,8 +509,8 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsStr
     for d in &a.disk {
         push("--disk", d.clone());
     }
-    for n in &a.net {
-        push("--net", n.clone());
+    for n in nets {
+        push("--net", config::render_net(n));
     }
     let irq = match a.irqchip {
         IrqchipArg::Auto => "auto",
@@ -484,6 +550,35 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, image_disk: &str) -> Vec<std::ffi::OsStr
 /// and initrd are given explicitly).
 fn output_arg(cfg: &VmConfig) -> &'static str {
     if cfg.split_output { "--output=split" } else { "--output=console" }
+}
+
+/// `ember run` arguments (before `--`) for the inner ember of the Linux lane:
+/// the `--net user...` value becomes `stream` (see `maybe_fallback`) and
+/// `-p`/`--publish` go, as the host's passt publishes the ports.
+fn rewrite_user_net(args: Vec<std::ffi::OsString>, stream: &str) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy().into_owned();
+        if s == "--" {
+            out.push(a);
+            out.extend(it);
+            break;
+        }
+        let is_user = |v: &str| v == "user" || v.starts_with("user,");
+        if s == "--net" {
+            let v = it.next().unwrap_or_default();
+            out.push(a);
+            out.push(if is_user(&v.to_string_lossy()) { stream.into() } else { v });
+        } else if let Some(v) = s.strip_prefix("--net=") {
+            out.push(if is_user(v) { format!("--net={stream}").into() } else { a });
+        } else if s == "-p" || s == "--publish" {
+            it.next();
+        } else if !(s.starts_with("--publish=") || (s.starts_with("-p") && s.len() > 2 && !s.starts_with("--"))) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// Prints an error with its chain of causes.
@@ -540,6 +635,37 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
          emulated SVM machine instead (QEMU TCG, a slower guest; the first run boots it, later runs reuse it: \
          `ember lane status`; --no-fallback refuses)"
     );
+    // --net user: passt runs here, on the host, so that the guest's gateway
+    // is this host and published ports are on this host's addresses, not the
+    // outer machine's. It listens on a socket that becomes the outer
+    // machine's virtio-serial port ember.net0; the inner ember gets
+    // `--net stream=/dev/virtio-ports/ember.net0` with passt's addresses.
+    let mut user_net = None;
+    let mut nets = cfg.nets.clone();
+    for (i, n) in nets.iter_mut().enumerate() {
+        let config::NetBackendConfig::User { publish, guest } = &n.backend else { continue };
+        let guest = guest.expect("build_config fills in the guest's addresses");
+        let scratch = match Scratch::new() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("ember: {e}");
+                return Some(EXIT_VMM_ERROR);
+            }
+        };
+        let sock = scratch.0.join("passt.sock");
+        match ember::devices::passt::Passt::start(&guest, publish, Some(&sock)) {
+            Ok((p, _)) => user_net = Some((p, sock, scratch)),
+            Err(e) => {
+                eprintln!("ember: {}", chain(&e));
+                return Some(EXIT_VMM_ERROR);
+            }
+        }
+        let mac = n.mac.unwrap_or_else(|| ember::devices::virtio::net::default_mac(&n.mac_seed(), i));
+        *n = config::NetConfig {
+            backend: config::NetBackendConfig::Stream { path: ember::lane::USER_NET_PORT.into(), guest: Some(guest) },
+            mac: Some(mac),
+        };
+    }
     // The inner ember gets the resolved kernel and initrd, so it never has to
     // build or look up the default guest inside the machine. `--net` taps stay
     // as they are: the lane hands each host tap to the machine and bridges it
@@ -548,21 +674,25 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
     if let Some(disk) = &plan.image_disk {
         // The image is resolved here, on the host side (store and cache are
         // shared with the machine read-only, the run's initrd through /tmp).
-        inner = vm_args(args, cfg, disk);
-    } else if args.kernel.is_none() {
+        inner = vm_args(args, cfg, &nets, disk);
+    } else {
+        if user_net.is_some() {
+            let stream = nets.iter().find(|n| matches!(n.backend, config::NetBackendConfig::Stream { .. }));
+            inner = rewrite_user_net(inner, &stream.map(config::render_net).unwrap_or_default());
+        }
         let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
-        let KernelSource::Path(k) = &cfg.kernel else { return None };
-        let mut extra = vec!["--kernel".into(), k.clone().into_os_string()];
-        if let (None, Some(i)) = (&args.initrd, &cfg.initrd) {
-            extra.extend(["--initrd".into(), i.clone().into_os_string()]);
+        let mut extra: Vec<std::ffi::OsString> = Vec::new();
+        if args.kernel.is_none() {
+            let KernelSource::Path(k) = &cfg.kernel else { return None };
+            extra.extend(["--kernel".into(), k.clone().into_os_string()]);
+            if let (None, Some(i)) = (&args.initrd, &cfg.initrd) {
+                extra.extend(["--initrd".into(), i.clone().into_os_string()]);
+            }
         }
         if args.output == OutputArg::Auto {
             extra.push(output_arg(cfg).into());
         }
         inner.splice(at..at, extra);
-    } else if args.output == OutputArg::Auto {
-        let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
-        inner.insert(at, output_arg(cfg).into());
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -571,7 +701,8 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
             return Some(EXIT_VMM_ERROR);
         }
     };
-    match ember::lane::run_interactive(&exe, &inner, &cfg.writable_host_paths()) {
+    let sock = user_net.as_ref().map(|(_, sock, _)| sock.as_path());
+    match ember::lane::run_interactive(&exe, &inner, &cfg.writable_host_paths(), sock) {
         Ok(code) => Some(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("ember: the Linux lane failed: {}", chain(&e));
@@ -649,6 +780,8 @@ enum LaneAction {
         once: bool,
         #[arg(long)]
         tap: Vec<String>,
+        #[arg(long)]
+        user_net: Option<std::path::PathBuf>,
     },
 }
 
@@ -678,7 +811,7 @@ fn lane(action: LaneAction) -> u8 {
                 }
             }
         }
-        LaneAction::Serve { state_dir, build, once, tap } => {
+        LaneAction::Serve { state_dir, build, once, tap, user_net } => {
             let taps = tap
                 .iter()
                 .map(|t| match t.strip_suffix(",create") {
@@ -686,7 +819,7 @@ fn lane(action: LaneAction) -> u8 {
                     None => ember::lane::HostTap { name: t.clone(), create: false },
                 })
                 .collect();
-            match warm::serve(warm::ServeOptions { state_dir, build, once, taps }) {
+            match warm::serve(warm::ServeOptions { state_dir, build, once, taps, user_net }) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("ember: {}", chain(&e));

@@ -28,12 +28,16 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusError};
+use crate::config::NetBackendConfig;
 use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
 use crate::devices::acpi_sleep::AcpiSleep;
 use crate::devices::exit::ExitDevice;
+use crate::devices::frame_stream::FrameStream;
 use crate::devices::i8042::I8042;
+use crate::devices::net_backend::NetBackend;
+use crate::devices::passt::{Endpoint, GuestIpv4, Passt, PasstError};
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
 use crate::devices::serial_sink::{ConsoleTail, SERIAL_FILE_LIMIT, StdoutSink};
 use crate::devices::tap::{Tap, TapError};
@@ -113,6 +117,18 @@ pub enum VmmError {
     /// A tap cannot be used.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// passt (`--net user`) cannot be started.
+    #[error(transparent)]
+    Passt(#[from] PasstError),
+    /// `--net stream=PATH` cannot be opened.
+    #[error("--net stream={}: cannot connect", path.display())]
+    NetStream {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A host resource (eventfd, thread) could not be created.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
@@ -166,6 +182,8 @@ pub struct Vmm {
     pub boot: BootInfo,
     /// Whether the in-kernel irqchip was created.
     pub irqchip: bool,
+    /// The passt processes of `--net user` devices: stopped and reaped on drop.
+    _passts: Vec<Passt>,
     /// Guest RAM: last, so it is unmapped after every device and vCPU that holds a view of it.
     mem: GuestRam,
 }
@@ -205,7 +223,8 @@ impl Vmm {
             boot::open_initrd(initrd)?;
         }
         let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
-        let mut virtio = open_virtio_devices(cfg, linux)?;
+        let mut passts = Vec::new();
+        let mut virtio = open_virtio_devices(cfg, linux, &mut passts)?;
         let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let mut port_sinks = Vec::new();
         if cfg.split_output && linux {
@@ -372,6 +391,7 @@ impl Vmm {
             timeline,
             boot,
             irqchip,
+            _passts: passts,
         })
     }
 
@@ -509,21 +529,61 @@ impl Vmm {
     }
 }
 
+/// `--net stream=PATH`: connects to a Unix stream socket, or opens a
+/// character device (a virtio-serial port), non-blocking either way.
+fn open_stream(path: &std::path::Path) -> Result<FrameStream, VmmError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let err = |source| VmmError::NetStream { path: path.to_path_buf(), source };
+    let kind = std::fs::metadata(path).map_err(err)?.file_type();
+    let file = if kind.is_socket() {
+        let s = std::os::unix::net::UnixStream::connect(path).map_err(err)?;
+        s.set_nonblocking(true).map_err(err)?;
+        std::fs::File::from(std::os::fd::OwnedFd::from(s))
+    } else if kind.is_char_device() {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(err)?
+    } else {
+        return Err(err(std::io::Error::other("neither a Unix socket nor a character device")));
+    };
+    Ok(FrameStream::new(file, path.display().to_string()))
+}
+
 /// A virtio device with the name its bus slot shows (in `--stats`, messages).
 type NamedDevice = (&'static str, Box<dyn VirtioDevice>);
 
 /// Opens the virtio devices `cfg` asks for, in bus order: the disks (the
 /// first becomes /dev/vda), the NICs (the first is eth0), then the entropy
 /// device. Host files and taps are checked here, before any KVM call.
-fn open_virtio_devices(cfg: &VmConfig, linux: bool) -> Result<Vec<NamedDevice>, VmmError> {
+fn open_virtio_devices(cfg: &VmConfig, linux: bool, passts: &mut Vec<Passt>) -> Result<Vec<NamedDevice>, VmmError> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     for disk in &cfg.disks {
         devices.push(("virtio-blk", Box::new(Block::open(disk)?)));
     }
     for (i, n) in cfg.nets.iter().enumerate() {
-        let tap = Tap::open(&n.tap, n.create)?;
-        let mac = n.mac.unwrap_or_else(|| net::default_mac(&n.tap, i));
-        devices.push(("virtio-net", Box::new(Net::new(tap, mac))));
+        let backend = match &n.backend {
+            NetBackendConfig::Tap { name, create } => NetBackend::Tap(Tap::open(name, *create)?),
+            NetBackendConfig::User { publish, guest } => {
+                let guest = match guest {
+                    Some(g) => *g,
+                    None => GuestIpv4::from_host()?,
+                };
+                let (p, endpoint) = Passt::start(&guest, publish, None)?;
+                let Endpoint::Socket(socket) = endpoint else {
+                    // Passt::start without a path always gives a socket.
+                    return Err(VmmError::Host("passt's socket", std::io::Error::other("no socket pair")));
+                };
+                let name = format!("passt (pid {})", p.pid());
+                passts.push(p);
+                NetBackend::Stream(FrameStream::new(socket, name))
+            }
+            NetBackendConfig::Stream { path, .. } => NetBackend::Stream(open_stream(path)?),
+        };
+        let mac = n.mac.unwrap_or_else(|| net::default_mac(&n.mac_seed(), i));
+        devices.push(("virtio-net", Box::new(Net::new(backend, mac))));
     }
     let rng = match cfg.rng {
         RngMode::On => true,
@@ -599,6 +659,7 @@ fn create_virtio_transports(
         let mut transport = MmioTransport::new(device, mem.clone(), irq_evt);
         let queues = transport.queue_count();
         let host_fd = transport.host_fd();
+        let writable = transport.host_fd_writable();
         let mut queue_evts = Vec::with_capacity(queues);
         for q in 0..queues as u32 {
             let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
@@ -610,7 +671,7 @@ fn create_virtio_transports(
         }
         let transport = Arc::new(Mutex::new(transport));
         if let Some(fd) = host_fd {
-            taps.push(TapEvent { fd, transport: transport.clone() });
+            taps.push(TapEvent { fd, writable, transport: transport.clone() });
         }
         for (q, evt) in queue_evts.into_iter().enumerate() {
             events.push(QueueEvent { evt, transport: transport.clone(), queue: q as u32 });

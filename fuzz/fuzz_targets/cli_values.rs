@@ -77,16 +77,18 @@ fn disk(text: &str) {
 }
 
 fn net(text: &str) {
+    // `-p` values share the selector: a parsed one prints back as itself.
+    if let Some(p) = config::Publish::parse(text) {
+        assert_eq!(config::Publish::parse(&p.spec()), Some(p), "{text:?}");
+    }
     let Ok(n) = config::parse_net(text) else { return };
-    assert!(ember::devices::tap::valid_name(&n.tap), "{text:?}");
-    let mut canon = format!("tap={}", n.tap);
+    if let config::NetBackendConfig::Tap { name, .. } = &n.backend {
+        assert!(ember::devices::tap::valid_name(name), "{text:?}");
+    }
     if let Some(m) = n.mac {
         assert_eq!(m[0] & 1, 0, "multicast MAC accepted: {text:?}");
-        canon += &format!(",mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
     }
-    if n.create {
-        canon += ",create";
-    }
+    let canon = config::render_net(&n);
     assert_eq!(config::parse_net(&canon).ok(), Some(n), "{text:?} vs {canon:?}");
 }
 

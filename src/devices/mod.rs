@@ -1,10 +1,18 @@
 //! Emulated devices. Each file is one device as the guest sees it; devices
 //! know nothing of KVM: they get bytes from the bus and raise interrupts through
 //! an `EventFd` (an irqfd when the in-kernel irqchip exists).
+//!
+//! The host ends of virtio-net live apart from what the guest sees
+//! (`virtio/net.rs`): `net_backend.rs` (tap or stream), `tap.rs`,
+//! `frame_stream.rs` (length-prefixed frames, passt's protocol) and
+//! `passt.rs` (starting and stopping passt for `--net user`).
 
 pub mod acpi_sleep;
 pub mod exit;
+pub mod frame_stream;
 pub mod i8042;
+pub mod net_backend;
+pub mod passt;
 pub mod serial;
 pub mod serial_sink;
 pub mod tap;

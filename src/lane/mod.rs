@@ -192,7 +192,15 @@ pub struct LaneConfig {
     /// kernel's page cache on (9p `cache=loose`), so a warm machine reads a guest kernel or the binary
     /// over 9p once, not on every run.
     pub cached: Vec<PathBuf>,
+    /// A Unix socket on the host (a passt listening there, for `--net user`) that becomes the outer
+    /// machine's virtio-serial port `ember.net0`, which the inner ember opens as
+    /// `--net stream=/dev/virtio-ports/ember.net0` ([`USER_NET_PORT`]; default none).
+    pub user_net: Option<PathBuf>,
 }
+
+/// Inside the outer machine: the virtio-serial port that carries `--net user`'s frames to the host's
+/// passt (see [`LaneConfig::user_net`]).
+pub const USER_NET_PORT: &str = "/dev/virtio-ports/ember.net0";
 
 impl Default for LaneConfig {
     fn default() -> LaneConfig {
@@ -220,6 +228,7 @@ impl Default for LaneConfig {
             host_taps: Vec::new(),
             window: None,
             cached: Vec::new(),
+            user_net: None,
         }
     }
 }
@@ -426,7 +435,15 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
 /// write those and nothing else. Each `--net tap=NAME` in `ember_args` names a tap on this host: it
 /// becomes a NIC of the outer machine, bridged inside to a tap NAME that the inner ember opens (see
 /// [`LaneConfig::host_taps`]).
-pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString], writable: &[PathBuf]) -> Result<i32, LaneError> {
+///
+/// `user_net`: the socket of a passt on this host that the inner ember's `--net stream=`[`USER_NET_PORT`]
+/// reaches (see [`LaneConfig::user_net`]); main.rs starts that passt and rewrites `--net user`.
+pub fn run_interactive(
+    ember_bin: &Path,
+    ember_args: &[OsString],
+    writable: &[PathBuf],
+    user_net: Option<&Path>,
+) -> Result<i32, LaneError> {
     let config = LaneConfig::default();
     if !config.force_nested.unwrap_or(KvmFlavour::detect().needs_nested_lane()) {
         use std::os::unix::process::ExitStatusExt;
@@ -440,5 +457,5 @@ pub fn run_interactive(ember_bin: &Path, ember_args: &[OsString], writable: &[Pa
         .map_err(|source| LaneError::Io { what: format!("resolving {}", ember_bin.display()), source })?;
     let (host_taps, ember_args) =
         wire::host_taps(ember_args).map_err(|e| LaneError::Unavailable(format!("--net: {e}")))?;
-    warm::run(&ember_bin, ember_args, writable, &host_taps)
+    warm::run(&ember_bin, ember_args, writable, &host_taps, user_net)
 }

@@ -546,6 +546,11 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) ->
         port(&format!("out{k}"), "");
         port(&format!("err{k}"), "");
     }
+    if let Some(sock) = &config.user_net {
+        // A client of the host's passt; inside, /dev/virtio-ports/ember.net0 (lane init).
+        cmd.args(["-chardev", &format!("socket,id=net0,path={}", sock.display())]);
+        cmd.args(["-device", "virtserialport,chardev=net0,name=ember.net0"]);
+    }
     let mut share = |path: &str, tag: &str, ro: bool| {
         let ro = if ro { ",readonly=on" } else { "" };
         cmd.args(["-virtfs", &format!("local,path={path},mount_tag={tag},security_model=none,multidevs=remap{ro}")]);

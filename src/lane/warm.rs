@@ -190,11 +190,18 @@ fn read_frame<T: for<'de> Deserialize<'de>>(s: &UnixStream) -> io::Result<Option
 /// Runs `ember <args>` in the warm lane with this process's stdin/stdout/stderr, starting the daemon
 /// if needed; returns the exit status. `writable` lists the host paths the run writes. With host
 /// taps, or `EMBER_LANE_WARM=0`, a private machine is started for this run only and stopped after it.
-pub fn run(ember_bin: &Path, args: Vec<OsString>, writable: &[PathBuf], taps: &[HostTap]) -> Result<i32, LaneError> {
-    let private = !taps.is_empty() || std::env::var("EMBER_LANE_WARM").as_deref() == Ok("0");
+pub fn run(
+    ember_bin: &Path,
+    args: Vec<OsString>,
+    writable: &[PathBuf],
+    taps: &[HostTap],
+    user_net: Option<&Path>,
+) -> Result<i32, LaneError> {
+    // A machine's NICs and ports are fixed when it boots: a run that brings its own gets its own.
+    let private = !taps.is_empty() || user_net.is_some() || std::env::var("EMBER_LANE_WARM").as_deref() == Ok("0");
     let (sock, _private_dir) = if private {
         let dir = private_state_dir()?;
-        let s = start_daemon(ember_bin, &dir, true, taps)?;
+        let s = start_daemon(ember_bin, &dir, true, taps, user_net)?;
         (s, Some(PrivateDir(dir)))
     } else {
         (connect_or_start(ember_bin, &state_dir())?, None)
@@ -273,7 +280,7 @@ fn connect_or_start(ember_bin: &Path, dir: &Path) -> Result<UnixStream, LaneErro
         log::info!("lane: replacing the daemon of another ember build ({build})");
         stop_pid(&s, pid);
     }
-    start_daemon(ember_bin, dir, false, &[])
+    start_daemon(ember_bin, dir, false, &[], None)
 }
 
 /// `Some((socket, build, pid))` when a daemon answers in `dir`.
@@ -301,7 +308,13 @@ fn stop_pid(s: &UnixStream, pid: u32) {
 }
 
 /// Starts `ember lane serve` detached (its own session; output to `<dir>/lane.log`) and connects.
-fn start_daemon(ember_bin: &Path, dir: &Path, once: bool, taps: &[HostTap]) -> Result<UnixStream, LaneError> {
+fn start_daemon(
+    ember_bin: &Path,
+    dir: &Path,
+    once: bool,
+    taps: &[HostTap],
+    user_net: Option<&Path>,
+) -> Result<UnixStream, LaneError> {
     let sock = dir.join("lane.sock");
     let _ = fs::remove_file(&sock);
     let log = File::create(dir.join("lane.log")).map_err(io_err("creating lane.log"))?;
@@ -310,6 +323,9 @@ fn start_daemon(ember_bin: &Path, dir: &Path, once: bool, taps: &[HostTap]) -> R
     cmd.args(["lane", "serve", "--state-dir"]).arg(dir).args(["--build", &build_id(ember_bin)]);
     if once {
         cmd.arg("--once");
+    }
+    if let Some(sock) = user_net {
+        cmd.arg("--user-net").arg(sock);
     }
     for t in taps {
         cmd.arg("--tap").arg(if t.create { format!("{},create", t.name) } else { t.name.clone() });
@@ -402,6 +418,8 @@ pub struct ServeOptions {
     pub once: bool,
     /// Host taps for the machine (`NAME` or `NAME,create`).
     pub taps: Vec<HostTap>,
+    /// A passt's socket on the host, for the machine's `ember.net0` port (`--net user`).
+    pub user_net: Option<PathBuf>,
 }
 
 /// The warm machine and what its runs share.
@@ -448,6 +466,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
     let config = LaneConfig {
         writable: Vec::new(),
         host_taps: opts.taps.clone(),
+        user_net: opts.user_net.clone(),
         window: Some(window.clone()),
         cached,
         ..LaneConfig::default()

@@ -114,8 +114,15 @@ pub fn host_taps(args: &[OsString]) -> Result<(Vec<HostTap>, Vec<OsString>), Con
     let mut it = args.iter();
     let mut take = |value: &OsStr| -> Result<OsString, ConfigError> {
         let text = value.to_str().ok_or_else(|| ConfigError::BadNet(value.to_string_lossy().into()))?;
+        if text == "none" {
+            return Ok(text.into());
+        }
         let net = config::parse_net(text)?;
-        taps.push(HostTap { name: net.tap, create: net.create });
+        let config::NetBackendConfig::Tap { name, create } = net.backend else {
+            // user and stream are handed over by the caller (main.rs rewrites user to stream).
+            return Ok(text.into());
+        };
+        taps.push(HostTap { name, create });
         Ok(text.split(',').filter(|o| *o != "create").collect::<Vec<_>>().join(",").into())
     };
     while let Some(a) = it.next() {

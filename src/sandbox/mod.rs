@@ -241,6 +241,13 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             // Kicking vCPU threads out of KVM_RUN at the stop: that signal only.
             let kick = Cond::new(2, Len::Dword, Op::Eq, crate::vcpu::kick_signal() as u64)?;
             map.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![kick])?]);
+            // Stopping and reaping passt (`--net user`) at teardown: SIGTERM
+            // through a pidfd, and waitid(P_PIDFD), so only a child ember
+            // holds a pidfd for (devices/passt.rs).
+            let term = Cond::new(1, Len::Dword, Op::Eq, libc::SIGTERM as u64)?;
+            map.insert(libc::SYS_pidfd_send_signal, vec![SeccompRule::new(vec![term])?]);
+            let by_pidfd = Cond::new(0, Len::Dword, Op::Eq, libc::P_PIDFD as u64)?;
+            map.insert(libc::SYS_waitid, vec![SeccompRule::new(vec![by_pidfd])?]);
             let term = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
             let mut reqs = vec![TUNSETOFFLOAD];
             reqs.extend(term);

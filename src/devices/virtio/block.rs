@@ -403,6 +403,21 @@ pub(crate) fn drain_queue(
     name: &str,
     mut serve: impl FnMut(&[Descriptor]) -> u32,
 ) -> QueueOutcome {
+    drain_queue_while(queue, mem, name, &mut (), |_| true, |_, descs| serve(descs))
+}
+
+/// [`drain_queue`] for a device that can run out of room on the host side:
+/// before each chain `ready(ctx)` is asked; false leaves the chain (and the
+/// rest) in the ring, with notifications off, for a later call (virtio-net on
+/// a stream that holds a frame back resumes when the stream is writable).
+pub(crate) fn drain_queue_while<C: ?Sized>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    name: &str,
+    ctx: &mut C,
+    ready: impl Fn(&C) -> bool,
+    mut serve: impl FnMut(&mut C, &[Descriptor]) -> u32,
+) -> QueueOutcome {
     let budget = queue.size();
     // Chains served, plus rounds that found the avail index moved: a ring
     // that moves under the device without giving it a chain (a used ring laid
@@ -418,6 +433,9 @@ pub(crate) fn drain_queue(
         loop {
             if served >= budget {
                 break;
+            }
+            if !ready(ctx) {
+                return finish(queue, mem, used, false);
             }
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
@@ -435,7 +453,7 @@ pub(crate) fn drain_queue(
                     return QueueOutcome::NeedsReset;
                 }
             };
-            let len = serve(&descs);
+            let len = serve(ctx, &descs);
             if queue.add_used(mem, head, len).is_err() {
                 guest_warn!("{name}: cannot add head {head} to the used ring");
                 return QueueOutcome::NeedsReset;

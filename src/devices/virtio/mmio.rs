@@ -180,6 +180,11 @@ impl MmioTransport {
         self.device.host_fd()
     }
 
+    /// Whether the event loop should report the host descriptor writable too.
+    pub fn host_fd_writable(&self) -> bool {
+        self.device.host_fd_writable()
+    }
+
     /// Sets DEVICE_NEEDS_RESET and tells the driver with a configuration
     /// change interrupt (virtio 1.2, 2.1.2 and 4.2.3.3).
     fn needs_reset(&mut self) {

@@ -89,7 +89,13 @@ pub trait VirtioDevice: Send {
     fn host_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
-    /// `host_fd` became readable: serve it with the device's `queues`.
+    /// Whether the event loop should also report `host_fd` becoming writable
+    /// (virtio-net on a frame stream, which can hold a frame back).
+    fn host_fd_writable(&self) -> bool {
+        false
+    }
+    /// `host_fd` became readable (or writable, see `host_fd_writable`): serve
+    /// it with the device's `queues`.
     fn process_host_event(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> QueueOutcome {
         QueueOutcome::Quiet
     }

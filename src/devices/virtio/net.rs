@@ -1,6 +1,7 @@
 //! virtio-net (virtio 1.2, section 5.1): an Ethernet NIC in the guest (eth0
-//! in Linux) whose other end is a tap interface on the host
-//! ([`crate::devices::tap`]).
+//! in Linux) whose other end is on the host ([`crate::devices::net_backend`]):
+//! a tap interface ([`crate::devices::tap`]) or a stream of frames to passt
+//! ([`crate::devices::frame_stream`]).
 //!
 //! What the guest sees: device ID 1, two queues (0 receiveq1, 1 transmitq1),
 //! a configuration space with the MAC and the link status (always up), and
@@ -10,6 +11,12 @@
 //! the tap is opened with the same header, so checksum and segmentation
 //! offload information passes between the guest and the host kernel
 //! untouched: a 64 KiB TCP segment crosses as one frame, in one copy.
+//! A frame stream carries no such header, so on one the device offers only
+//! VERSION_1, MAC, STATUS and MRG_RXBUF: the guest checksums and segments
+//! itself (passt hands out a 65520-byte MTU, so frames are large anyway).
+//! A stream can also hold a frame back (written in part): then the transmit
+//! queue is left alone until the stream takes the rest, which the event loop
+//! reports as a host event (the descriptor became writable).
 //!
 //! Data paths:
 //! - TX: the guest writes QUEUE_NOTIFY 1 -> ioeventfd -> `event_loop.rs`
@@ -46,9 +53,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::block::{collect_chain, drain_queue, finish, read_config_bytes};
+use super::block::{collect_chain, drain_queue_while, finish, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
-use crate::devices::tap::{Tap, VNET_HDR_LEN};
+use crate::devices::net_backend::NetBackend;
+use crate::devices::tap::VNET_HDR_LEN;
 
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -190,9 +198,12 @@ enum Delivery {
     Broken,
 }
 
-/// A virtio-net device backed by a tap.
+/// The features offered on a backend without offloads (a frame stream).
+pub const STREAM_FEATURES: u64 = 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | 1 << VIRTIO_NET_F_MRG_RXBUF;
+
+/// A virtio-net device backed by a tap or a frame stream.
 pub struct Net {
-    tap: Tap,
+    backend: NetBackend,
     config: [u8; CONFIG_SIZE],
     acked: u64,
     /// A frame read from the tap that waits for receive buffers: its length in `rx_buf`.
@@ -204,13 +215,13 @@ pub struct Net {
 }
 
 impl Net {
-    /// A NIC with address `mac` on `tap`.
-    pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
+    /// A NIC with address `mac` on `backend`.
+    pub fn new(backend: NetBackend, mac: [u8; 6]) -> Net {
         let mut config = [0u8; CONFIG_SIZE];
         config[..6].copy_from_slice(&mac);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         Net {
-            tap,
+            backend,
             config,
             acked: 0,
             rx_pending: None,
@@ -258,15 +269,33 @@ impl Net {
     fn transmit(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
         match self.gather_tx(descs, mem) {
             Ok(()) => {
-                if let Err(e) = self.tap.write_frame(&self.tx_buf) {
-                    // The host refused it (EAGAIN: its queue is full; EIO: the link is down; EINVAL).
+                if let Err(e) = self.backend.write_frame(&mut self.tx_buf) {
+                    // The host refused it (EAGAIN: its queue is full; EIO: the link is down; EINVAL;
+                    // EPIPE: passt is gone).
                     self.dropped += 1;
-                    log::debug!("virtio-net: tap {} refused a {}-byte frame: {e}", self.tap.name(), self.tx_buf.len());
+                    log::debug!(
+                        "virtio-net: {} refused a {}-byte frame: {e}",
+                        self.backend.describe(),
+                        self.tx_buf.len()
+                    );
                 }
             }
             Err(why) => self.drop_frame(format_args!("{why}")),
         }
         0
+    }
+
+    /// Sends the transmit queue's chains to the backend, at most a queue's
+    /// worth, and none while the backend holds a frame back.
+    pub fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
+        drain_queue_while(
+            queue,
+            mem,
+            "virtio-net",
+            self,
+            |net| !net.backend.tx_blocked(),
+            |net, descs| net.transmit(descs, mem),
+        )
     }
 
     /// Moves frames from the tap into the receive queue until the tap is empty
@@ -285,7 +314,7 @@ impl Net {
             }
             let len = match self.rx_pending.take() {
                 Some(len) => len,
-                None => match self.tap.read_frame(&mut self.rx_buf) {
+                None => match self.backend.read_frame(&mut self.rx_buf) {
                     Ok(Some(len)) if len < MIN_FRAME_LEN => {
                         log::debug!("virtio-net: a {len}-byte frame from the tap: dropped");
                         continue;
@@ -293,7 +322,7 @@ impl Net {
                     Ok(Some(len)) => len,
                     Ok(None) => break,
                     Err(e) => {
-                        log::error!("virtio-net: reading tap {}: {e}", self.tap.name());
+                        log::error!("virtio-net: reading {}: {e}", self.backend.describe());
                         break;
                     }
                 },
@@ -313,6 +342,19 @@ impl Net {
             }
         }
         finish(queue, mem, used, false)
+    }
+}
+
+/// One outcome for two queues served in one call: a reset wins, then
+/// "more", and an interrupt if either wants one.
+fn merge(a: QueueOutcome, b: QueueOutcome) -> QueueOutcome {
+    use QueueOutcome::*;
+    let irq = |o: QueueOutcome| matches!(o, Interrupt | More { interrupt: true });
+    match (a, b) {
+        (NeedsReset, _) | (_, NeedsReset) => NeedsReset,
+        (More { .. }, _) | (_, More { .. }) => More { interrupt: irq(a) || irq(b) },
+        _ if irq(a) || irq(b) => Interrupt,
+        _ => Quiet,
     }
 }
 
@@ -424,7 +466,8 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1 | OFFERED_FEATURES
+        let offered = if self.backend.offloads() { OFFERED_FEATURES } else { STREAM_FEATURES };
+        1 << VIRTIO_F_VERSION_1 | offered
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -457,7 +500,7 @@ impl VirtioDevice for Net {
                 offload |= libc::TUN_F_TSO_ECN;
             }
         }
-        if let Err(e) = self.tap.set_offload(offload) {
+        if let Err(e) = self.backend.set_offload(offload) {
             // The guest still works, with the host segmenting and checksumming for it.
             log::error!("virtio-net: {e}");
         }
@@ -466,29 +509,44 @@ impl VirtioDevice for Net {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
         match index {
             RX_QUEUE => self.process_rx(queue, mem),
-            _ => drain_queue(queue, mem, "virtio-net", |descs| {
-                let descs = descs.to_vec();
-                self.transmit(&descs, mem)
-            }),
+            _ => self.process_tx(queue, mem),
         }
     }
 
     fn host_fd(&self) -> Option<RawFd> {
-        Some(self.tap.fd())
+        Some(self.backend.fd())
+    }
+
+    fn host_fd_writable(&self) -> bool {
+        self.backend.wants_writable()
     }
 
     fn process_host_event(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> QueueOutcome {
-        match queues.get_mut(RX_QUEUE) {
+        // A stream that took the rest of a held-back frame: the transmit
+        // queue, left alone meanwhile, goes on.
+        let mut tx = QueueOutcome::Quiet;
+        if self.backend.tx_blocked() {
+            if let Err(e) = self.backend.flush() {
+                log::error!("virtio-net: writing to {}: {e}", self.backend.describe());
+            }
+            if !self.backend.tx_blocked()
+                && let Some(q) = queues.get_mut(TX_QUEUE).filter(|q| q.ready())
+            {
+                tx = self.process_tx(q, mem);
+            }
+        }
+        let rx = match queues.get_mut(RX_QUEUE) {
             Some(q) if q.ready() => self.process_rx(q, mem),
             // No receive queue yet: frames wait in the tap until the driver kicks one.
             _ => QueueOutcome::Quiet,
-        }
+        };
+        merge(tx, rx)
     }
 
     fn reset(&mut self) {
         self.acked = 0;
         self.rx_pending = None;
-        if let Err(e) = self.tap.set_offload(0) {
+        if let Err(e) = self.backend.set_offload(0) {
             log::error!("virtio-net: {e}");
         }
     }
@@ -515,7 +573,7 @@ mod tests {
         assert_eq!(rc, 0);
         // SAFETY: fresh descriptors from socketpair.
         let (a, b) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
-        let mut net = Net::new(Tap::fake(a), [0x52, 0x54, 0, 1, 2, 3]);
+        let mut net = Net::new(NetBackend::Tap(crate::devices::tap::Tap::fake(a)), [0x52, 0x54, 0, 1, 2, 3]);
         net.activate(features);
         (net, b, testutil::memory(), testutil::queue(16))
     }
