@@ -26,6 +26,7 @@ use crate::console::Escape;
 use crate::control::{StopReason, VmControl};
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::requests::Controller;
 use crate::sandbox::{self, SeccompMode, ThreadKind};
 
 /// Every event source the loop knows.
@@ -43,6 +44,8 @@ pub enum Token {
     Queue(u32),
     /// A device's tap has frames: entry N of the [`TapEvent`] list.
     Tap(u32),
+    /// A request from the API waits (requests.rs).
+    Requests,
 }
 
 /// Epoll data of `Token::Queue(n)`: this bit plus n; the fixed tokens are 0..=3.
@@ -57,6 +60,7 @@ impl Token {
             Token::Stdin => 1,
             Token::InputDrained => 2,
             Token::Signal => 3,
+            Token::Requests => 4,
             Token::Queue(n) => QUEUE_TOKEN_BIT | u64::from(n),
             Token::Tap(n) => TAP_TOKEN_BIT | u64::from(n),
         }
@@ -68,6 +72,7 @@ impl Token {
             1 => Some(Token::Stdin),
             2 => Some(Token::InputDrained),
             3 => Some(Token::Signal),
+            4 => Some(Token::Requests),
             _ if v & QUEUE_TOKEN_BIT != 0 => u32::try_from(v & !QUEUE_TOKEN_BIT).ok().map(Token::Queue),
             _ if v & TAP_TOKEN_BIT != 0 => u32::try_from(v & !TAP_TOKEN_BIT).ok().map(Token::Tap),
             _ => None,
@@ -106,6 +111,16 @@ pub enum EventLoopError {
     /// The main thread could not enter its sandbox.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+/// The devices' event sources, and the API's requests if the VM has an API.
+pub struct Sources<'a, 'b> {
+    /// Each virtqueue's notification.
+    pub queues: &'a [QueueEvent],
+    /// Each virtio-net device's tap.
+    pub taps: &'a [TapEvent],
+    /// Requests to the VM (pause, resume, snapshot), served between two events.
+    pub requests: Option<&'a mut Controller<'b>>,
 }
 
 /// Console input wiring for the loop.
@@ -197,11 +212,11 @@ pub fn run(
     control: &VmControl,
     console: Option<ConsoleInput>,
     signals: &libc::sigset_t,
-    queues: &[QueueEvent],
-    taps: &[TapEvent],
+    sources: Sources,
     seccomp: SeccompMode,
     ready: impl FnOnce(),
 ) -> Result<StopReason, EventLoopError> {
+    let Sources { queues, taps, mut requests } = sources;
     let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
     let add = |fd: RawFd, t: Token| {
         epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t.to_u64())).map_err(EventLoopError::Epoll)
@@ -219,6 +234,13 @@ pub fn run(
     }
     let sigfd = signalfd(signals)?;
     add(sigfd.as_raw_fd(), Token::Signal)?;
+    if let Some(r) = &requests {
+        add(r.fd(), Token::Requests)?;
+    }
+    // While the VM is paused (pause.rs) no queue or tap is served: their
+    // events wait here, and are served at the resume.
+    let mut paused = requests.as_ref().is_some_and(|r| r.paused());
+    let mut deferred: Vec<Token> = Vec::new();
 
     let mut input_fd = None;
     let mut _pipe_keepalive = None;
@@ -315,6 +337,26 @@ pub fn run(
                         stdin_polled = false;
                     }
                 }
+                Some(Token::Requests) => {
+                    if let Some(r) = requests.as_deref_mut() {
+                        r.serve();
+                        let now = r.paused();
+                        if paused && !now {
+                            again.append(&mut deferred);
+                        }
+                        paused = now;
+                    }
+                }
+                Some(t @ (Token::Queue(_) | Token::Tap(_))) if paused => {
+                    if let Token::Queue(n) = t
+                        && let Some(q) = queues.get(n as usize)
+                    {
+                        let _ = q.evt.read();
+                    }
+                    if !deferred.contains(&t) {
+                        deferred.push(t);
+                    }
+                }
                 Some(Token::Queue(n)) => {
                     let Some(q) = queues.get(n as usize) else { continue };
                     // One read takes every notify since the last one: the
@@ -404,6 +446,7 @@ mod tests {
             Token::Stdin,
             Token::InputDrained,
             Token::Signal,
+            Token::Requests,
             Token::Queue(0),
             Token::Queue(u32::MAX),
             Token::Tap(0),
@@ -411,6 +454,6 @@ mod tests {
         ] {
             assert_eq!(Token::from_u64(t.to_u64()), Some(t));
         }
-        assert_eq!(Token::from_u64(4), None);
+        assert_eq!(Token::from_u64(5), None);
     }
 }

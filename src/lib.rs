@@ -54,6 +54,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod bus;
@@ -69,7 +70,10 @@ pub mod image;
 pub mod lane;
 pub mod layout;
 pub mod memory;
+pub mod pause;
+pub mod requests;
 pub mod sandbox;
+pub mod snapshot;
 pub mod stats;
 pub mod timeline;
 pub mod vcpu;

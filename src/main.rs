@@ -21,10 +21,40 @@ const EXIT_KVM_UNUSABLE: u8 = 126;
 const EXIT_GUEST_CRASH: u8 = 123;
 
 #[derive(Parser)]
-#[command(name = "ember", version, about = "A small KVM hypervisor: boot a lightweight VM from the command line")]
+#[command(
+    name = "ember",
+    version,
+    about = "A small KVM hypervisor: boot a lightweight VM from the command line",
+    args_conflicts_with_subcommands = true,
+    subcommand_required = false
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    fc: FirecrackerArgs,
+}
+
+/// `ember --api-sock PATH` / `ember --no-api --config-file FILE`: Firecracker's command line.
+#[derive(clap::Args)]
+struct FirecrackerArgs {
+    /// Serve Firecracker's API on this Unix socket; the VM is configured and
+    /// started through it (see README, "The Firecracker API").
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    api_sock: Option<PathBuf>,
+    /// Start the VM described by a Firecracker JSON config file ("boot-source",
+    /// "machine-config", "drives", "network-interfaces", "logger", "metrics").
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// No API socket (with --config-file).
+    #[arg(long, requires = "config_file")]
+    no_api: bool,
+    /// The VM's name, as `GET /` reports it (Firecracker's --id).
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+    /// The sandbox of ember's threads: on (default) or off (debugging only).
+    #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
+    seccomp: SeccompArg,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +204,10 @@ struct RunArgs {
     /// Read environment variables from a file (KEY=VALUE lines, # comments).
     #[arg(long, value_name = "FILE")]
     env_file: Vec<PathBuf>,
+    /// Also serve Firecracker's API on this Unix socket while the VM runs
+    /// (pause, resume, snapshots: README, "The Firecracker API").
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Working directory of the image's command.
     #[arg(short = 'w', long, value_name = "DIR")]
     workdir: Option<String>,
@@ -539,11 +573,39 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     if let Some(code) = maybe_fallback(&args, &plan) {
         return code;
     }
+    let listener = match args.api_sock.as_deref().map(ember::api::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ember: {}", chain(&e));
+            return EXIT_VMM_ERROR;
+        }
+    };
     // The run's temporary files are open (or read) once the VM is built:
     // removed before it runs, as the sandboxed main thread could not.
     let scratch = plan._scratch.take();
-    let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|vmm| {
+    let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|mut vmm| {
         drop(scratch);
+        if let Some(listener) = listener {
+            let sender = vmm.request_sender()?;
+            let cfg = &plan.cfg;
+            let kernel = match &cfg.kernel {
+                KernelSource::Path(p) => Some(p.display().to_string()),
+                KernelSource::Builtin(_) => None,
+            };
+            let taps: Vec<String> = cfg.nets.iter().map(|n| n.tap.clone()).collect();
+            let resources = ember::api::model::VmResources::describe(
+                kernel.as_deref(),
+                &cfg.cmdline,
+                cfg.cpus,
+                cfg.mem_size_bytes,
+                &cfg.disks,
+                &taps,
+            );
+            let options = ember::api::ApiOptions { serial: cfg.serial.clone(), seccomp: cfg.seccomp, id: None };
+            if let Err(e) = ember::api::spawn(listener, resources, Some(sender), options) {
+                eprintln!("ember: {}", chain(&e));
+            }
+        }
         vmm.run()
     });
     timeline.mark("ember: VM torn down");
@@ -572,6 +634,82 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     code
 }
 
+/// `ember --api-sock PATH [--config-file FILE]` and `ember --no-api --config-file FILE`: a VM
+/// configured the way Firecracker is.
+fn firecracker(fc: FirecrackerArgs, start: Instant) -> u8 {
+    use ember::api;
+    if fc.api_sock.is_none() && !fc.no_api {
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        eprintln!(
+            "\nember: say what to do: a command (e.g. `ember run -- CMD`), or --api-sock PATH for Firecracker's API"
+        );
+        return EXIT_VMM_ERROR;
+    }
+    let timeline = Arc::new(Timeline::new(start));
+    let seccomp =
+        if fc.seccomp == SeccompArg::Off { ember::sandbox::SeccompMode::Off } else { ember::sandbox::SeccompMode::On };
+    let options = api::ApiOptions { serial: config::SerialMode::Stdio, seccomp, id: fc.id.clone() };
+    let fail = |msg: String| {
+        eprintln!("ember: {msg}");
+        EXIT_VMM_ERROR
+    };
+    let resources = match fc.config_file.as_deref().map(api::read_config_file).transpose() {
+        Ok(r) => r,
+        Err(e) => return fail(chain(&e)),
+    };
+    let listener = match fc.api_sock.as_deref().map(api::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => return fail(chain(&e)),
+    };
+    let vmm = match resources {
+        // A config file: the VM starts at once, the API (if any) serves it running.
+        Some(resources) => {
+            let cfg = match resources.vm_config(&options.serial, seccomp) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("--config-file: {e}")),
+            };
+            let mut vmm = match Vmm::new(&cfg, timeline.clone()) {
+                Ok(v) => v,
+                Err(e) => return error_code(&e),
+            };
+            vmm.name_interfaces(&resources.nets.iter().map(|n| n.iface_id.clone()).collect::<Vec<_>>());
+            if let Some(listener) = listener {
+                let sender = match vmm.request_sender() {
+                    Ok(s) => s,
+                    Err(e) => return error_code(&e),
+                };
+                if let Err(e) = api::spawn(listener, resources, Some(sender), options) {
+                    return fail(chain(&e));
+                }
+            }
+            vmm
+        }
+        None => {
+            let Some(listener) = listener else { return fail("--no-api needs --config-file".into()) };
+            let boots = match api::spawn(listener, Default::default(), None, options) {
+                Ok(b) => b,
+                Err(e) => return fail(chain(&e)),
+            };
+            loop {
+                let Some(vmm) = api::wait_for_boot(&boots, &timeline) else {
+                    return fail("the API thread stopped before a VM was started".into());
+                };
+                match vmm.run() {
+                    // The API answered the client with a 400: wait for another try.
+                    Err(VmmError::Start(e)) => log::warn!("the VM did not start: {e}"),
+                    Ok(o) => return exit_code_for(&o.reason),
+                    Err(e) => return error_code(&e),
+                }
+            }
+        }
+    };
+    match vmm.run() {
+        Ok(o) => exit_code_for(&o.reason),
+        Err(e) => error_code(&e),
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
@@ -584,7 +722,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_VMM_ERROR } else { 0 });
         }
     };
-    let code = match cli.command {
+    let Some(command) = cli.command else {
+        return ExitCode::from(firecracker(cli.fc, start));
+    };
+    let code = match command {
         Command::Run(args) => run(*args, start),
         Command::Bench(args) => ember::bench::main(args),
         Command::Pull { image, insecure_registry } => {

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::control::VmControl;
+use crate::snapshot::devices::SerialState;
 use crate::timeline::Timeline;
 
 /// The guest's interrupt line for the UART.
@@ -211,6 +212,51 @@ impl Serial {
     /// irqchip) takes input at any time.
     fn accepts_input(&self) -> bool {
         !self.irq_driven || self.ier & UART_IER_RDI != 0
+    }
+
+    /// A UART in the state a snapshot saved ([`Serial::save_state`]); otherwise as [`Serial::new`].
+    pub fn with_state(
+        irq: IrqLine,
+        out: SerialOutput,
+        drained: Option<Arc<EventFd>>,
+        state: &SerialState,
+    ) -> Result<Self, String> {
+        let irq_driven = matches!(irq, IrqLine::Irqfd(_));
+        let events = InputEvents { drained: drained.clone() };
+        let regs = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Uart16550::from_state(&regs, irq, events, out)
+            .map_err(|e| format!("the snapshot's serial port state: {e:?}"))?;
+        Ok(Serial { uart, irq_driven, lcr: state.shadow_lcr, ier: state.shadow_ier, drained })
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+            shadow_lcr: self.lcr,
+            shadow_ier: self.ier,
+        }
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
