@@ -133,6 +133,8 @@ pub struct ConsoleInput {
     pub escape: bool,
     /// The UART's drained eventfd.
     pub drained: Arc<EventFd>,
+    /// Bytes to give the guest before anything read from `fd`.
+    pub prefill: Vec<u8>,
 }
 
 /// The signals the loop turns into a clean stop. Block them in every thread
@@ -251,7 +253,7 @@ pub fn run(
         _pipe_keepalive = pipe;
     }
     let mut stdin_polled = input_fd.is_some();
-    let mut pending: VecDeque<u8> = VecDeque::new();
+    let mut pending: VecDeque<u8> = console.as_ref().map(|c| c.prefill.iter().copied().collect()).unwrap_or_default();
     let mut escape = Escape::default();
     let mut events = vec![EpollEvent::default(); 8];
     // Queues and taps whose device stopped at its budget with work left
@@ -259,7 +261,7 @@ pub fn run(
     // source, so one busy queue cannot starve stdin, signals or other devices.
     let mut again: Vec<Token> = Vec::new();
     // Pending input could not be fed because a vCPU held the UART: retry soon.
-    let mut feed_retry = false;
+    let mut feed_retry = !pending.is_empty();
     /// How soon a busy UART is tried again, in milliseconds.
     const FEED_RETRY_MS: i32 = 10;
     let mut buf = [0u8; 4096];

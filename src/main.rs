@@ -204,6 +204,16 @@ struct RunArgs {
     /// Read environment variables from a file (KEY=VALUE lines, # comments).
     #[arg(long, value_name = "FILE")]
     env_file: Vec<PathBuf>,
+    /// Boot the default guest until its init is ready for a command, then save
+    /// the VM (a full snapshot) in DIR and exit 0. Restore it with --from-snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["from_snapshot", "api_sock"])]
+    save_snapshot: Option<PathBuf>,
+    /// Restore the VM saved in DIR (by --save-snapshot) and run `-- CMD` in it
+    /// (nothing: a shell). The VM is the one saved: its memory, vCPUs and disks.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "root_disk", "disk", "net", "rng", "no_rng", "save_snapshot"
+    ])]
+    from_snapshot: Option<PathBuf>,
     /// Also serve Firecracker's API on this Unix socket while the VM runs
     /// (pause, resume, snapshots: README, "The Firecracker API").
     #[arg(long, value_name = "PATH")]
@@ -340,6 +350,11 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     } else if a.root_disk.is_some() {
         return Err("--root-disk cannot be combined with an image: the image is the root".into());
     }
+    if a.save_snapshot.is_some() && (image.is_some() || !command.is_empty()) {
+        return Err("--save-snapshot saves the default guest before it runs a command: give the command to \
+                    `ember run --from-snapshot DIR -- CMD`"
+            .into());
+    }
     // The image first: its errors come before any kernel build.
     let prepared = match &image {
         Some(i) => {
@@ -373,6 +388,10 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     let mut cfg = VmConfig::new(KernelSource::Path(kernel));
     cfg.initrd = initrd;
     cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if a.save_snapshot.is_some() {
+        // guest-kernels/init, "The snapshot protocol": wait for the command on the console.
+        cfg.cmdline += " ember.snapshot";
+    }
     if image.is_none() && !command.is_empty() {
         use std::os::unix::ffi::OsStrExt;
         let args: Vec<&[u8]> = command.iter().map(|s| s.as_bytes()).collect();
@@ -557,7 +576,130 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
     }
 }
 
+/// The marker line the default guest's init prints when `ember.snapshot` is on its command line
+/// and it waits for its command on the console (guest-kernels/init, "The snapshot protocol").
+const SNAPSHOT_POINT: &str = "ember-init: snapshot point";
+
+/// The two files of a saved VM in `--save-snapshot`/`--from-snapshot`'s DIR.
+fn snapshot_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    (dir.join("state"), dir.join("memory"))
+}
+
+/// `ember run --save-snapshot DIR`: the state and memory files, created (and the memory file
+/// sized) now, before the sandbox, for the event loop to fill at the snapshot point.
+fn open_snapshot_files(dir: &std::path::Path, mem_bytes: u64) -> Result<(std::fs::File, std::fs::File), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("--save-snapshot: cannot create {}: {e}", dir.display()))?;
+    let (state, memory) = snapshot_files(dir);
+    let open = |p: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(p)
+            .map_err(|e| format!("--save-snapshot: cannot create {}: {e}", p.display()))
+    };
+    let (state, memory) = (open(&state)?, open(&memory)?);
+    memory.set_len(mem_bytes).map_err(|e| format!("--save-snapshot: cannot size the memory file: {e}"))?;
+    Ok((state, memory))
+}
+
+/// `ember run --from-snapshot DIR [-- CMD]`: restore the saved VM, hand its init the command.
+fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u8 {
+    let timeline = Arc::new(Timeline::new(start));
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (image, command) = args.image_and_command(&raw);
+    if image.is_some() {
+        eprintln!(
+            "ember: --from-snapshot runs a command in the saved VM: write `ember run --from-snapshot DIR -- CMD`"
+        );
+        return EXIT_VMM_ERROR;
+    }
+    let (state, memory) = snapshot_files(dir);
+    let machine = match ember::snapshot::read_state(&state) {
+        Ok(s) => s.machine,
+        Err(e) => {
+            eprintln!("ember: --from-snapshot: {}", chain(&e));
+            return EXIT_VMM_ERROR;
+        }
+    };
+    // A Linux guest saved inside the nested lane is restored there, by the inner ember.
+    use ember::lane::flavour::KvmFlavour;
+    if machine.linux && KvmFlavour::detect().needs_nested_lane() && !args.no_fallback {
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("ember: cannot find my own binary: {e}");
+                return EXIT_VMM_ERROR;
+            }
+        };
+        let inner: Vec<std::ffi::OsString> = raw.into_iter().skip(1).collect();
+        return match ember::lane::run_interactive(&exe, &inner) {
+            Ok(code) => code.clamp(0, 255) as u8,
+            Err(e) => {
+                eprintln!("ember: the emulated SVM machine failed: {e}");
+                EXIT_VMM_ERROR
+            }
+        };
+    }
+    let serial = match config::parse_serial(&args.serial) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let restore = ember::vmm::RestoreConfig {
+        state,
+        memory,
+        serial,
+        seccomp: if args.seccomp == SeccompArg::Off {
+            ember::sandbox::SeccompMode::Off
+        } else {
+            ember::sandbox::SeccompMode::On
+        },
+        resume: true,
+        tap_overrides: Vec::new(),
+    };
+    // The init reads one line: the command as `ember.argv=...`, or nothing for a shell.
+    let line = if command.is_empty() {
+        String::new()
+    } else {
+        use std::os::unix::ffi::OsStrExt;
+        let words: Vec<&[u8]> = command.iter().map(|s| s.as_bytes()).collect();
+        match ember::guest::encode_argv(&words) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("ember: {e}");
+                return EXIT_VMM_ERROR;
+            }
+        }
+    };
+    let outcome = Vmm::restore(&restore, timeline.clone()).and_then(|mut vmm| {
+        vmm.queue_console_input(format!("{line}\n").as_bytes());
+        vmm.run()
+    });
+    timeline.mark("ember: VM torn down");
+    let code = match &outcome {
+        Ok(o) => exit_code_for(&o.reason),
+        Err(e) => error_code(e),
+    };
+    timeline.mark("ember: exit");
+    match args.timeline {
+        Some(TimelineFormat::Table) => eprint!("{}", timeline.render_table()),
+        Some(TimelineFormat::Json) => eprintln!("{}", timeline.render_json()),
+        None => {}
+    }
+    if let (Some(_), Ok(o)) = (args.timeline, &outcome) {
+        eprintln!("ember: guest memory touched: {} KiB", o.guest_resident_bytes >> 10);
+    }
+    code
+}
+
 fn run(args: RunArgs, start: Instant) -> u8 {
+    if let Some(dir) = args.from_snapshot.clone() {
+        return run_from_snapshot(&args, &dir, start);
+    }
     let timeline = Arc::new(Timeline::new(start));
     let mut plan = match build_config(&args, &timeline) {
         Ok(p) => p,
@@ -573,6 +715,14 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     if let Some(code) = maybe_fallback(&args, &plan) {
         return code;
     }
+    let save = match args.save_snapshot.as_deref().map(|d| open_snapshot_files(d, plan.cfg.mem_size_bytes)).transpose()
+    {
+        Ok(s) => s,
+        Err(msg) => {
+            eprintln!("ember: {msg}");
+            return EXIT_VMM_ERROR;
+        }
+    };
     let listener = match args.api_sock.as_deref().map(ember::api::bind).transpose() {
         Ok(l) => l,
         Err(e) => {
@@ -585,6 +735,14 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     let scratch = plan._scratch.take();
     let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|mut vmm| {
         drop(scratch);
+        if let (Some((state, memory)), Some(dir)) = (save, &args.save_snapshot) {
+            let sender = vmm.request_sender()?;
+            let state_path = snapshot_files(dir).0.display().to_string();
+            vmm.watch_serial_line(
+                SNAPSHOT_POINT,
+                Box::new(move || sender.post(ember::requests::VmRequest::SaveAndStop { state, state_path, memory })),
+            );
+        }
         if let Some(listener) = listener {
             let sender = vmm.request_sender()?;
             let cfg = &plan.cfg;
@@ -613,6 +771,13 @@ fn run(args: RunArgs, start: Instant) -> u8 {
         Ok(o) => exit_code_for(&o.reason),
         Err(e) => error_code(e),
     };
+    if let (Some(dir), Ok(o)) = (&args.save_snapshot, &outcome) {
+        if o.reason == StopReason::GuestExit(0) {
+            eprintln!("ember: saved; `ember run --from-snapshot {} -- CMD` runs CMD in it", dir.display());
+        } else {
+            eprintln!("ember: the guest ended before its snapshot point: nothing was saved");
+        }
+    }
     if let Ok(o) = &outcome {
         if let Some(n) = args.trace_exits {
             let total: u64 = o.exits.iter().map(|c| c.total()).sum();

@@ -45,6 +45,16 @@ pub enum VmRequest {
         /// The memory file.
         memory: File,
     },
+    /// Pause, write a full snapshot (as `CreateSnapshot`), then end the VM (exit status 0), or
+    /// end it with the error: `ember run --save-snapshot`.
+    SaveAndStop {
+        /// The state file.
+        state: File,
+        /// Its name, for messages.
+        state_path: String,
+        /// The memory file.
+        memory: File,
+    },
     /// Firecracker's SendCtrlAltDel. ember's i8042 has no keyboard behind it, so the key press
     /// becomes what the guest would do with it under `reboot=k`: the VM ends as on a reboot.
     CtrlAltDel,
@@ -74,6 +84,14 @@ pub fn channel() -> std::io::Result<(RequestSender, RequestReceiver)> {
 }
 
 impl RequestSender {
+    /// Sends `req` without waiting for its answer (safe on a vCPU thread: it never blocks).
+    pub fn post(&self, req: VmRequest) {
+        let (reply_tx, _) = mpsc::channel();
+        if self.tx.send((req, reply_tx)).is_ok() {
+            let _ = self.evt.write(1);
+        }
+    }
+
     /// Sends `req` and waits for its answer (at most `timeout`).
     pub fn call(&self, req: VmRequest, timeout: Duration) -> Reply {
         let (reply_tx, reply_rx) = mpsc::channel();
@@ -136,6 +154,17 @@ impl Controller<'_> {
                 }
                 VmRequest::CreateSnapshot { state, state_path, memory } => {
                     self.create_snapshot(state, &state_path, &memory)
+                }
+                VmRequest::SaveAndStop { state, state_path, memory } => {
+                    let saved = self.pause().and_then(|_| self.create_snapshot(state, &state_path, &memory));
+                    match &saved {
+                        Ok(note) => {
+                            log::info!("{note}");
+                            self.control.stop(StopReason::GuestExit(0));
+                        }
+                        Err(e) => self.control.stop(StopReason::VmmError(format!("cannot save the snapshot: {e}"))),
+                    }
+                    saved
                 }
                 VmRequest::CtrlAltDel => {
                     self.control.stop(StopReason::Reset);

@@ -171,6 +171,8 @@ pub struct Vmm {
     requests: Option<RequestReceiver>,
     /// Told whether the VM started, once every vCPU holds its state (`Vmm::on_start`).
     on_start: Option<StartHook>,
+    /// Bytes for the guest's console before anything from stdin (`Vmm::queue_console_input`).
+    console_prefill: Vec<u8>,
     /// The stdout writer behind the serial console (`--serial stdio`).
     stdout_sink: Option<StdoutSink>,
     input_drained: Arc<EventFd>,
@@ -277,6 +279,7 @@ impl Vmm {
                 })
                 .collect(),
             rng,
+            linux,
         };
         let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let spec = DeviceSpec { serial: &cfg.serial, irqchip, seccomp: cfg.seccomp, extra_pio: &cfg.extra_pio };
@@ -447,6 +450,7 @@ impl Vmm {
             machine,
             requests: None,
             on_start: None,
+            console_prefill: Vec::new(),
         }
     }
 
@@ -463,6 +467,20 @@ impl Vmm {
     /// without running the guest.
     pub fn on_start(&mut self, hook: StartHook) {
         self.on_start = Some(hook);
+    }
+
+    /// Queues `bytes` for the guest's console (`--serial stdio`), ahead of stdin: how
+    /// `ember run --from-snapshot DIR -- CMD` hands the command to the restored init.
+    pub fn queue_console_input(&mut self, bytes: &[u8]) {
+        self.console_prefill.extend_from_slice(bytes);
+    }
+
+    /// Calls `then` the first time the guest prints a line containing `text` (on a vCPU thread,
+    /// under the UART's lock: `then` must not block; `RequestSender::post` does not).
+    pub fn watch_serial_line(&self, text: &str, then: Box<dyn FnOnce() + Send>) {
+        if let Ok(mut serial) = self.serial.lock() {
+            serial.output_mut().watch_line(text, then);
+        }
     }
 
     /// A channel for requests to this VM while it runs (pause, resume, snapshot: requests.rs),
@@ -490,6 +508,7 @@ impl Vmm {
             fd: stdin_fd,
             escape: console::is_tty(stdin_fd),
             drained: self.input_drained.clone(),
+            prefill: std::mem::take(&mut self.console_prefill),
         });
 
         // Each vCPU thread enters its sandbox, then waits for the main thread

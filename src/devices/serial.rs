@@ -82,7 +82,12 @@ pub struct SerialOutput {
     dropped: u64,
     /// The sink failed once: it is not tried again (one warning, not one per byte).
     failed: bool,
+    /// A line to wait for, and what to do when the guest prints it (once).
+    line_watch: Option<LineWatch>,
 }
+
+/// A line of guest output, and what to call when it appears (`SerialOutput::watch_line`).
+pub type LineWatch = (Vec<u8>, Box<dyn FnOnce() + Send>);
 
 impl SerialOutput {
     /// Output to `sink`, watched for the timeline and panics.
@@ -97,7 +102,14 @@ impl SerialOutput {
             written: 0,
             dropped: 0,
             failed: false,
+            line_watch: None,
         }
+    }
+
+    /// Calls `then` (on the vCPU thread that prints it, under the UART's lock: it must not block)
+    /// the first time the guest prints a line containing `text`.
+    pub fn watch_line(&mut self, text: &str, then: Box<dyn FnOnce() + Send>) {
+        self.line_watch = Some((text.as_bytes().to_vec(), then));
     }
 
     /// Takes at most `bytes` in all, then drops the rest with one warning
@@ -127,6 +139,11 @@ impl SerialOutput {
                 self.timeline.mark_once("guest: kernel runs /init");
             } else if has(INIT_MARKER) {
                 self.timeline.mark_once("guest: init ready");
+            }
+            if self.line_watch.as_ref().is_some_and(|(m, _)| has(m))
+                && let Some((_, then)) = self.line_watch.take()
+            {
+                then();
             }
             self.line.clear();
         } else {
@@ -277,6 +294,11 @@ impl Serial {
     /// The output side (for the count of dropped bytes at exit).
     pub fn output(&self) -> &SerialOutput {
         self.uart.writer()
+    }
+
+    /// The output side, to watch it for a line (`SerialOutput::watch_line`).
+    pub fn output_mut(&mut self) -> &mut SerialOutput {
+        self.uart.writer_mut()
     }
 
     /// Free space in the receive FIFO (0 while the guest is not listening).

@@ -188,6 +188,9 @@ pub struct Machine {
     pub nets: Vec<NetSpec>,
     /// A virtio-rng device, last.
     pub rng: bool,
+    /// The kernel was Linux (then a host whose KVM cannot run Linux restores it in the nested lane).
+    #[serde(default)]
+    pub linux: bool,
 }
 
 impl Machine {

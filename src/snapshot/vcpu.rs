@@ -99,7 +99,9 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     let bad = |what: &str| format!("the snapshot's {what} has the wrong size for this build");
     let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("KVM_SET_{what}: {err}");
     write_msrs(fd, &s.msrs)?;
-    fd.set_sregs(&s.sregs.to().ok_or_else(|| bad("sregs"))?).map_err(e("SREGS"))?;
+    let mut sregs: kvm_bindings::kvm_sregs = s.sregs.to().ok_or_else(|| bad("sregs"))?;
+    available_tss_on_amd(&mut sregs);
+    fd.set_sregs(&sregs).map_err(e("SREGS"))?;
     if s.xsave.0.is_empty() {
         fd.set_fpu(&s.fpu.to().ok_or_else(|| bad("FPU"))?).map_err(e("FPU"))?;
     } else {
@@ -117,6 +119,23 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     fd.set_regs(&s.regs.to().ok_or_else(|| bad("registers"))?).map_err(e("REGS"))?;
     fd.set_vcpu_events(&s.events.to().ok_or_else(|| bad("vCPU events"))?).map_err(e("VCPU_EVENTS"))?;
     Ok(())
+}
+
+/// TR's type as an AMD CPU caches it. KVM_GET_SREGS on SVM reports TR as a busy TSS (type 11)
+/// whatever the VMCB holds (arch/x86/kvm/svm/svm.c, `svm_get_segment`: "the busy flag in the tr
+/// selector isn't exposed"), and KVM_SET_SREGS stores that. Real AMD CPUs never look at the cached
+/// type again; QEMU's emulated SVM (the nested lane's machine) does, on every I/O permission check
+/// through the TSS bitmap (target/i386/tcg/seg_helper.c, `check_io`: type must be 9), so a restored
+/// guest's `ioperm` users got #GP. Type 9 (available 64-bit TSS) is what LTR caches on AMD. Intel
+/// keeps 11, which VM entry requires (SDM vol. 3C 26.3.1.2).
+fn available_tss_on_amd(sregs: &mut kvm_bindings::kvm_sregs) {
+    const TSS_AVAILABLE: u8 = 9;
+    const TSS_BUSY: u8 = 11;
+    let [_, b, c, d] = crate::x86::cpuid::host_cpuid(0, 0);
+    let amd = [b, d, c] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // "AuthenticAMD"
+    if amd && sregs.tr.type_ == TSS_BUSY {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
 }
 
 /// KVM_SET_MSRS in batches. KVM stops a batch at an MSR it refuses to set; some it refuses in
