@@ -4,6 +4,8 @@
  *   spin=N    busy-loop N iterations between lines (default 20000: about 30 ms
  *           under kvm_pvm, where guest code is emulated)
  *   stop=N    after printing count N, print "done" and exit with status 42
+ *   touch=N   first write one byte in every 4 KiB page of N MiB from 16 MiB
+ *             (guest memory a snapshot then has to save)
  * A restored guest goes on from the count it was snapshotted at: the counter
  * lives in .bss (guest RAM), the loop state in registers (vCPU state).
  */
@@ -25,10 +27,24 @@ _start:
     lea rdi, [key_stop]
     call after
     test rax, rax
-    jz next
+    jz 4f
     mov rdi, rax
     call parse_dec
     mov r13, rax
+4:  lea rdi, [key_touch]
+    call after
+    test rax, rax
+    jz next
+    mov rdi, rax
+    call parse_dec
+    shl rax, 20
+    mov rcx, 0x1000000
+    lea rdx, [rcx + rax]
+5:  cmp rcx, rdx
+    jae next
+    mov byte ptr [rcx], 1
+    add rcx, 4096
+    jmp 5b
 
 next:
     inc qword ptr [counter]
@@ -56,6 +72,7 @@ finished:
     .section .rodata
 key_spin:  .asciz "spin="
 key_stop:  .asciz "stop="
+key_touch: .asciz "touch="
 msg_count: .asciz "count "
 msg_done:  .asciz "done\n"
 
