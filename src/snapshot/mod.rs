@@ -260,6 +260,13 @@ pub fn read_state(path: &Path) -> Result<Snapshot, SnapshotError> {
     parse_header_and_body(&header, &mut f, &name)
 }
 
+/// [`read_state`] over bytes already read (the fuzz target drives this).
+pub fn decode_state(bytes: &[u8], name: &str) -> Result<Snapshot, SnapshotError> {
+    let header: &[u8; HEADER_BYTES] =
+        bytes.get(..HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or_else(|| SnapshotError::NotASnapshot(name.into()))?;
+    parse_header_and_body(header, &mut &bytes[HEADER_BYTES..], name)
+}
+
 fn parse_header_and_body(
     header: &[u8; HEADER_BYTES],
     rest: &mut impl Read,
