@@ -273,8 +273,13 @@ fn firecracker_getting_started_then_snapshot_and_restore_in_a_new_process() {
     let restored = second.wait_for_count(last + 5);
     // Joined, the two outputs count on without a gap or a repeat.
     assert_counts_on(&(at_pause.clone() + &restored));
-    // A second pause/snapshot of the restored VM works too (its memory is file-backed).
+    // A second pause/snapshot of the restored VM works too (its memory is file-backed), but not
+    // over the memory file it was loaded from.
     assert_eq!(second.curl("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    let over = serde_json::json!({ "snapshot_path": dir.join("x.state"), "mem_file_path": dir.join("vm.mem") });
+    let (code, body) = second.curl("PUT", "/snapshot/create", Some(&over.to_string()));
+    assert_eq!(code, 400, "{body}");
+    assert!(fault(&body).contains("was loaded from"), "{body}");
     let create = serde_json::json!({ "snapshot_path": dir.join("vm2.state"), "mem_file_path": dir.join("vm2.mem") });
     let (code, body) = second.curl("PUT", "/snapshot/create", Some(&create.to_string()));
     assert_eq!(code, 204, "{body}");

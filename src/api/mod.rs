@@ -136,6 +136,15 @@ struct Api {
     boot: Sender<BootRequest>,
     /// Set once the VM runs: the thread enters its sandbox after answering.
     enter_sandbox: bool,
+    /// The memory file a loaded snapshot's guest RAM is mapped from (device, inode): a new
+    /// snapshot must not truncate it under the running guest.
+    backing_memory: Option<(u64, u64)>,
+}
+
+/// (device, inode) of an existing file.
+fn file_id(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Starts the API thread on `listener`. `running`: the VM already runs (`ember run --api-sock`,
@@ -160,6 +169,7 @@ pub fn spawn(
         options,
         boot: tx,
         enter_sandbox: false,
+        backing_memory: None,
     };
     std::thread::Builder::new()
         .name("api".into())
@@ -385,6 +395,12 @@ impl Api {
         if c.snapshot_type.as_deref().is_some_and(|t| t != "Full") {
             return bad("snapshot_type: ember takes \"Full\" snapshots only");
         }
+        if self.backing_memory.is_some() && file_id(&c.mem_file_path) == self.backing_memory {
+            return bad(&format!(
+                "PUT /snapshot/create: {} is the memory file this VM was loaded from and still reads: choose another",
+                c.mem_file_path
+            ));
+        }
         let open = |p: &str, what: &str| {
             OpenOptions::new()
                 .create(true)
@@ -439,6 +455,7 @@ impl Api {
         };
         let resp = self.boot(Boot::Restore(Box::new(r)), !l.resume_vm);
         if resp.status == 204 {
+            self.backing_memory = file_id(&memory);
             let disks = machine.disk_configs();
             let taps: Vec<String> = machine.nets.iter().map(|n| n.tap.clone()).collect();
             self.resources = VmResources::describe(None, "", machine.cpus, machine.mem_size_bytes, &disks, &taps);
