@@ -207,6 +207,10 @@ impl Controller<'_> {
             return Err("the VM is not paused".into());
         }
         let start = Instant::now();
+        // Guest RAM first, the state (which lists where the RAM is) last.
+        let memory_extents = snapshot::memory::write_memory(self.mem, memory, self.mem.is_file_backed())
+            .map_err(|e| format!("cannot write the memory file: {e}"))?;
+        let written: u64 = memory_extents.iter().map(|e| e.1).sum();
         let snap = Snapshot {
             cpu: snapshot::CpuModel::host(),
             machine: self.machine.clone(),
@@ -215,10 +219,9 @@ impl Controller<'_> {
             serial: lock(self.serial)?.save_state(),
             i8042: lock(self.i8042)?.save_state(),
             transports: self.transports.iter().map(|t| Ok(lock(t)?.save_state())).collect::<Result<_, String>>()?,
+            memory_extents,
         };
         snapshot::write_state(&snap, &mut BufWriter::new(state), state_path).map_err(|e| crate::error_chain(&e))?;
-        let written = snapshot::memory::write_memory(self.mem, memory, self.mem.is_file_backed())
-            .map_err(|e| format!("cannot write the memory file: {e}"))?;
         Ok(format!("snapshot taken in {:?}: {} KiB of guest memory written", start.elapsed(), written >> 10))
     }
 }

@@ -355,6 +355,7 @@ impl Vmm {
 
         // 3. Guest RAM, from the memory file (copy on write).
         let mem = memory::create_guest_memory_from_file(machine.mem_size_bytes, &mem_file)?;
+        snapshot::memory::prefetch(&mem, &snap.memory_extents);
         memory::register_guest_memory(&vm, &mem)?;
         timeline.mark("ember: guest memory mapped from the snapshot");
 

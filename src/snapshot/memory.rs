@@ -13,13 +13,13 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const PAGE: usize = 4096;
 
-/// Writes guest RAM into `file`; returns how many bytes were written (the rest are holes).
-/// `all_pages`: look at every page, not only the resident ones (file-backed RAM).
+/// Writes guest RAM into `file`; returns the extents written, `(file offset, length)` (the rest
+/// are holes). `all_pages`: look at every page, not only the resident ones (file-backed RAM).
 ///
 /// Call only while no vCPU runs and no device is served (the VM is paused).
-pub fn write_memory(mem: &GuestMemoryMmap, file: &File, all_pages: bool) -> std::io::Result<u64> {
+pub fn write_memory(mem: &GuestMemoryMmap, file: &File, all_pages: bool) -> std::io::Result<Vec<(u64, u64)>> {
     let mut offset = 0u64;
-    let mut written = 0u64;
+    let mut extents = Vec::new();
     for region in mem.iter() {
         let len = region.len() as usize;
         let host = mem
@@ -38,7 +38,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, file: &File, all_pages: bool) -> std:
                 (true, None) => run_start = Some(page),
                 (false, Some(s)) => {
                     file.write_all_at(&ram[s * PAGE..page * PAGE], offset + (s * PAGE) as u64)?;
-                    written += ((page - s) * PAGE) as u64;
+                    extents.push((offset + (s * PAGE) as u64, ((page - s) * PAGE) as u64));
                     run_start = None;
                 }
                 _ => {}
@@ -46,11 +46,35 @@ pub fn write_memory(mem: &GuestMemoryMmap, file: &File, all_pages: bool) -> std:
         }
         if let Some(s) = run_start {
             file.write_all_at(&ram[s * PAGE..len], offset + (s * PAGE) as u64)?;
-            written += (len - s * PAGE) as u64;
+            extents.push((offset + (s * PAGE) as u64, (len - s * PAGE) as u64));
         }
         offset += len as u64;
     }
-    Ok(written)
+    Ok(extents)
+}
+
+/// Asks the kernel to read the memory file's extents that hold data into the page cache now
+/// (`madvise(MADV_WILLNEED)`: asynchronous readahead in large requests), so the restored guest's
+/// first touches find their pages there instead of each waiting for its own read. The mapping
+/// stays private and lazy: nothing is copied, the file is not written.
+pub fn prefetch(mem: &GuestMemoryMmap, extents: &[(u64, u64)]) {
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len();
+        let Ok(host) = mem.get_host_address(region.start_addr()) else { continue };
+        for &(start, n) in extents {
+            let (from, to) = (start.max(offset), (start + n).min(offset + len));
+            if from < to {
+                // SAFETY: `host + (from - offset)` .. `+ (to - from)` lies inside this region's live
+                // mapping (from >= offset, to <= offset + len; extents are page-aligned); WILLNEED
+                // only starts readahead and changes no data.
+                unsafe {
+                    libc::madvise(host.add((from - offset) as usize).cast(), (to - from) as usize, libc::MADV_WILLNEED)
+                };
+            }
+        }
+        offset += len;
+    }
 }
 
 /// `mincore(2)`'s vector for a mapping: bit 0 of byte N says page N is resident.
@@ -78,7 +102,8 @@ mod tests {
         let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
         file.set_len(4 << 20).unwrap();
         for all in [false, true] {
-            assert_eq!(write_memory(&mem, &file, all).unwrap(), 2 * 4096);
+            let extents = write_memory(&mem, &file, all).unwrap();
+            assert_eq!(extents, vec![(0x1000, 4096), ((4 << 20) - 4096, 4096)]);
         }
         let back = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();

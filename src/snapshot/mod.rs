@@ -230,6 +230,9 @@ pub struct Snapshot {
     pub i8042: devices::I8042State,
     /// One per virtio-mmio slot, in bus order.
     pub transports: Vec<devices::TransportState>,
+    /// Where the memory file holds data: (offset, length); the rest is holes (zeros).
+    #[serde(default)]
+    pub memory_extents: Vec<(u64, u64)>,
 }
 
 /// Writes `snap` to `out` (named `path` in messages) in the state file format.
@@ -262,8 +265,10 @@ pub fn read_state(path: &Path) -> Result<Snapshot, SnapshotError> {
 
 /// [`read_state`] over bytes already read (the fuzz target drives this).
 pub fn decode_state(bytes: &[u8], name: &str) -> Result<Snapshot, SnapshotError> {
-    let header: &[u8; HEADER_BYTES] =
-        bytes.get(..HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or_else(|| SnapshotError::NotASnapshot(name.into()))?;
+    let header: &[u8; HEADER_BYTES] = bytes
+        .get(..HEADER_BYTES)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| SnapshotError::NotASnapshot(name.into()))?;
     parse_header_and_body(header, &mut &bytes[HEADER_BYTES..], name)
 }
 
@@ -308,6 +313,7 @@ mod tests {
             serial: devices::SerialState::default(),
             i8042: devices::I8042State::default(),
             transports: vec![],
+            memory_extents: vec![],
         }
     }
 
