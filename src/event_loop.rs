@@ -26,6 +26,7 @@ use crate::console::Escape;
 use crate::control::{StopReason, VmControl};
 use crate::devices::serial::Serial;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::requests::Controller;
 use crate::sandbox::{self, SeccompMode, ThreadKind};
 
 /// Every event source the loop knows.
@@ -43,6 +44,8 @@ pub enum Token {
     Queue(u32),
     /// A device's tap has frames: entry N of the [`TapEvent`] list.
     Tap(u32),
+    /// A request from the API waits (requests.rs).
+    Requests,
 }
 
 /// Epoll data of `Token::Queue(n)`: this bit plus n; the fixed tokens are 0..=3.
@@ -57,6 +60,7 @@ impl Token {
             Token::Stdin => 1,
             Token::InputDrained => 2,
             Token::Signal => 3,
+            Token::Requests => 4,
             Token::Queue(n) => QUEUE_TOKEN_BIT | u64::from(n),
             Token::Tap(n) => TAP_TOKEN_BIT | u64::from(n),
         }
@@ -68,6 +72,7 @@ impl Token {
             1 => Some(Token::Stdin),
             2 => Some(Token::InputDrained),
             3 => Some(Token::Signal),
+            4 => Some(Token::Requests),
             _ if v & QUEUE_TOKEN_BIT != 0 => u32::try_from(v & !QUEUE_TOKEN_BIT).ok().map(Token::Queue),
             _ if v & TAP_TOKEN_BIT != 0 => u32::try_from(v & !TAP_TOKEN_BIT).ok().map(Token::Tap),
             _ => None,
@@ -110,6 +115,16 @@ pub enum EventLoopError {
     Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
+/// The devices' event sources, and the API's requests if the VM has an API.
+pub struct Sources<'a, 'b> {
+    /// Each virtqueue's notification.
+    pub queues: &'a [QueueEvent],
+    /// Each virtio-net device's tap.
+    pub taps: &'a [TapEvent],
+    /// Requests to the VM (pause, resume, snapshot), served between two events.
+    pub requests: Option<&'a mut Controller<'b>>,
+}
+
 /// Console input wiring for the loop.
 pub struct ConsoleInput {
     /// The UART that receives the bytes.
@@ -120,6 +135,8 @@ pub struct ConsoleInput {
     pub escape: bool,
     /// The UART's drained eventfd.
     pub drained: Arc<EventFd>,
+    /// Bytes to give the guest before anything read from `fd`.
+    pub prefill: Vec<u8>,
 }
 
 /// The signals the loop turns into a clean stop. Block them in every thread
@@ -199,11 +216,11 @@ pub fn run(
     control: &VmControl,
     console: Option<ConsoleInput>,
     signals: &libc::sigset_t,
-    queues: &[QueueEvent],
-    taps: &[TapEvent],
+    sources: Sources,
     seccomp: SeccompMode,
     ready: impl FnOnce(),
 ) -> Result<StopReason, EventLoopError> {
+    let Sources { queues, taps, mut requests } = sources;
     let epoll = Epoll::new().map_err(EventLoopError::Epoll)?;
     let add = |fd: RawFd, t: Token| {
         epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, t.to_u64())).map_err(EventLoopError::Epoll)
@@ -225,6 +242,13 @@ pub fn run(
     }
     let sigfd = signalfd(signals)?;
     add(sigfd.as_raw_fd(), Token::Signal)?;
+    if let Some(r) = &requests {
+        add(r.fd(), Token::Requests)?;
+    }
+    // While the VM is paused (pause.rs) no queue or tap is served: their
+    // events wait here, and are served at the resume.
+    let mut paused = requests.as_ref().is_some_and(|r| r.paused());
+    let mut deferred: Vec<Token> = Vec::new();
 
     let mut input_fd = None;
     let mut _pipe_keepalive = None;
@@ -235,7 +259,7 @@ pub fn run(
         _pipe_keepalive = pipe;
     }
     let mut stdin_polled = input_fd.is_some();
-    let mut pending: VecDeque<u8> = VecDeque::new();
+    let mut pending: VecDeque<u8> = console.as_ref().map(|c| c.prefill.iter().copied().collect()).unwrap_or_default();
     let mut escape = Escape::default();
     let mut events = vec![EpollEvent::default(); 8];
     // Queues and taps whose device stopped at its budget with work left
@@ -243,7 +267,7 @@ pub fn run(
     // source, so one busy queue cannot starve stdin, signals or other devices.
     let mut again: Vec<Token> = Vec::new();
     // Pending input could not be fed because a vCPU held the UART: retry soon.
-    let mut feed_retry = false;
+    let mut feed_retry = !pending.is_empty();
     /// How soon a busy UART is tried again, in milliseconds.
     const FEED_RETRY_MS: i32 = 10;
     let mut buf = [0u8; 4096];
@@ -319,6 +343,26 @@ pub fn run(
                         // Wait for the guest to drain the FIFO before reading more.
                         let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                         stdin_polled = false;
+                    }
+                }
+                Some(Token::Requests) => {
+                    if let Some(r) = requests.as_deref_mut() {
+                        r.serve();
+                        let now = r.paused();
+                        if paused && !now {
+                            again.append(&mut deferred);
+                        }
+                        paused = now;
+                    }
+                }
+                Some(t @ (Token::Queue(_) | Token::Tap(_))) if paused => {
+                    if let Token::Queue(n) = t
+                        && let Some(q) = queues.get(n as usize)
+                    {
+                        let _ = q.evt.read();
+                    }
+                    if !deferred.contains(&t) {
+                        deferred.push(t);
                     }
                 }
                 Some(Token::Queue(n)) => {
@@ -410,6 +454,7 @@ mod tests {
             Token::Stdin,
             Token::InputDrained,
             Token::Signal,
+            Token::Requests,
             Token::Queue(0),
             Token::Queue(u32::MAX),
             Token::Tap(0),
@@ -417,6 +462,6 @@ mod tests {
         ] {
             assert_eq!(Token::from_u64(t.to_u64()), Some(t));
         }
-        assert_eq!(Token::from_u64(4), None);
+        assert_eq!(Token::from_u64(5), None);
     }
 }

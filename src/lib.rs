@@ -30,6 +30,20 @@
 //! - [`sandbox`]: what each thread may still do once set-up is done: a seccomp
 //!   filter per kind of thread, no capabilities, no new privileges.
 //!
+//! Pausing and snapshots:
+//! - [`pause`]: the handshake that parks every vCPU thread outside KVM_RUN.
+//! - [`requests`]: pause, resume, snapshot, Ctrl-Alt-Del, served by the event loop.
+//! - [`snapshot`]: the state file (format, checksum, CPU model), the memory
+//!   file, and the vCPU, VM and device states in them; `Vmm::restore` in
+//!   [`vmm`] is the restore recipe, parallel to `Vmm::new`.
+//! - [`api`]: Firecracker's API on a Unix socket (a small HTTP/1.1 server, its
+//!   JSON bodies, the before/after-InstanceStart rules) and `--config-file`.
+//!
+//! Path of `PUT /snapshot/create`: `api/http.rs` (parse) -> `api/mod.rs`
+//! (paused? create the files) -> `requests.rs` (channel + eventfd) ->
+//! `event_loop.rs` (`Token::Requests`) -> `snapshot/` (VM and device states,
+//! the vCPU states each parked vCPU saved, then guest RAM) -> 204.
+//!
 //! Data path of one byte the guest prints: `vcpu.rs` (IoOut) -> `bus.rs` ->
 //! `devices/serial.rs` (THR) -> stdout.
 //!
@@ -69,6 +83,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod bus;
@@ -84,7 +99,10 @@ pub mod image;
 pub mod lane;
 pub mod layout;
 pub mod memory;
+pub mod pause;
+pub mod requests;
 pub mod sandbox;
+pub mod snapshot;
 pub mod stats;
 pub mod timeline;
 pub mod vcpu;

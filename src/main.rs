@@ -21,10 +21,40 @@ const EXIT_KVM_UNUSABLE: u8 = 126;
 const EXIT_GUEST_CRASH: u8 = 123;
 
 #[derive(Parser)]
-#[command(name = "ember", version, about = "A small KVM hypervisor: boot a lightweight VM from the command line")]
+#[command(
+    name = "ember",
+    version,
+    about = "A small KVM hypervisor: boot a lightweight VM from the command line",
+    args_conflicts_with_subcommands = true,
+    subcommand_required = false
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    fc: FirecrackerArgs,
+}
+
+/// `ember --api-sock PATH` / `ember --no-api --config-file FILE`: Firecracker's command line.
+#[derive(clap::Args)]
+struct FirecrackerArgs {
+    /// Serve Firecracker's API on this Unix socket; the VM is configured and
+    /// started through it (see README, "The Firecracker API").
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    api_sock: Option<PathBuf>,
+    /// Start the VM described by a Firecracker JSON config file ("boot-source",
+    /// "machine-config", "drives", "network-interfaces", "logger", "metrics").
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// No API socket (with --config-file).
+    #[arg(long, requires = "config_file")]
+    no_api: bool,
+    /// The VM's name, as `GET /` reports it (Firecracker's --id).
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+    /// The sandbox of ember's threads: on (default) or off (debugging only).
+    #[arg(long, value_enum, default_value_t = SeccompArg::On, require_equals = true, value_name = "on|off")]
+    seccomp: SeccompArg,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +235,20 @@ struct RunArgs {
     /// Read environment variables from a file (KEY=VALUE lines, # comments).
     #[arg(long, value_name = "FILE")]
     env_file: Vec<PathBuf>,
+    /// Boot the default guest until its init is ready for a command, then save
+    /// the VM (a full snapshot) in DIR and exit 0. Restore it with --from-snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["from_snapshot", "api_sock"])]
+    save_snapshot: Option<PathBuf>,
+    /// Restore the VM saved in DIR (by --save-snapshot) and run `-- CMD` in it
+    /// (nothing: a shell). The VM is the one saved: its memory, vCPUs and disks.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "root_disk", "disk", "net", "rng", "no_rng", "save_snapshot"
+    ])]
+    from_snapshot: Option<PathBuf>,
+    /// Also serve Firecracker's API on this Unix socket while the VM runs
+    /// (pause, resume, snapshots: README, "The Firecracker API").
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Working directory of the image's command.
     #[arg(short = 'w', long, value_name = "DIR")]
     workdir: Option<String>,
@@ -337,6 +381,11 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     } else if a.root_disk.is_some() {
         return Err("--root-disk cannot be combined with an image: the image is the root".into());
     }
+    if a.save_snapshot.is_some() && (image.is_some() || !command.is_empty()) {
+        return Err("--save-snapshot saves the default guest before it runs a command: give the command to \
+                    `ember run --from-snapshot DIR -- CMD`"
+            .into());
+    }
     // The image first: its errors come before any kernel build.
     let prepared = match &image {
         Some(i) => {
@@ -370,6 +419,10 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     let mut cfg = VmConfig::new(KernelSource::Path(kernel));
     cfg.initrd = initrd;
     cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if a.save_snapshot.is_some() {
+        // guest-kernels/init, "The snapshot protocol": wait for the command on the console.
+        cfg.cmdline += " ember.snapshot";
+    }
     if image.is_none() && !command.is_empty() {
         use std::os::unix::ffi::OsStrExt;
         let args: Vec<&[u8]> = command.iter().map(|s| s.as_bytes()).collect();
@@ -702,7 +755,13 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
         }
     };
     let sock = user_net.as_ref().map(|(_, sock, _)| sock.as_path());
-    match ember::lane::run_interactive(&exe, &inner, &cfg.writable_host_paths(), sock) {
+    let mut writable = cfg.writable_host_paths();
+    if let Some(dir) = &args.save_snapshot {
+        // The saved VM's files are written there, inside the machine.
+        let _ = std::fs::create_dir_all(dir);
+        writable.extend(std::path::absolute(dir).ok());
+    }
+    match ember::lane::run_interactive(&exe, &inner, &writable, sock) {
         Ok(code) => Some(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("ember: the Linux lane failed: {}", chain(&e));
@@ -711,7 +770,132 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
     }
 }
 
+/// The marker line the default guest's init prints when `ember.snapshot` is on its command line
+/// and it waits for its command on the console (guest-kernels/init, "The snapshot protocol").
+const SNAPSHOT_POINT: &str = "ember-init: snapshot point";
+
+/// The two files of a saved VM in `--save-snapshot`/`--from-snapshot`'s DIR.
+fn snapshot_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    (dir.join("state"), dir.join("memory"))
+}
+
+/// `ember run --save-snapshot DIR`: the state and memory files, created (and the memory file
+/// sized) now, before the sandbox, for the event loop to fill at the snapshot point.
+fn open_snapshot_files(dir: &std::path::Path, mem_bytes: u64) -> Result<(std::fs::File, std::fs::File), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("--save-snapshot: cannot create {}: {e}", dir.display()))?;
+    let (state, memory) = snapshot_files(dir);
+    let open = |p: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(p)
+            .map_err(|e| format!("--save-snapshot: cannot create {}: {e}", p.display()))
+    };
+    let (state, memory) = (open(&state)?, open(&memory)?);
+    memory.set_len(mem_bytes).map_err(|e| format!("--save-snapshot: cannot size the memory file: {e}"))?;
+    Ok((state, memory))
+}
+
+/// `ember run --from-snapshot DIR [-- CMD]`: restore the saved VM, hand its init the command.
+fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u8 {
+    let timeline = Arc::new(Timeline::new(start));
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (image, command) = args.image_and_command(&raw);
+    if image.is_some() {
+        eprintln!(
+            "ember: --from-snapshot runs a command in the saved VM: write `ember run --from-snapshot DIR -- CMD`"
+        );
+        return EXIT_VMM_ERROR;
+    }
+    let (state, memory) = snapshot_files(dir);
+    let machine = match ember::snapshot::read_state(&state) {
+        Ok(s) => s.machine,
+        Err(e) => {
+            eprintln!("ember: --from-snapshot: {}", chain(&e));
+            return EXIT_VMM_ERROR;
+        }
+    };
+    // A Linux guest saved inside the nested lane is restored there, by the inner ember.
+    use ember::lane::flavour::KvmFlavour;
+    if machine.linux && KvmFlavour::detect().needs_nested_lane() && !args.no_fallback {
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("ember: cannot find my own binary: {e}");
+                return EXIT_VMM_ERROR;
+            }
+        };
+        let inner: Vec<std::ffi::OsString> = raw.into_iter().skip(1).collect();
+        // The machine may write the saved VM's read-write disks (and nothing else).
+        let writable: Vec<PathBuf> = machine.disks.iter().filter(|d| !d.read_only).map(|d| PathBuf::from(&d.path)).collect();
+        return match ember::lane::run_interactive(&exe, &inner, &writable, None) {
+            Ok(code) => code.clamp(0, 255) as u8,
+            Err(e) => {
+                eprintln!("ember: the emulated SVM machine failed: {e}");
+                EXIT_VMM_ERROR
+            }
+        };
+    }
+    let serial = match config::parse_serial(&args.serial) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ember: {e}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let restore = ember::vmm::RestoreConfig {
+        state,
+        memory,
+        serial,
+        seccomp: if args.seccomp == SeccompArg::Off {
+            ember::sandbox::SeccompMode::Off
+        } else {
+            ember::sandbox::SeccompMode::On
+        },
+        resume: true,
+        tap_overrides: Vec::new(),
+    };
+    // The init reads one line: the command as `ember.argv=...`, or nothing for a shell.
+    let line = if command.is_empty() {
+        String::new()
+    } else {
+        use std::os::unix::ffi::OsStrExt;
+        let words: Vec<&[u8]> = command.iter().map(|s| s.as_bytes()).collect();
+        match ember::guest::encode_argv(&words) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("ember: {e}");
+                return EXIT_VMM_ERROR;
+            }
+        }
+    };
+    let outcome = Vmm::restore(&restore, timeline.clone()).and_then(|mut vmm| {
+        vmm.queue_console_input(format!("{line}\n").as_bytes());
+        vmm.run()
+    });
+    timeline.mark("ember: VM torn down");
+    let code = match &outcome {
+        Ok(o) => exit_code_for(&o.reason),
+        Err(e) => error_code(e),
+    };
+    timeline.mark("ember: exit");
+    match args.timeline {
+        Some(TimelineFormat::Table) => eprint!("{}", timeline.render_table()),
+        Some(TimelineFormat::Json) => eprintln!("{}", timeline.render_json()),
+        None => {}
+    }
+    if let (Some(_), Ok(o)) = (args.timeline, &outcome) {
+        eprintln!("ember: guest memory touched: {} KiB", o.guest_resident_bytes >> 10);
+    }
+    code
+}
+
 fn run(args: RunArgs, start: Instant) -> u8 {
+    if let Some(dir) = args.from_snapshot.clone() {
+        return run_from_snapshot(&args, &dir, start);
+    }
     let timeline = Arc::new(Timeline::new(start));
     let mut plan = match build_config(&args, &timeline) {
         Ok(p) => p,
@@ -727,11 +911,55 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     if let Some(code) = maybe_fallback(&args, &plan) {
         return code;
     }
+    let save = match args.save_snapshot.as_deref().map(|d| open_snapshot_files(d, plan.cfg.mem_size_bytes)).transpose()
+    {
+        Ok(s) => s,
+        Err(msg) => {
+            eprintln!("ember: {msg}");
+            return EXIT_VMM_ERROR;
+        }
+    };
+    let listener = match args.api_sock.as_deref().map(ember::api::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ember: {}", chain(&e));
+            return EXIT_VMM_ERROR;
+        }
+    };
     // The run's temporary files are open (or read) once the VM is built:
     // removed before it runs, as the sandboxed main thread could not.
     let scratch = plan._scratch.take();
-    let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|vmm| {
+    let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|mut vmm| {
         drop(scratch);
+        if let (Some((state, memory)), Some(dir)) = (save, &args.save_snapshot) {
+            let sender = vmm.request_sender()?;
+            let state_path = snapshot_files(dir).0.display().to_string();
+            vmm.watch_serial_line(
+                SNAPSHOT_POINT,
+                Box::new(move || sender.post(ember::requests::VmRequest::SaveAndStop { state, state_path, memory })),
+            );
+        }
+        if let Some(listener) = listener {
+            let sender = vmm.request_sender()?;
+            let cfg = &plan.cfg;
+            let kernel = match &cfg.kernel {
+                KernelSource::Path(p) => Some(p.display().to_string()),
+                KernelSource::Builtin(_) => None,
+            };
+            let taps: Vec<String> = cfg.nets.iter().map(|n| n.mac_seed()).collect();
+            let resources = ember::api::model::VmResources::describe(
+                kernel.as_deref(),
+                &cfg.cmdline,
+                cfg.cpus,
+                cfg.mem_size_bytes,
+                &cfg.disks,
+                &taps,
+            );
+            let options = ember::api::ApiOptions { serial: cfg.serial.clone(), seccomp: cfg.seccomp, id: None };
+            if let Err(e) = ember::api::spawn(listener, resources, Some(sender), options) {
+                eprintln!("ember: {}", chain(&e));
+            }
+        }
         vmm.run()
     });
     timeline.mark("ember: VM torn down");
@@ -739,6 +967,13 @@ fn run(args: RunArgs, start: Instant) -> u8 {
         Ok(o) => exit_code_for(&o.reason),
         Err(e) => error_code(e),
     };
+    if let (Some(dir), Ok(o)) = (&args.save_snapshot, &outcome) {
+        if o.reason == StopReason::GuestExit(0) {
+            eprintln!("ember: saved; `ember run --from-snapshot {} -- CMD` runs CMD in it", dir.display());
+        } else {
+            eprintln!("ember: the guest ended before its snapshot point: nothing was saved");
+        }
+    }
     if let Ok(o) = &outcome {
         if let Some(n) = args.trace_exits {
             let total: u64 = o.exits.iter().map(|c| c.total()).sum();
@@ -830,6 +1065,82 @@ fn lane(action: LaneAction) -> u8 {
     }
 }
 
+/// `ember --api-sock PATH [--config-file FILE]` and `ember --no-api --config-file FILE`: a VM
+/// configured the way Firecracker is.
+fn firecracker(fc: FirecrackerArgs, start: Instant) -> u8 {
+    use ember::api;
+    if fc.api_sock.is_none() && !fc.no_api {
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
+        eprintln!(
+            "\nember: say what to do: a command (e.g. `ember run -- CMD`), or --api-sock PATH for Firecracker's API"
+        );
+        return EXIT_VMM_ERROR;
+    }
+    let timeline = Arc::new(Timeline::new(start));
+    let seccomp =
+        if fc.seccomp == SeccompArg::Off { ember::sandbox::SeccompMode::Off } else { ember::sandbox::SeccompMode::On };
+    let options = api::ApiOptions { serial: config::SerialMode::Stdio, seccomp, id: fc.id.clone() };
+    let fail = |msg: String| {
+        eprintln!("ember: {msg}");
+        EXIT_VMM_ERROR
+    };
+    let resources = match fc.config_file.as_deref().map(api::read_config_file).transpose() {
+        Ok(r) => r,
+        Err(e) => return fail(chain(&e)),
+    };
+    let listener = match fc.api_sock.as_deref().map(api::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => return fail(chain(&e)),
+    };
+    let vmm = match resources {
+        // A config file: the VM starts at once, the API (if any) serves it running.
+        Some(resources) => {
+            let cfg = match resources.vm_config(&options.serial, seccomp) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("--config-file: {e}")),
+            };
+            let mut vmm = match Vmm::new(&cfg, timeline.clone()) {
+                Ok(v) => v,
+                Err(e) => return error_code(&e),
+            };
+            vmm.name_interfaces(&resources.nets.iter().map(|n| n.iface_id.clone()).collect::<Vec<_>>());
+            if let Some(listener) = listener {
+                let sender = match vmm.request_sender() {
+                    Ok(s) => s,
+                    Err(e) => return error_code(&e),
+                };
+                if let Err(e) = api::spawn(listener, resources, Some(sender), options) {
+                    return fail(chain(&e));
+                }
+            }
+            vmm
+        }
+        None => {
+            let Some(listener) = listener else { return fail("--no-api needs --config-file".into()) };
+            let boots = match api::spawn(listener, Default::default(), None, options) {
+                Ok(b) => b,
+                Err(e) => return fail(chain(&e)),
+            };
+            loop {
+                let Some(vmm) = api::wait_for_boot(&boots, &timeline) else {
+                    return fail("the API thread stopped before a VM was started".into());
+                };
+                match vmm.run() {
+                    // The API answered the client with a 400: wait for another try.
+                    Err(VmmError::Start(e)) => log::warn!("the VM did not start: {e}"),
+                    Ok(o) => return exit_code_for(&o.reason),
+                    Err(e) => return error_code(&e),
+                }
+            }
+        }
+    };
+    match vmm.run() {
+        Ok(o) => exit_code_for(&o.reason),
+        Err(e) => error_code(&e),
+    }
+}
+
 fn main() -> ExitCode {
     let start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
@@ -842,7 +1153,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_VMM_ERROR } else { 0 });
         }
     };
-    let code = match cli.command {
+    let Some(command) = cli.command else {
+        return ExitCode::from(firecracker(cli.fc, start));
+    };
+    let code = match command {
         Command::Run(args) => run(*args, start),
         Command::Bench(args) => ember::bench::main(args),
         Command::Lane { action } => lane(action),

@@ -71,6 +71,15 @@ pub const HOST_RAM_ALIGN: usize = 2 << 20;
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     maps: Vec<(usize, usize)>,
+    /// Mapped from a snapshot's memory file (MAP_PRIVATE) rather than anonymous.
+    file_backed: bool,
+}
+
+impl GuestRam {
+    /// True when guest RAM is a private mapping of a snapshot's memory file.
+    pub fn is_file_backed(&self) -> bool {
+        self.file_backed
+    }
 }
 
 impl std::ops::Deref for GuestRam {
@@ -126,21 +135,57 @@ fn map_aligned(len: usize, align: usize) -> std::io::Result<usize> {
 
 /// Maps `size` bytes of guest RAM (lazily) on the host, each range 2 MiB-aligned ([`HOST_RAM_ALIGN`]).
 pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
+    map_guest_memory(size, None)
+}
+
+/// Guest RAM from a snapshot's memory file (ranges one after the other in the file, see
+/// snapshot/memory.rs), mapped MAP_PRIVATE over the aligned reservation: a page is read from the
+/// file when the guest first touches it, and the guest's writes stay in ember (copy on write),
+/// never reaching the file (mmap(2)).
+pub fn create_guest_memory_from_file(size: u64, file: &std::fs::File) -> Result<GuestRam, MemoryError> {
+    map_guest_memory(size, Some(file))
+}
+
+fn map_guest_memory(size: u64, file: Option<&std::fs::File>) -> Result<GuestRam, MemoryError> {
+    use std::os::fd::AsRawFd;
     use vm_memory::GuestRegionMmap;
     use vm_memory::mmap::{FromRangesError, MmapRegionBuilder, MmapRegionError};
     let err = |source| MemoryError::Mmap { size_mib: size >> 20, source };
     // On an error, `ram` unmaps whatever was mapped so far.
-    let mut ram = GuestRam { mem: GuestMemoryMmap::default(), maps: Vec::new() };
+    let mut ram = GuestRam { mem: GuestMemoryMmap::default(), maps: Vec::new(), file_backed: file.is_some() };
     let mut regions = Vec::new();
+    let mut file_offset = 0i64;
     for (start, len) in ram_ranges(size) {
         let addr =
             map_aligned(len, HOST_RAM_ALIGN).map_err(|e| err(FromRangesError::MmapRegion(MmapRegionError::Mmap(e))))?;
         ram.maps.push((addr, len));
+        if let Some(f) = file {
+            // SAFETY: replaces (MAP_FIXED) exactly the reservation just made and owned by `ram`.
+            let got = unsafe {
+                libc::mmap(
+                    addr as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    f.as_raw_fd(),
+                    file_offset,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                return Err(err(FromRangesError::MmapRegion(MmapRegionError::Mmap(e))));
+            }
+            file_offset += len as i64;
+        }
         // SAFETY: `addr..addr+len` is the live mapping made just above, owned by `ram`, which outlives
         // the region (see `GuestRam`).
         let region = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(addr as *mut u8) }
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .with_mmap_flags(if file.is_some() {
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE
+            } else {
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+            })
             .build()
             .map_err(|e| err(FromRangesError::MmapRegion(e)))?;
         regions.push(GuestRegionMmap::new(region, start).ok_or(err(FromRangesError::InvalidGuestRegion))?);

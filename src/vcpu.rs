@@ -24,6 +24,8 @@ use crate::boot::BootInfo;
 use crate::bus::Bus;
 use crate::control::{StopReason, VmControl};
 use crate::layout::BOOT_STACK_POINTER;
+use crate::pause::PauseGate;
+use crate::snapshot;
 use crate::stats::{Exit, ExitKind, ExitObservation, ExitObserver, ExitStats};
 use crate::timeline::Timeline;
 use crate::x86::{cpuid, msr, regs};
@@ -64,6 +66,14 @@ pub enum VcpuError {
     /// Writing boot structures to guest memory failed.
     #[error("cannot write boot page tables or GDT")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    /// A snapshot's vCPU state could not be loaded.
+    #[error("cannot restore vCPU {id} from the snapshot: {why}")]
+    Restore {
+        /// vCPU index.
+        id: u8,
+        /// What KVM or the snapshot said.
+        why: String,
+    },
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] std::io::Error),
@@ -188,6 +198,14 @@ pub struct Vcpu {
     /// `--stats` / `--trace-exits`: None (the usual case) costs one branch per exit.
     observer: Option<Box<ExitObserver>>,
     snapshot_registers: bool,
+    /// Where this vCPU parks while the VM is paused (pause.rs).
+    gate: Arc<PauseGate>,
+    /// What a snapshot needs besides KVM's registers: the CPUID given, the MSRs to read.
+    cpuid: CpuId,
+    msr_indices: Vec<u32>,
+    lapic: bool,
+    /// A snapshot's state, loaded on this vCPU's thread before it first runs.
+    restore: Option<Box<snapshot::vcpu::VcpuState>>,
 }
 
 /// Everything the vCPUs of one VM share at setup.
@@ -210,6 +228,10 @@ pub struct VcpuShared {
     pub observe: ExitObservation,
     /// Trace lines left for the whole VM (`--trace-exits=N`).
     pub trace_left: Arc<AtomicU64>,
+    /// The pause handshake (pause.rs).
+    pub gate: Arc<PauseGate>,
+    /// The MSRs a snapshot reads (KVM_GET_MSR_INDEX_LIST).
+    pub msr_indices: Vec<u32>,
 }
 
 impl Vcpu {
@@ -244,7 +266,31 @@ impl Vcpu {
             fd.set_regs(&r).map_err(setup("registers"))?;
         }
 
-        Ok(Vcpu {
+        Ok(Vcpu::with_fd(fd, id, shared, cpuid, None))
+    }
+
+    /// Creates vCPU `id` of a restored VM: the snapshot's CPUID now, the rest of `state` on the
+    /// vCPU's own thread ([`Vcpu::load_snapshot_state`]).
+    pub fn restored(
+        vm: &VmFd,
+        id: u8,
+        shared: &VcpuShared,
+        state: snapshot::vcpu::VcpuState,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::Create { id, source })?;
+        let cpuid = snapshot::vcpu::cpuid_of(&state).map_err(|why| VcpuError::Restore { id, why })?;
+        fd.set_cpuid2(&cpuid).map_err(|source| VcpuError::Setup { what: "CPUID", id, source })?;
+        Ok(Vcpu::with_fd(fd, id, shared, cpuid, Some(Box::new(state))))
+    }
+
+    fn with_fd(
+        fd: VcpuFd,
+        id: u8,
+        shared: &VcpuShared,
+        cpuid: CpuId,
+        restore: Option<Box<snapshot::vcpu::VcpuState>>,
+    ) -> Self {
+        Vcpu {
             fd,
             id,
             pio: shared.pio.clone(),
@@ -254,7 +300,33 @@ impl Vcpu {
             hlt_is_final: !shared.irqchip,
             observer: ExitObserver::new(id, &shared.observe, &shared.trace_left),
             snapshot_registers: shared.observe.snapshot_registers,
-        })
+            gate: shared.gate.clone(),
+            cpuid,
+            msr_indices: shared.msr_indices.clone(),
+            lapic: shared.irqchip,
+            restore,
+        }
+    }
+
+    /// Loads the snapshot state this vCPU was created with, if any. Call on the vCPU's own
+    /// thread, before [`Vcpu::run`] (and before the thread enters its sandbox: these are KVM_SET_*
+    /// calls the vCPU filter does not allow).
+    pub fn load_snapshot_state(&mut self) -> Result<(), VcpuError> {
+        match self.restore.take() {
+            Some(s) => snapshot::vcpu::restore(&self.fd, &s).map_err(|why| VcpuError::Restore { id: self.id, why }),
+            None => Ok(()),
+        }
+    }
+
+    /// Parks this vCPU while the VM is paused (pause.rs): completes the access KVM may have left
+    /// half done, saves the state a snapshot needs, waits for the resume.
+    fn park(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        // Returns EINTR at once, after finishing a pending IN or MMIO read (api.rst 5).
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let state = snapshot::vcpu::save(&self.fd, &self.cpuid, &mut self.msr_indices, self.lapic);
+        self.gate.park(self.id, state, &self.control);
     }
 
     /// Runs the guest until the VM stops; returns what this vCPU saw.
@@ -268,6 +340,10 @@ impl Vcpu {
         let first_run = format!("vcpu{}: first KVM_RUN", self.id);
         self.timeline.mark(first_run);
         while !self.control.is_stopped() {
+            if self.gate.requested() {
+                self.park();
+                continue;
+            }
             let id = self.id;
             let result = self.fd.run();
             // The clock is read only when someone asked (--stats, --trace-exits).

@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusError};
 use crate::config::NetBackendConfig;
+use crate::config::KernelSource;
 use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
@@ -50,7 +51,11 @@ use crate::devices::virtio::rng::Rng;
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::layout;
 use crate::memory::{self, GuestRam, MemoryError};
+use crate::pause::PauseGate;
+use crate::requests::{self, Controller, RequestReceiver, RequestSender};
 use crate::sandbox::{self, SeccompMode, ThreadKind};
+use crate::snapshot::devices::SerialState;
+use crate::snapshot::{self, DiskSpec, Machine, NetSpec, SnapshotError};
 use crate::stats::ExitStats;
 use crate::timeline::Timeline;
 use crate::vcpu::{self, ExitCounts, RegSnapshot, Vcpu, VcpuError, VcpuReport, VcpuShared};
@@ -84,6 +89,9 @@ pub enum VmmError {
     /// Kernel/initrd loading.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// A snapshot could not be read or loaded.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// Boot structures in guest memory.
     #[error("cannot write boot structures into guest memory")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
@@ -129,6 +137,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// The VM was built but could not start (a vCPU refused its snapshot state); nothing ran.
+    #[error("{0}")]
+    Start(String),
     /// A host resource (eventfd, thread) could not be created.
     #[error("cannot create {0}")]
     Host(&'static str, #[source] std::io::Error),
@@ -156,11 +167,14 @@ pub struct RunOutcome {
     pub guest_resident_bytes: u64,
 }
 
+/// Called once by [`Vmm::run`] with whether the VM started.
+pub type StartHook = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// A built VM, ready to run.
 pub struct Vmm {
     // Field order is drop order: vCPUs and the VM before guest memory.
     vcpus: Vec<Vcpu>,
-    _vm: VmFd,
+    vm: VmFd,
     _kvm: Kvm,
     /// The virtqueues' ioeventfds, for the event loop.
     queue_events: Vec<QueueEvent>,
@@ -168,6 +182,19 @@ pub struct Vmm {
     tap_events: Vec<TapEvent>,
     control: Arc<VmControl>,
     serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    /// The virtio-mmio transports, in bus order.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The pause handshake with the vCPUs.
+    gate: Arc<PauseGate>,
+    /// What the VM is made of, for a snapshot.
+    machine: Machine,
+    /// Requests from the API, if it has one (`Vmm::request_sender`).
+    requests: Option<RequestReceiver>,
+    /// Told whether the VM started, once every vCPU holds its state (`Vmm::on_start`).
+    on_start: Option<StartHook>,
+    /// Bytes for the guest's console before anything from stdin (`Vmm::queue_console_input`).
+    console_prefill: Vec<u8>,
     /// The stdout writer behind the serial console (`--serial stdio`).
     stdout_sink: Option<StdoutSink>,
     /// The writers behind the console ports (`VmConfig::split_output`): stdout, stderr.
@@ -223,8 +250,9 @@ impl Vmm {
             boot::open_initrd(initrd)?;
         }
         let linux = !matches!(format, KernelFormat::Elf { linux_note: false });
+        let rng = wants_rng(cfg, linux);
         let mut passts = Vec::new();
-        let mut virtio = open_virtio_devices(cfg, linux, &mut passts)?;
+        let mut virtio = open_virtio_devices(cfg, rng, &mut passts)?;
         let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let mut port_sinks = Vec::new();
         if cfg.split_output && linux {
@@ -255,14 +283,7 @@ impl Vmm {
         timeline.mark("ember: /dev/kvm opened");
 
         // 2. The VM and, when needed, the in-kernel interrupt controllers.
-        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create a VM", source })?;
-        if irqchip {
-            vm.set_tss_address(KVM_TSS_ADDRESS)
-                .map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
-            vm.create_irq_chip().map_err(|source| VmmError::Kvm { what: "create the in-kernel irqchip", source })?;
-            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-            vm.create_pit2(pit).map_err(|source| VmmError::Kvm { what: "create the in-kernel PIT", source })?;
-        }
+        let vm = create_vm(&kvm, irqchip)?;
         timeline.mark("ember: VM created");
 
         // 3. Guest RAM.
@@ -292,107 +313,260 @@ impl Vmm {
         timeline.mark("ember: kernel loaded");
 
         // 6. Devices.
-        let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
-        let mut stdout_sink = None;
-        let console_tail = ConsoleTail::default();
-        let sink: Box<dyn Write + Send> = match &cfg.serial {
-            // The console's output (kernel messages) mixes into neither stream;
-            // its tail is shown only if the guest crashes.
-            SerialMode::Stdio if !port_sinks.is_empty() => Box::new(console_tail.clone()),
-            SerialMode::Stdio => {
-                let out = StdoutSink::new(dup_stdout()?, control.clone(), cfg.seccomp)
-                    .map_err(|e| VmmError::Host("the serial output thread", e))?;
-                stdout_sink = Some(out.clone());
-                Box::new(out)
-            }
-            SerialMode::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmmError::SerialFile { path: path.clone(), source })?,
-            ),
-            SerialMode::None => Box::new(std::io::sink()),
+        let machine = Machine {
+            cpus: cfg.cpus,
+            mem_size_bytes: cfg.mem_size_bytes,
+            irqchip,
+            disks: cfg
+                .disks
+                .iter()
+                .map(|d| DiskSpec { path: d.path.display().to_string(), read_only: d.read_only, id: d.id.clone() })
+                .collect(),
+            nets: cfg
+                .nets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    // A snapshot reopens taps by name; a passt (`--net user`) is not carried over.
+                    let tap = match &n.backend {
+                        NetBackendConfig::Tap { name, .. } => name.clone(),
+                        _ => String::new(),
+                    };
+                    NetSpec { id: tap.clone(), tap, mac: n.mac.unwrap_or_else(|| net::default_mac(&n.mac_seed(), i)) }
+                })
+                .collect(),
+            rng,
+            linux,
         };
-        let irq = if irqchip {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
-            vm.register_irqfd(&evt, layout::COM1_IRQ)
-                .map_err(|source| VmmError::Kvm { what: "register the serial irqfd", source })?;
-            IrqLine::Irqfd(evt)
-        } else {
-            IrqLine::None
+        let spec = DeviceSpec {
+            serial: &cfg.serial,
+            irqchip,
+            seccomp: cfg.seccomp,
+            extra_pio: &cfg.extra_pio,
+            console_ports: !port_sinks.is_empty(),
         };
-        let mut out = SerialOutput::new(sink, control.clone(), timeline.clone());
-        if matches!(cfg.serial, SerialMode::File(_)) {
-            out = out.with_limit(SERIAL_FILE_LIMIT);
-        }
-        let serial = Arc::new(Mutex::new(Serial::new(irq, out, Some(input_drained.clone()))));
-        let mut pio = Bus::with_control(control.clone());
-        pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
-        pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", Arc::new(Mutex::new(I8042::new(control.clone()))))?;
-        pio.insert(
-            u64::from(layout::EXIT_PORT),
-            u64::from(layout::EXIT_PORT_LEN),
-            "exit device",
-            Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
-        )?;
-        pio.insert(
-            u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
-            u64::from(layout::ACPI_SLEEP_PORT_LEN),
-            "ACPI sleep registers",
-            Arc::new(Mutex::new(AcpiSleep::new(control.clone()))),
-        )?;
-        for extra in &cfg.extra_pio {
-            pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
-        }
-        let mut mmio = Bus::with_control(control.clone());
-        let (queue_events, tap_events) = create_virtio_transports(&vm, &mem, &mut mmio, virtio)?;
+        let mut devices = create_devices(&vm, &mem, &spec, virtio, None, &control, &timeline)?;
 
         // 7. vCPUs.
-        let mut base_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VmmError::Kvm { what: "report its supported CPUID", source })?;
-        // What KVM leaves to userspace (x86/cpuid.rs): the TSC-deadline bit, the host's brand string
-        // and L1 cache leaf, the paravirtual features that need the in-kernel LAPIC.
-        let vm_features = cpuid::VmFeatures {
-            in_kernel_lapic: irqchip,
-            tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer),
-        };
-        cpuid::adjust_for_vm(base_cpuid.as_mut_slice(), vm_features, cpuid::host_cpuid);
-        let shared = VcpuShared {
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            control: control.clone(),
-            timeline: timeline.clone(),
-            base_cpuid,
-            count: cfg.cpus,
-            irqchip,
-            observe: cfg.observe.clone(),
-            trace_left: Arc::new(std::sync::atomic::AtomicU64::new(cfg.observe.trace_exits)),
-        };
+        let gate = Arc::new(PauseGate::new(usize::from(cfg.cpus), false));
+        let shared = vcpu_shared(&kvm, &mut devices, irqchip, cfg.cpus, &cfg.observe, &control, &timeline, &gate)?;
         let vcpus = (0..cfg.cpus).map(|id| Vcpu::new(&vm, id, &shared, &boot)).collect::<Result<Vec<_>, _>>()?;
         timeline.mark("ember: vCPUs configured");
 
-        Ok(Vmm {
+        Ok(Vmm::assemble(
+            kvm,
+            vm,
+            mem,
             vcpus,
-            _vm: vm,
+            devices,
+            control,
+            gate,
+            machine,
+            boot,
+            cfg.serial.clone(),
+            cfg.seccomp,
+            timeline,
+            port_sinks,
+            passts,
+        ))
+    }
+
+    /// Rebuilds the VM a snapshot describes, in the state it was taken in: the parallel of
+    /// [`Vmm::new`]'s recipe, with the state loaded where the boot recipe loads a kernel.
+    pub fn restore(r: &RestoreConfig, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
+        // Check the files before touching KVM: another format, a damaged file, another CPU,
+        // a memory file that does not fit, a disk or tap that is gone.
+        let snap = snapshot::read_state(&r.state)?;
+        snap.cpu.check_compatible(&snapshot::CpuModel::host())?;
+        let mut machine = snap.machine.clone();
+        for (id, tap) in &r.tap_overrides {
+            let spec = machine.nets.iter_mut().find(|n| &n.id == id).ok_or_else(|| {
+                SnapshotError::State(format!("network override for `{id}`: the snapshot has no such interface"))
+            })?;
+            spec.tap = tap.clone();
+        }
+        let mem_file = std::fs::File::open(&r.memory).map_err(|source| SnapshotError::Io {
+            what: "cannot open the memory file",
+            path: r.memory.display().to_string(),
+            source,
+        })?;
+        let mem_len = mem_file.metadata().map(|m| m.len()).unwrap_or(0);
+        if mem_len != machine.mem_size_bytes {
+            return Err(SnapshotError::MemorySize {
+                path: r.memory.display().to_string(),
+                found: mem_len,
+                expected: machine.mem_size_bytes,
+            }
+            .into());
+        }
+        if snap.vcpus.len() != usize::from(machine.cpus) || snap.transports.len() != machine.virtio_count() {
+            return Err(
+                SnapshotError::State("the snapshot's vCPU or device count does not match its machine".into()).into()
+            );
+        }
+        let mut cfg = VmConfig::new(KernelSource::Builtin(&[]));
+        cfg.cpus = machine.cpus;
+        cfg.mem_size_bytes = machine.mem_size_bytes;
+        cfg.disks = machine.disk_configs();
+        cfg.nets = machine.net_configs();
+        let virtio = open_virtio_devices(&cfg, machine.rng, &mut Vec::new())?;
+        timeline.mark("ember: snapshot read, devices reopened");
+
+        // 1-2. /dev/kvm, the VM.
+        let kvm = open_kvm()?;
+        let vm = create_vm(&kvm, machine.irqchip)?;
+        timeline.mark("ember: VM created");
+
+        // 3. Guest RAM, from the memory file (copy on write).
+        let mem = memory::create_guest_memory_from_file(machine.mem_size_bytes, &mem_file)?;
+        snapshot::memory::prefetch(&mem, &snap.memory_extents);
+        memory::register_guest_memory(&vm, &mem)?;
+        timeline.mark("ember: guest memory mapped from the snapshot");
+
+        // 4-5. Nothing to load: the kernel and its structures are in guest RAM.
+        // 6. Devices, in their saved state.
+        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
+        let spec = DeviceSpec {
+            serial: &r.serial,
+            irqchip: machine.irqchip,
+            seccomp: r.seccomp,
+            extra_pio: &[],
+            console_ports: false,
+        };
+        let mut devices = create_devices(&vm, &mem, &spec, virtio, Some(&snap.serial), &control, &timeline)?;
+        lock_device(&devices.i8042)?.restore_state(&snap.i8042);
+        for (t, state) in devices.transports.iter().zip(&snap.transports) {
+            lock_device(t)?.restore_state(state).map_err(SnapshotError::State)?;
+        }
+        snapshot::vm::restore(&vm, &snap.vm).map_err(SnapshotError::State)?;
+
+        // 7. vCPUs: each loads its saved state on its own thread (`Vmm::run`).
+        let gate = Arc::new(PauseGate::new(usize::from(machine.cpus), !r.resume));
+        let observe = crate::stats::ExitObservation::default();
+        let shared =
+            vcpu_shared(&kvm, &mut devices, machine.irqchip, machine.cpus, &observe, &control, &timeline, &gate)?;
+        let vcpus = snap
+            .vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(id, state)| Vcpu::restored(&vm, id as u8, &shared, state))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Work the driver had posted and the event loop not yet served is still in the rings:
+        // one notification per active queue, served once the VM runs.
+        for q in &devices.queue_events {
+            if lock_device(&q.transport)?.is_active() {
+                let _ = q.evt.write(1);
+            }
+        }
+        timeline.mark("ember: vCPUs configured");
+
+        // A restored VM loaded no kernel: its "boot" is where it stood.
+        let boot = BootInfo {
+            mode: regs::EntryMode::Long64,
+            entry: vm_memory::GuestAddress(0),
+            boot_info: vm_memory::GuestAddress(0),
+            kernel_range: (0, 0),
+            initrd: None,
+        };
+        Ok(Vmm::assemble(
+            kvm,
+            vm,
+            mem,
+            vcpus,
+            devices,
+            control,
+            gate,
+            machine,
+            boot,
+            r.serial.clone(),
+            r.seccomp,
+            timeline,
+            Vec::new(),
+            Vec::new(),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        kvm: Kvm,
+        vm: VmFd,
+        mem: GuestRam,
+        vcpus: Vec<Vcpu>,
+        devices: Devices,
+        control: Arc<VmControl>,
+        gate: Arc<PauseGate>,
+        machine: Machine,
+        boot: BootInfo,
+        serial_mode: SerialMode,
+        seccomp: SeccompMode,
+        timeline: Arc<Timeline>,
+        port_sinks: Vec<StdoutSink>,
+        passts: Vec<Passt>,
+    ) -> Vmm {
+        Vmm {
+            vcpus,
+            vm,
             _kvm: kvm,
             mem,
-            queue_events,
-            tap_events,
+            queue_events: devices.queue_events,
+            tap_events: devices.tap_events,
             control,
-            serial,
-            stdout_sink,
+            serial: devices.serial,
+            i8042: devices.i8042,
+            transports: devices.transports,
+            stdout_sink: devices.stdout_sink,
             port_sinks,
-            console_tail,
-            input_drained,
-            serial_mode: cfg.serial.clone(),
-            seccomp: cfg.seccomp,
+            console_tail: devices.console_tail,
+            input_drained: devices.input_drained,
+            serial_mode,
+            seccomp,
             timeline,
+            irqchip: machine.irqchip,
             boot,
-            irqchip,
             _passts: passts,
-        })
+            gate,
+            machine,
+            requests: None,
+            on_start: None,
+            console_prefill: Vec::new(),
+        }
+    }
+
+    /// Names the VM's network interfaces, in order, for a snapshot's `network_overrides` (the API
+    /// knows them as Firecracker's `iface_id`).
+    pub fn name_interfaces(&mut self, ids: &[String]) {
+        for (spec, id) in self.machine.nets.iter_mut().zip(ids) {
+            spec.id = id.clone();
+        }
+    }
+
+    /// `hook` learns, from [`Vmm::run`], whether the VM started: every vCPU loaded its state
+    /// (a restored VM's may be refused by KVM). On an error `run` returns [`VmmError::Start`]
+    /// without running the guest.
+    pub fn on_start(&mut self, hook: StartHook) {
+        self.on_start = Some(hook);
+    }
+
+    /// Queues `bytes` for the guest's console (`--serial stdio`), ahead of stdin: how
+    /// `ember run --from-snapshot DIR -- CMD` hands the command to the restored init.
+    pub fn queue_console_input(&mut self, bytes: &[u8]) {
+        self.console_prefill.extend_from_slice(bytes);
+    }
+
+    /// Calls `then` the first time the guest prints a line containing `text` (on a vCPU thread,
+    /// under the UART's lock: `then` must not block; `RequestSender::post` does not).
+    pub fn watch_serial_line(&self, text: &str, then: Box<dyn FnOnce() + Send>) {
+        if let Ok(mut serial) = self.serial.lock() {
+            serial.output_mut().watch_line(text, then);
+        }
+    }
+
+    /// A channel for requests to this VM while it runs (pause, resume, snapshot: requests.rs),
+    /// served by its event loop. Call before [`Vmm::run`].
+    pub fn request_sender(&mut self) -> Result<RequestSender, VmmError> {
+        let (tx, rx) = requests::channel().map_err(|e| VmmError::Host("an eventfd", e))?;
+        self.requests = Some(rx);
+        Ok(tx)
     }
 
     /// Runs the VM until it stops; returns why and what the vCPUs saw.
@@ -414,6 +588,7 @@ impl Vmm {
             // this ember's stdin is a pipe from that terminal (lane::warm::ESCAPE_ENV).
             escape: console::is_tty(stdin_fd) || std::env::var_os(crate::lane::warm::ESCAPE_ENV).is_some_and(|v| v == "1"),
             drained: self.input_drained.clone(),
+            prefill: std::mem::take(&mut self.console_prefill),
         });
 
         // Each vCPU thread enters its sandbox, then waits for the main thread
@@ -422,14 +597,25 @@ impl Vmm {
         let mut handles: Vec<JoinHandle<VcpuReport>> = Vec::new();
         let mut gates = Vec::new();
         let seccomp = self.seccomp;
-        for (i, v) in self.vcpus.drain(..).enumerate() {
+        let (loaded_tx, loaded) = std::sync::mpsc::channel::<Result<(), String>>();
+        let count = self.vcpus.len();
+        for (i, mut v) in self.vcpus.drain(..).enumerate() {
             let control = self.control.clone();
+            let loaded_tx = loaded_tx.clone();
             let (gate, wait) = std::sync::mpsc::channel::<()>();
             gates.push(gate);
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || {
                     vcpu::run_catching(&control, &format!("vCPU {i}"), || {
+                        // A restored vCPU's state is set on its own thread, before the sandbox.
+                        let state = v.load_snapshot_state().map_err(|e| e.to_string());
+                        let failed = state.is_err();
+                        let _ = loaded_tx.send(state);
+                        drop(loaded_tx);
+                        if failed {
+                            return VcpuReport::default();
+                        }
                         if let Err(e) = sandbox::enter(ThreadKind::Vcpu, seccomp) {
                             control.stop(StopReason::VmmError(format!("vCPU {i}: {e}")));
                             return VcpuReport::default();
@@ -442,10 +628,43 @@ impl Vmm {
                 .map_err(|e| VmmError::Host("a vCPU thread", e))?;
             handles.push(h);
         }
+        drop(loaded_tx);
+        // Every vCPU has its state (a restored VM) before anyone is told the VM started.
+        let mut started: Result<(), String> = Ok(());
+        for _ in 0..count {
+            match loaded.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => started = started.and(Err(e)),
+                Err(_) => started = started.and(Err("a vCPU thread failed before it ran".into())),
+            }
+        }
+        if let Some(hook) = self.on_start.take() {
+            hook(started.clone());
+        }
+        if let Err(e) = started {
+            self.control.stop(StopReason::VmmError(e.clone()));
+            drop(gates);
+            stop_vcpus(handles);
+            return Err(VmmError::Start(e));
+        }
 
+        let mut controller = self.requests.as_ref().map(|receiver| Controller {
+            receiver,
+            vm: &self.vm,
+            irqchip: self.irqchip,
+            mem: &self.mem,
+            gate: &self.gate,
+            vcpu_threads: handles.iter().map(|h| h.as_pthread_t()).collect(),
+            control: &self.control,
+            serial: &self.serial,
+            i8042: &self.i8042,
+            transports: &self.transports,
+            machine: &self.machine,
+        });
         let result = vcpu::run_catching(&self.control, "the event loop", || {
             let queues = &self.queue_events;
-            event_loop::run(&self.control, console, &signals, queues, &self.tap_events, seccomp, move || drop(gates))
+            let sources = event_loop::Sources { queues, taps: &self.tap_events, requests: controller.as_mut() };
+            event_loop::run(&self.control, console, &signals, sources, seccomp, move || drop(gates))
         })
         .unwrap_or_else(|| Ok(self.control.reason().unwrap_or(StopReason::VmmError("the event loop failed".into()))));
         if result.is_err() {
@@ -555,10 +774,39 @@ fn open_stream(path: &std::path::Path) -> Result<FrameStream, VmmError> {
 /// A virtio device with the name its bus slot shows (in `--stats`, messages).
 type NamedDevice = (&'static str, Box<dyn VirtioDevice>);
 
+/// What a snapshot restore needs besides the snapshot: where it is, and the host side of the
+/// new VM (its console, its sandbox), and whether it runs at once or waits paused.
+#[derive(Clone, Debug)]
+pub struct RestoreConfig {
+    /// The state file.
+    pub state: std::path::PathBuf,
+    /// The memory file.
+    pub memory: std::path::PathBuf,
+    /// Serial console routing.
+    pub serial: SerialMode,
+    /// The sandbox.
+    pub seccomp: SeccompMode,
+    /// Run at once (else: paused until a resume request).
+    pub resume: bool,
+    /// (interface id, tap): attach these interfaces to other taps than at the snapshot.
+    pub tap_overrides: Vec<(String, String)>,
+}
+
+/// Whether the VM gets a virtio-rng device.
+fn wants_rng(cfg: &VmConfig, linux: bool) -> bool {
+    match cfg.rng {
+        RngMode::On => true,
+        RngMode::Off => false,
+        // See devices/virtio/rng.rs for why Linux gets one; not without an
+        // irqchip the user asked to do without.
+        RngMode::Auto => linux && cfg.irqchip != IrqchipMode::Off,
+    }
+}
+
 /// Opens the virtio devices `cfg` asks for, in bus order: the disks (the
 /// first becomes /dev/vda), the NICs (the first is eth0), then the entropy
-/// device. Host files and taps are checked here, before any KVM call.
-fn open_virtio_devices(cfg: &VmConfig, linux: bool, passts: &mut Vec<Passt>) -> Result<Vec<NamedDevice>, VmmError> {
+/// device if `rng`. Host files, taps and passts are checked (started) here, before any KVM call.
+fn open_virtio_devices(cfg: &VmConfig, rng: bool, passts: &mut Vec<Passt>) -> Result<Vec<NamedDevice>, VmmError> {
     let mut devices: Vec<NamedDevice> = Vec::new();
     for disk in &cfg.disks {
         devices.push(("virtio-blk", Box::new(Block::open(disk)?)));
@@ -585,13 +833,6 @@ fn open_virtio_devices(cfg: &VmConfig, linux: bool, passts: &mut Vec<Passt>) -> 
         let mac = n.mac.unwrap_or_else(|| net::default_mac(&n.mac_seed(), i));
         devices.push(("virtio-net", Box::new(Net::new(backend, mac))));
     }
-    let rng = match cfg.rng {
-        RngMode::On => true,
-        RngMode::Off => false,
-        // See devices/virtio/rng.rs for why Linux gets one; not without an
-        // irqchip the user asked to do without.
-        RngMode::Auto => linux && cfg.irqchip != IrqchipMode::Off,
-    };
     if rng {
         devices.push(("virtio-rng", Box::new(Rng::new())));
     }
@@ -617,6 +858,158 @@ fn create_console(control: &Arc<VmControl>, seccomp: SeccompMode) -> Result<(Con
     Ok((Console::new(ports, room), sinks))
 }
 
+/// Step 2 of both recipes: KVM_CREATE_VM, and with `irqchip` the in-kernel PIC, IOAPIC and PIT.
+fn create_vm(kvm: &Kvm, irqchip: bool) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { what: "create a VM", source })?;
+    if irqchip {
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(|source| VmmError::Kvm { what: "set the TSS address", source })?;
+        vm.create_irq_chip().map_err(|source| VmmError::Kvm { what: "create the in-kernel irqchip", source })?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(|source| VmmError::Kvm { what: "create the in-kernel PIT", source })?;
+    }
+    Ok(vm)
+}
+
+/// How the devices of step 6 are wired to the host.
+struct DeviceSpec<'a> {
+    serial: &'a SerialMode,
+    irqchip: bool,
+    seccomp: SeccompMode,
+    extra_pio: &'a [config::ExtraPioDevice],
+    /// The guest's stdout/stderr go to virtio-console ports: the serial console (kernel
+    /// messages) is kept aside, its tail shown only if the guest crashes.
+    console_ports: bool,
+}
+
+/// The devices of one VM, on their buses.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    queue_events: Vec<QueueEvent>,
+    tap_events: Vec<TapEvent>,
+    stdout_sink: Option<StdoutSink>,
+    console_tail: ConsoleTail,
+    input_drained: Arc<EventFd>,
+}
+
+/// Step 6 of both recipes: COM1 (in `serial_state` if given), the i8042, the exit device and any
+/// extra port devices on the PIO bus; the virtio devices behind virtio-mmio transports on the MMIO bus.
+fn create_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    spec: &DeviceSpec,
+    virtio: Vec<NamedDevice>,
+    serial_state: Option<&SerialState>,
+    control: &Arc<VmControl>,
+    timeline: &Arc<Timeline>,
+) -> Result<Devices, VmmError> {
+    let input_drained = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
+    let mut stdout_sink = None;
+    let console_tail = ConsoleTail::default();
+    let sink: Box<dyn Write + Send> = match spec.serial {
+        SerialMode::Stdio if spec.console_ports => Box::new(console_tail.clone()),
+        SerialMode::Stdio => {
+            let out = StdoutSink::new(dup_stdout()?, control.clone(), spec.seccomp)
+                .map_err(|e| VmmError::Host("the serial output thread", e))?;
+            stdout_sink = Some(out.clone());
+            Box::new(out)
+        }
+        SerialMode::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile { path: path.clone(), source })?,
+        ),
+        SerialMode::None => Box::new(std::io::sink()),
+    };
+    let irq = if spec.irqchip {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
+        vm.register_irqfd(&evt, layout::COM1_IRQ)
+            .map_err(|source| VmmError::Kvm { what: "register the serial irqfd", source })?;
+        IrqLine::Irqfd(evt)
+    } else {
+        IrqLine::None
+    };
+    let mut out = SerialOutput::new(sink, control.clone(), timeline.clone());
+    if matches!(spec.serial, SerialMode::File(_)) {
+        out = out.with_limit(SERIAL_FILE_LIMIT);
+    }
+    let drained = Some(input_drained.clone());
+    let serial = match serial_state {
+        None => Serial::new(irq, out, drained),
+        Some(state) => Serial::with_state(irq, out, drained, state).map_err(SnapshotError::State)?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let i8042 = Arc::new(Mutex::new(I8042::new(control.clone())));
+    let mut pio = Bus::with_control(control.clone());
+    pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
+    pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", i8042.clone())?;
+    pio.insert(
+        u64::from(layout::EXIT_PORT),
+        u64::from(layout::EXIT_PORT_LEN),
+        "exit device",
+        Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
+    )?;
+    pio.insert(
+        u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
+        u64::from(layout::ACPI_SLEEP_PORT_LEN),
+        "ACPI sleep registers",
+        Arc::new(Mutex::new(AcpiSleep::new(control.clone()))),
+    )?;
+    for extra in spec.extra_pio {
+        pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
+    }
+    let mut mmio = Bus::with_control(control.clone());
+    let (queue_events, tap_events, transports) = create_virtio_transports(vm, mem, &mut mmio, virtio)?;
+    Ok(Devices { pio, mmio, serial, i8042, transports, queue_events, tap_events, stdout_sink, console_tail, input_drained })
+}
+
+/// Step 7's shared part: the buses, and the CPUID and MSR list every vCPU starts from.
+#[allow(clippy::too_many_arguments)]
+fn vcpu_shared(
+    kvm: &Kvm,
+    devices: &mut Devices,
+    irqchip: bool,
+    cpus: u8,
+    observe: &crate::stats::ExitObservation,
+    control: &Arc<VmControl>,
+    timeline: &Arc<Timeline>,
+    gate: &Arc<PauseGate>,
+) -> Result<VcpuShared, VmmError> {
+    let mut base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmmError::Kvm { what: "report its supported CPUID", source })?;
+    // What KVM leaves to userspace (x86/cpuid.rs): the TSC-deadline bit, the host's brand string
+    // and L1 cache leaf, the paravirtual features that need the in-kernel LAPIC.
+    let vm_features =
+        cpuid::VmFeatures { in_kernel_lapic: irqchip, tsc_deadline_timer: kvm.check_extension(Cap::TscDeadlineTimer) };
+    cpuid::adjust_for_vm(base_cpuid.as_mut_slice(), vm_features, cpuid::host_cpuid);
+    // The MSRs a snapshot saves (api.rst 4.3 KVM_GET_MSR_INDEX_LIST); none if KVM will not say.
+    let msr_indices = kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
+    Ok(VcpuShared {
+        pio: Arc::new(std::mem::take(&mut devices.pio)),
+        mmio: Arc::new(std::mem::take(&mut devices.mmio)),
+        control: control.clone(),
+        timeline: timeline.clone(),
+        base_cpuid,
+        count: cpus,
+        irqchip,
+        observe: observe.clone(),
+        trace_left: Arc::new(std::sync::atomic::AtomicU64::new(observe.trace_exits)),
+        gate: gate.clone(),
+        msr_indices,
+    })
+}
+
+/// Locks a device at build time (nothing else holds it yet).
+fn lock_device<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, VmmError> {
+    m.lock().map_err(|_| SnapshotError::State("a device lock is poisoned".into()).into())
+}
+
 /// The guest address and IRQ of virtio-mmio device `i`.
 fn virtio_slot(i: usize) -> (u64, u32) {
     (layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE, layout::VIRTIO_IRQ_START + i as u32)
@@ -640,6 +1033,9 @@ pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> Result<String, Config
     Ok(out)
 }
 
+/// What [`create_virtio_transports`] wired: the queue notifications, the taps and the transports.
+type VirtioWiring = (Vec<QueueEvent>, Vec<TapEvent>, Vec<Arc<Mutex<MmioTransport>>>);
+
 /// Puts each device on the MMIO bus behind a virtio-mmio transport, with an
 /// irqfd for its interrupt line and an ioeventfd per queue (datamatch on the
 /// queue index written to VIRTIO_MMIO_QUEUE_NOTIFY). All of it is registered
@@ -649,9 +1045,10 @@ fn create_virtio_transports(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     devices: Vec<NamedDevice>,
-) -> Result<(Vec<QueueEvent>, Vec<TapEvent>), VmmError> {
+) -> Result<VirtioWiring, VmmError> {
     let mut events = Vec::new();
     let mut taps = Vec::new();
+    let mut transports = Vec::new();
     for (i, (name, device)) in devices.into_iter().enumerate() {
         let (base, irq) = virtio_slot(i);
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?;
@@ -676,9 +1073,10 @@ fn create_virtio_transports(
         for (q, evt) in queue_evts.into_iter().enumerate() {
             events.push(QueueEvent { evt, transport: transport.clone(), queue: q as u32 });
         }
-        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, name, transport)?;
+        mmio.insert(base, layout::VIRTIO_MMIO_SIZE, name, transport.clone())?;
+        transports.push(transport);
     }
-    Ok((events, taps))
+    Ok((events, taps, transports))
 }
 
 /// Kicks every vCPU thread out of KVM_RUN until it returns, then joins it.

@@ -626,4 +626,64 @@ fn default_kernel_boots_systemd_and_poweroff_ends_the_vm() {
     assert!(!out.contains("Freezing execution"), "{}", show(&o));
     let (clean, fsck) = root.clean();
     assert!(clean, "e2fsck -fn after the power-off:\n{fsck}");
+/// A scratch directory in /tmp, which the nested lane's machine shares writable.
+struct TmpDir(std::path::PathBuf);
+
+impl TmpDir {
+    fn new(name: &str) -> TmpDir {
+        let p = std::env::temp_dir().join(format!("ember-lane-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TmpDir(p)
+    }
+    fn s(&self, f: &str) -> String {
+        self.0.join(f).display().to_string()
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_saved_guest_restores_runs_a_command_and_reads_its_disk() {
+    let dir = TmpDir::new("snapshot");
+    std::fs::write(dir.0.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    let disk = dir.s("disk.img");
+    // A disk written before the snapshot...
+    let Some(o) = ember(&["run", "--disk", &disk, "--", "sh", "-c", "printf written-before > /dev/vda && sync"]) else {
+        return;
+    };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    // ...the default guest saved when its init waits for a command...
+    let Some(o) = ember(&["run", "--save-snapshot", &dir.s("saved"), "--disk", &disk]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    assert!(o.stderr_lossy().contains("--from-snapshot"), "{}", show(&o));
+    let state_len = std::fs::metadata(dir.0.join("saved/state")).unwrap().len();
+    let mem = std::fs::metadata(dir.0.join("saved/memory")).unwrap();
+    assert_eq!(mem.len(), 256 << 20, "the memory file is guest RAM's size");
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert!(mem.blocks() * 512 < 128 << 20, "untouched guest RAM is a hole in the memory file");
+    }
+    assert!(state_len > 1000);
+    // ...restores, runs the command with its status, and reads the disk back; twice.
+    let cmd = "head -c 14 /dev/vda; echo; exit 7";
+    let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "sh", "-c", cmd]) else { return };
+    assert_eq!(o.status, 7, "{}", show(&o));
+    assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), "written-before\n", "{}", show(&o));
+    let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "echo", "a b", "'c'"]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), "a b 'c'\n", "{}", show(&o));
+    // A damaged state file is refused, and no guest runs.
+    let state = dir.0.join("saved/state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 1;
+    std::fs::write(&state, bytes).unwrap();
+    let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "true"]) else { return };
+    assert_eq!(o.status, 125, "{}", show(&o));
+    assert!(o.stderr_lossy().contains("damaged"), "{}", show(&o));
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::bus::BusDevice;
 use crate::control::{StopReason, VmControl};
+use crate::snapshot::devices::I8042State;
 
 /// Status register bits (port 0x64 reads).
 const I8042_STR_OBF: u8 = 0x01; // output buffer full: data for the CPU at 0x60
@@ -43,6 +44,16 @@ impl I8042 {
     /// A controller whose reset line stops `control`'s VM.
     pub fn new(control: Arc<VmControl>) -> Self {
         I8042 { control, output: None, command_byte: 0, pending: None }
+    }
+
+    /// The registers, for a snapshot.
+    pub fn save_state(&self) -> I8042State {
+        I8042State { output: self.output, command_byte: self.command_byte, pending: self.pending }
+    }
+
+    /// Takes the registers a snapshot saved.
+    pub fn restore_state(&mut self, s: &I8042State) {
+        (self.output, self.command_byte, self.pending) = (s.output, s.command_byte, s.pending);
     }
 
     fn status(&self) -> u8 {

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::control::VmControl;
+use crate::snapshot::devices::SerialState;
 use crate::timeline::Timeline;
 
 /// The guest's interrupt line for the UART.
@@ -81,7 +82,12 @@ pub struct SerialOutput {
     dropped: u64,
     /// The sink failed once: it is not tried again (one warning, not one per byte).
     failed: bool,
+    /// A line to wait for, and what to do when the guest prints it (once).
+    line_watch: Option<LineWatch>,
 }
+
+/// A line of guest output, and what to call when it appears (`SerialOutput::watch_line`).
+pub type LineWatch = (Vec<u8>, Box<dyn FnOnce() + Send>);
 
 impl SerialOutput {
     /// Output to `sink`, watched for the timeline and panics.
@@ -96,7 +102,14 @@ impl SerialOutput {
             written: 0,
             dropped: 0,
             failed: false,
+            line_watch: None,
         }
+    }
+
+    /// Calls `then` (on the vCPU thread that prints it, under the UART's lock: it must not block)
+    /// the first time the guest prints a line containing `text`.
+    pub fn watch_line(&mut self, text: &str, then: Box<dyn FnOnce() + Send>) {
+        self.line_watch = Some((text.as_bytes().to_vec(), then));
     }
 
     /// Takes at most `bytes` in all, then drops the rest with one warning
@@ -126,6 +139,11 @@ impl SerialOutput {
                 self.timeline.mark_once("guest: kernel runs /init");
             } else if has(INIT_MARKER) {
                 self.timeline.mark_once("guest: init ready");
+            }
+            if self.line_watch.as_ref().is_some_and(|(m, _)| has(m))
+                && let Some((_, then)) = self.line_watch.take()
+            {
+                then();
             }
             self.line.clear();
         } else {
@@ -213,6 +231,51 @@ impl Serial {
         !self.irq_driven || self.ier & UART_IER_RDI != 0
     }
 
+    /// A UART in the state a snapshot saved ([`Serial::save_state`]); otherwise as [`Serial::new`].
+    pub fn with_state(
+        irq: IrqLine,
+        out: SerialOutput,
+        drained: Option<Arc<EventFd>>,
+        state: &SerialState,
+    ) -> Result<Self, String> {
+        let irq_driven = matches!(irq, IrqLine::Irqfd(_));
+        let events = InputEvents { drained: drained.clone() };
+        let regs = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Uart16550::from_state(&regs, irq, events, out)
+            .map_err(|e| format!("the snapshot's serial port state: {e:?}"))?;
+        Ok(Serial { uart, irq_driven, lcr: state.shadow_lcr, ier: state.shadow_ier, drained })
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+            shadow_lcr: self.lcr,
+            shadow_ier: self.ier,
+        }
+    }
+
     /// Queues host input for the guest; returns how many bytes fit.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity().min(bytes.len());
@@ -231,6 +294,11 @@ impl Serial {
     /// The output side (for the count of dropped bytes at exit).
     pub fn output(&self) -> &SerialOutput {
         self.uart.writer()
+    }
+
+    /// The output side, to watch it for a line (`SerialOutput::watch_line`).
+    pub fn output_mut(&mut self) -> &mut SerialOutput {
+        self.uart.writer_mut()
     }
 
     /// Free space in the receive FIFO (0 while the guest is not listening).

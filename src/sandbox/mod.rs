@@ -58,11 +58,15 @@ pub enum ThreadKind {
     SerialOut,
     /// Copies a non-pollable stdin (a file, /dev/null) into a pipe (event_loop.rs).
     StdinCopy,
+    /// Serves the Firecracker API socket once the VM runs (api/): its clients, and the
+    /// snapshot files it creates for the event loop to fill.
+    Api,
 }
 
 impl ThreadKind {
     /// Every kind, for tests and the README table.
-    pub const ALL: [ThreadKind; 4] = [ThreadKind::Vcpu, ThreadKind::Main, ThreadKind::SerialOut, ThreadKind::StdinCopy];
+    pub const ALL: [ThreadKind; 5] =
+        [ThreadKind::Vcpu, ThreadKind::Main, ThreadKind::SerialOut, ThreadKind::StdinCopy, ThreadKind::Api];
 
     fn name(self) -> &'static str {
         match self {
@@ -70,6 +74,7 @@ impl ThreadKind {
             ThreadKind::Main => "main (event loop)",
             ThreadKind::SerialOut => "serial output",
             ThreadKind::StdinCopy => "stdin copy",
+            ThreadKind::Api => "API",
         }
     }
 }
@@ -124,6 +129,10 @@ pub fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, SandboxError> {
     let no_open: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_open, vec![]), (libc::SYS_openat, vec![])].into();
     let no_open = SeccompFilter::new(no_open, SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32), arch())
         .map_err(err)?;
+    // The API thread creates the snapshot files a client names: it keeps open().
+    if kind == ThreadKind::Api {
+        return Ok(vec![allow.try_into().map_err(err)?]);
+    }
     // In this order: seccompiler's apply_filter makes a prctl first, which the
     // allow list (installed last) would trap.
     Ok(vec![no_open.try_into().map_err(err)?, allow.try_into().map_err(err)?])
@@ -149,6 +158,31 @@ pub const KVM_GET_REGS: u64 = ioc(IOC_READ, KVMIO, 0x81, std::mem::size_of::<kvm
 pub const KVM_GET_SREGS: u64 = ioc(IOC_READ, KVMIO, 0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>());
 /// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)` (virtio-net, when the guest accepts offloads).
 pub const TUNSETOFFLOAD: u64 = ioc(IOC_WRITE, b'T' as u64, 208, 4);
+
+const fn kvm_ior<T>(nr: u64) -> u64 {
+    ioc(IOC_READ, KVMIO, nr, std::mem::size_of::<T>())
+}
+/// What a parked vCPU reads for a snapshot (snapshot/vcpu.rs), as kvm.h numbers them:
+/// KVM_GET_MSRS `_IOWR(0x88, kvm_msrs)`, KVM_GET_FPU `_IOR(0x8c)`, KVM_GET_LAPIC `_IOR(0x8e)`,
+/// KVM_GET_MP_STATE `_IOR(0x98)`, KVM_GET_VCPU_EVENTS `_IOR(0x9f)`, KVM_GET_DEBUGREGS `_IOR(0xa1)`,
+/// KVM_GET_XSAVE `_IOR(0xa4)`, KVM_GET_XCRS `_IOR(0xa6)`.
+pub const KVM_VCPU_STATE_GETS: [u64; 8] = [
+    ioc(IOC_READ | IOC_WRITE, KVMIO, 0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>()),
+    kvm_ior::<kvm_bindings::kvm_fpu>(0x8c),
+    kvm_ior::<kvm_bindings::kvm_lapic_state>(0x8e),
+    kvm_ior::<kvm_bindings::kvm_mp_state>(0x98),
+    kvm_ior::<kvm_bindings::kvm_vcpu_events>(0x9f),
+    kvm_ior::<kvm_bindings::kvm_debugregs>(0xa1),
+    kvm_ior::<kvm_bindings::kvm_xsave>(0xa4),
+    kvm_ior::<kvm_bindings::kvm_xcrs>(0xa6),
+];
+/// What the event loop reads for a snapshot (snapshot/vm.rs): KVM_GET_IRQCHIP
+/// `_IOWR(0x62, kvm_irqchip)`, KVM_GET_PIT2 `_IOR(0x9f)`, KVM_GET_CLOCK `_IOR(0x7c)`.
+pub const KVM_VM_STATE_GETS: [u64; 3] = [
+    ioc(IOC_READ | IOC_WRITE, KVMIO, 0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>()),
+    kvm_ior::<kvm_bindings::kvm_pit_state2>(0x9f),
+    kvm_ior::<kvm_bindings::kvm_clock_data>(0x7c),
+];
 
 /// Calls every thread makes: memory (never executable), locks, time, signal
 /// returns, logging to stderr, thread exit.
@@ -223,7 +257,9 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     match kind {
         ThreadKind::Vcpu => {
             allow(&mut map, DEVICES);
-            map.insert(libc::SYS_ioctl, ioctls(&[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD])?);
+            let mut reqs = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD];
+            reqs.extend(KVM_VCPU_STATE_GETS);
+            map.insert(libc::SYS_ioctl, ioctls(&reqs)?);
         }
         ThreadKind::Main => {
             allow(&mut map, DEVICES);
@@ -251,9 +287,31 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             let term = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
             let mut reqs = vec![TUNSETOFFLOAD];
             reqs.extend(term);
+            reqs.extend(KVM_VM_STATE_GETS);
             map.insert(libc::SYS_ioctl, ioctls(&reqs)?);
         }
         ThreadKind::SerialOut => {}
+        // Its clients (poll, accept, read; writes are in COMMON), non-blocking sockets with a
+        // write timeout, and the snapshot files: created, sized, opened for reading (the state
+        // file's header when a snapshot is loaded).
+        ThreadKind::Api => {
+            allow(
+                &mut map,
+                &[
+                    libc::SYS_poll,
+                    libc::SYS_ppoll,
+                    libc::SYS_accept,
+                    libc::SYS_accept4,
+                    libc::SYS_read,
+                    libc::SYS_recvfrom,
+                    libc::SYS_sendto,
+                    libc::SYS_setsockopt,
+                    libc::SYS_ftruncate,
+                    libc::SYS_fsync,
+                ],
+            );
+            map.insert(libc::SYS_ioctl, ioctls(&[libc::FIONBIO])?);
+        }
         // std::io::copy: read/write, or the kernel's copy calls after an fstat.
         ThreadKind::StdinCopy => allow(
             &mut map,
@@ -401,7 +459,7 @@ mod tests {
     fn every_filter_compiles_to_bpf() {
         for kind in ThreadKind::ALL {
             let progs = compile(kind).unwrap();
-            assert_eq!(progs.len(), 2);
+            assert_eq!(progs.len(), if kind == ThreadKind::Api { 1 } else { 2 });
             assert!(progs.iter().all(|p| !p.is_empty() && p.len() < u16::MAX as usize), "{kind:?}");
         }
     }
@@ -429,6 +487,11 @@ mod tests {
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
+        // From Linux's headers: KVM_GET_MSRS, KVM_GET_XSAVE, KVM_GET_IRQCHIP, KVM_GET_CLOCK.
+        assert_eq!(KVM_VCPU_STATE_GETS[0], 0xc008_ae88);
+        assert_eq!(KVM_VCPU_STATE_GETS[6], 0x9000_aea4);
+        assert_eq!(KVM_VM_STATE_GETS[0], 0xc208_ae62);
+        assert_eq!(KVM_VM_STATE_GETS[2], 0x8030_ae7c);
     }
 
     /// What a sandboxed thread does in the child process of the tests below,

@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::bus::BusDevice;
+use crate::snapshot::devices::TransportState;
 
 /// "virt" in little endian (4.2.2).
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -115,6 +116,68 @@ impl MmioTransport {
     /// The device status register (for tests and diagnostics).
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// The register file and queues, for a snapshot (snapshot/devices.rs).
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            acked_beyond_64: self.acked_beyond_64,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            queue_setup_valid: self.queue_setup_valid.clone(),
+        }
+    }
+
+    /// Takes the state a snapshot saved: the same device type and queue count, queues that
+    /// virtio-queue accepts (sizes, alignment), rings inside guest RAM. A device the driver had
+    /// started is activated again with the features it accepted.
+    pub fn restore_state(&mut self, s: &TransportState) -> Result<(), String> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "virtio device type {} with {} queues in the snapshot, {} with {} rebuilt",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, q) in s.queues.iter().enumerate() {
+            let q = Queue::try_from(virtio_queue::QueueState::from(q))
+                .map_err(|e| format!("virtio device type {}: queue {i}: {e:?}", s.device_type))?;
+            if q.ready() && !rings_in_ram(&q, &self.mem) {
+                return Err(format!("virtio device type {}: queue {i}'s rings lie outside guest RAM", s.device_type));
+            }
+            queues.push(q);
+        }
+        self.queues = queues;
+        self.queue_setup_valid = s.queue_setup_valid.clone();
+        self.queue_setup_valid.resize(self.queues.len(), true);
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.acked_beyond_64 = s.acked_beyond_64;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.device.activate(self.acked_features);
+        }
+        Ok(())
+    }
+
+    /// True once the driver set DRIVER_OK (and the device does not need a reset): its queues may
+    /// hold work.
+    pub fn is_active(&self) -> bool {
+        self.ready_for_queues()
     }
 
     fn ready_for_queues(&self) -> bool {
