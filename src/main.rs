@@ -487,6 +487,13 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
                 && !(ember::console::is_tty(0) && ember::console::is_tty(1))
         }
     };
+    if a.save_snapshot.is_some() {
+        // Known limits of a saved default guest, for now: with ACPI tables its init never reaches
+        // the snapshot point (seen in the nested lane, not understood yet), and a snapshot does
+        // not carry the virtio-console of split output. So it is saved without either.
+        cfg.acpi = false;
+        cfg.split_output = false;
+    }
     Ok(Plan { cfg, _scratch: scratch, image_disk })
 }
 

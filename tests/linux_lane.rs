@@ -626,6 +626,8 @@ fn default_kernel_boots_systemd_and_poweroff_ends_the_vm() {
     assert!(!out.contains("Freezing execution"), "{}", show(&o));
     let (clean, fsck) = root.clean();
     assert!(clean, "e2fsck -fn after the power-off:\n{fsck}");
+}
+
 /// A scratch directory in /tmp, which the nested lane's machine shares writable.
 struct TmpDir(std::path::PathBuf);
 
