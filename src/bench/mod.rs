@@ -267,3 +267,58 @@ fn check(opts: &Options) -> u8 {
     if missing == 0 { 0 } else { 1 }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: BenchArgs,
+        }
+        let mut v = vec!["t"];
+        v.extend_from_slice(extra);
+        T::parse_from(v).a
+    }
+
+    #[test]
+    fn options_validate() {
+        let o = parse_options(&args(&[])).unwrap();
+        assert_eq!(o.runs, 10);
+        assert_eq!(o.density, [1, 10, 50]);
+        assert_eq!(o.runtimes.len(), 6);
+        let o = parse_options(&args(&["--runtimes", "ember,crun", "--density", "", "--tier", "all"])).unwrap();
+        assert_eq!(o.runtimes, [Runtime::Crun, Runtime::Ember]);
+        assert!(o.density.is_empty());
+        assert_eq!(o.tiers, [Tier::Tiny, Tier::Linux]);
+        for bad in [
+            &["--runtimes", "lxc"][..],
+            &["--tier", "huge"],
+            &["--runs", "0"],
+            &["--density", "0"],
+            &["--memory", "lots"],
+        ] {
+            let e = parse_options(&args(bad)).unwrap_err();
+            assert!(matches!(e, BenchError::Usage(_)), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn ratios_pair_rounds() {
+        let s = |rt: &str, run, ms| Sample {
+            runtime: rt.into(),
+            run,
+            ok: true,
+            startup_ms: Some(ms),
+            exit_ms: ms,
+            mem_kib: 10,
+            ..Default::default()
+        };
+        let v = vec![s("host", 0, 1.0), s("ember", 0, 2.0), s("host", 1, 2.0), s("ember", 1, 6.0)];
+        let r = ratios(Runtime::Ember, Runtime::Host, &v).unwrap();
+        assert_eq!(r.startup.unwrap().median, 2.5);
+        assert_eq!(r.mem.unwrap().median, 1.0);
+    }
+}
