@@ -586,9 +586,8 @@ fn answer_errors(listener: &UnixListener, message: &str) {
     while let Ok((s, _)) = listener.accept() {
         let _ = s.set_nonblocking(false);
         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if let Ok(Some((Request::Hello, _))) = read_frame::<Request>(&s) {
-            // A hello during boot: answer it as an error too; the client then reports it.
-        }
+        // Whatever it asked (a hello, a run), the answer is the boot's error, which the client reports.
+        let _ = read_frame::<Request>(&s);
         let _ = write_frame(&s, &Reply::Error(message.to_string()), &[]);
     }
 }
@@ -821,9 +820,9 @@ impl Warm {
 
     fn stream(&self, slot: &mut Slot, id: u64, stdin: File, stdout: File, stderr: File, client: &UnixStream) -> Result<i32, String> {
         let marker = nested::end_marker();
+        let (out_port, err_port) = slot.output_ports().map_err(|e| format!("the lane's output ports: {e}"))?;
         let (tx, rx) = mpsc::channel();
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let (out_port, err_port) = slot.output_ports().map_err(|e| format!("the lane's output ports: {e}"))?;
         let pump = |from: UnixStream, to: File, marker: String| {
             thread::spawn(move || nested::pump_output(from, Box::new(to), marker.as_bytes()))
         };
