@@ -90,6 +90,12 @@ pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 /// Ports the sleep registers take from `ACPI_SLEEP_CONTROL_PORT`.
 pub const ACPI_SLEEP_PORT_LEN: u16 = 2;
 
+/// PCI configuration mechanism #1 (PCI Local Bus 3.0, 3.2.2.3.2): the
+/// CONFIG_ADDRESS register at 0xcf8 and CONFIG_DATA at 0xcfc (devices/pci_host.rs).
+pub const PCI_CONF1_PORT: u16 = 0xcf8;
+/// Ports the two registers take from `PCI_CONF1_PORT`.
+pub const PCI_CONF1_PORT_LEN: u16 = 8;
+
 /// Number of IRQ lines the IOAPIC exposes (and the MP table lists).
 pub const IOAPIC_PINS: u32 = 24;
 /// First IRQ handed to virtio-mmio devices (COM1..COM4 and legacy lines below).

@@ -16,7 +16,8 @@
 //! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
 //! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
 //! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, the
-//!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), and
+//!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), an empty PCI
+//!   bus's host bridge (`devices/pci_host.rs`: config mechanism #1), and
 //!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-net,
 //!   virtio-rng, virtio-console), and the host ends behind virtio-net
 //!   (`devices/net_backend.rs`): a tap (`devices/tap.rs`), or a stream of

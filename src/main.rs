@@ -836,7 +836,8 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
         };
         let inner: Vec<std::ffi::OsString> = raw.into_iter().skip(1).collect();
         // The machine may write the saved VM's read-write disks (and nothing else).
-        let writable: Vec<PathBuf> = machine.disks.iter().filter(|d| !d.read_only).map(|d| PathBuf::from(&d.path)).collect();
+        let writable: Vec<PathBuf> =
+            machine.disks.iter().filter(|d| !d.read_only).map(|d| PathBuf::from(&d.path)).collect();
         return match ember::lane::run_interactive(&exe, &inner, &writable, None) {
             Ok(code) => code.clamp(0, 255) as u8,
             Err(e) => {
@@ -1039,9 +1040,9 @@ fn lane(action: LaneAction) -> u8 {
             0
         }
         LaneAction::Start => {
-            let started = std::env::current_exe().map_err(|e| e.to_string()).and_then(|exe| {
-                warm::start(&exe).map_err(|e| chain(&e))
-            });
+            let started = std::env::current_exe()
+                .map_err(|e| e.to_string())
+                .and_then(|exe| warm::start(&exe).map_err(|e| chain(&e)));
             match started {
                 Ok(status) => {
                     println!("{status}");

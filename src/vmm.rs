@@ -28,8 +28,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusError};
-use crate::config::NetBackendConfig;
 use crate::config::KernelSource;
+use crate::config::NetBackendConfig;
 use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
@@ -39,6 +39,7 @@ use crate::devices::frame_stream::FrameStream;
 use crate::devices::i8042::I8042;
 use crate::devices::net_backend::NetBackend;
 use crate::devices::passt::{Endpoint, GuestIpv4, Passt, PasstError};
+use crate::devices::pci_host::PciHost;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
 use crate::devices::serial_sink::{ConsoleTail, SERIAL_FILE_LIMIT, StdoutSink};
 use crate::devices::tap::{Tap, TapError};
@@ -276,7 +277,15 @@ impl Vmm {
         // a hardware-reduced ACPI machine has no legacy IRQ numbers for the
         // command-line copies, which fail to probe and can hold the window.
         let acpi = irqchip && cfg.acpi;
-        let cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() })?;
+        let mut cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() })?;
+        if linux && !acpi && !cmdline.split(' ').any(|w| w.starts_with("acpi=")) {
+            // No tables to find: without this a kernel with CONFIG_ACPI scans
+            // for an RSDP and prints a KERN_ERR "A valid RSDP was not found".
+            cmdline.push_str(" acpi=off");
+            if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
+                return Err(ConfigError::CmdlineTooLong { len: cmdline.len() }.into());
+            }
+        }
 
         // 1. /dev/kvm
         let kvm = open_kvm()?;
@@ -586,7 +595,8 @@ impl Vmm {
             fd: stdin_fd,
             // Also when the Linux lane's client, which holds the user's terminal, says so: there
             // this ember's stdin is a pipe from that terminal (lane::warm::ESCAPE_ENV).
-            escape: console::is_tty(stdin_fd) || std::env::var_os(crate::lane::warm::ESCAPE_ENV).is_some_and(|v| v == "1"),
+            escape: console::is_tty(stdin_fd)
+                || std::env::var_os(crate::lane::warm::ESCAPE_ENV).is_some_and(|v| v == "1"),
             drained: self.input_drained.clone(),
             prefill: std::mem::take(&mut self.console_prefill),
         });
@@ -960,12 +970,29 @@ fn create_devices(
         "ACPI sleep registers",
         Arc::new(Mutex::new(AcpiSleep::new(control.clone()))),
     )?;
+    pio.insert(
+        u64::from(layout::PCI_CONF1_PORT),
+        u64::from(layout::PCI_CONF1_PORT_LEN),
+        "PCI host bridge",
+        Arc::new(Mutex::new(PciHost::new())),
+    )?;
     for extra in spec.extra_pio {
         pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
     }
     let mut mmio = Bus::with_control(control.clone());
     let (queue_events, tap_events, transports) = create_virtio_transports(vm, mem, &mut mmio, virtio)?;
-    Ok(Devices { pio, mmio, serial, i8042, transports, queue_events, tap_events, stdout_sink, console_tail, input_drained })
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        i8042,
+        transports,
+        queue_events,
+        tap_events,
+        stdout_sink,
+        console_tail,
+        input_drained,
+    })
 }
 
 /// Step 7's shared part: the buses, and the CPUID and MSR list every vCPU starts from.

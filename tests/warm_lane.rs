@@ -53,7 +53,12 @@ fn runs_served(xdg: &Path) -> u64 {
 }
 
 fn show(o: &Output) -> String {
-    format!("status {:?}\nstdout: {}\nstderr: {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn status_line(xdg: &Path) -> String {
@@ -95,13 +100,27 @@ fn runs_share_one_machine_and_write_exactly_the_paths_they_name() {
     f.set_len(32 << 20).unwrap();
     assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&disk).status().unwrap().success());
     let d = format!("{}", disk.display());
-    let o = ember(&xdg, &["run", "--disk", &d, "--", "sh", "-c", "mount /dev/vda /mnt && echo written-in-the-lane > /mnt/f && umount /mnt && echo done"])
-        .output()
-        .unwrap();
+    let o = ember(
+        &xdg,
+        &[
+            "run",
+            "--disk",
+            &d,
+            "--",
+            "sh",
+            "-c",
+            "mount /dev/vda /mnt && echo written-in-the-lane > /mnt/f && umount /mnt && echo done",
+        ],
+    )
+    .output()
+    .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("done"), "{}", show(&o));
     let cat = Command::new("debugfs").args(["-R", "cat /f"]).arg(&disk).output().unwrap();
-    assert!(String::from_utf8_lossy(&cat.stdout).contains("written-in-the-lane"), "the host's file holds the guest's write");
+    assert!(
+        String::from_utf8_lossy(&cat.stdout).contains("written-in-the-lane"),
+        "the host's file holds the guest's write"
+    );
 
     // A serial log that does not exist yet, outside /tmp.
     let log = dir.join("serial.log");
@@ -112,9 +131,12 @@ fn runs_share_one_machine_and_write_exactly_the_paths_they_name() {
     assert!(text.contains("into-the-log"), "serial log: {text:?}\n{}", show(&o));
 
     // A read-only disk is not written, and the run is refused nothing.
-    let o = ember(&xdg, &["run", "--disk", &format!("{d},ro"), "--", "sh", "-c", "mount -o ro /dev/vda /mnt && cat /mnt/f"])
-        .output()
-        .unwrap();
+    let o = ember(
+        &xdg,
+        &["run", "--disk", &format!("{d},ro"), "--", "sh", "-c", "mount -o ro /dev/vda /mnt && cat /mnt/f"],
+    )
+    .output()
+    .unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("written-in-the-lane"), "{}", show(&o));
 
     if nested() {
@@ -207,7 +229,8 @@ fn a_killed_ember_run_ends_its_guest() {
     }
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let xdg = shared_xdg();
-    let mut run = ember(&xdg, &["run", "--", "sleep", "1000"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut run =
+        ember(&xdg, &["run", "--", "sleep", "1000"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for("the run to start", Duration::from_secs(240), || status_line(&xdg).contains(" 1 running"));
     run.kill().unwrap();
     let _ = run.wait();
@@ -259,7 +282,8 @@ fn children(pid: u32) -> Vec<u32> {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|s| s.parse::<u32>().ok());
+        let ppid =
+            stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|s| s.parse::<u32>().ok());
         if ppid == Some(pid) {
             out.push(p);
         }

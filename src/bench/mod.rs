@@ -41,7 +41,6 @@ use std::path::PathBuf;
 
 use runtimes::{Runtime, Tier};
 
-
 /// `ember bench` arguments.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -199,7 +198,6 @@ fn parse_options(a: &BenchArgs) -> Result<Options, BenchError> {
         command: a.command.clone(),
     })
 }
-
 
 /// Runs `ember bench`; returns the process exit code.
 pub fn main(args: BenchArgs) -> u8 {

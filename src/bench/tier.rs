@@ -7,10 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-
 use super::measure::Summary;
-use super::runtimes::{Runtime, Setup, Tier};
 use super::results::*;
+use super::runtimes::{Runtime, Setup, Tier};
 use super::teardown::*;
 use super::{BenchArgs, BenchError, Options, docker, io_err, measure, oci, report, runtimes, tools};
 
@@ -182,7 +181,13 @@ pub(super) fn deadline_for(tier: Tier, inner: bool) -> Duration {
 }
 
 /// One launch of `rt`, from `release` (a density batch's common start) or from its spawn.
-pub(super) fn run_one(rt: Runtime, setup: &Setup, prepared: runtimes::Prepared, release: Option<Instant>, inner: bool) -> Sample {
+pub(super) fn run_one(
+    rt: Runtime,
+    setup: &Setup,
+    prepared: runtimes::Prepared,
+    release: Option<Instant>,
+    inner: bool,
+) -> Sample {
     stop_if_interrupted();
     let key = SEQ.fetch_add(1, Ordering::SeqCst);
     let runtimes::Prepared { mut cmd, marker, cleanup, join_timer } = prepared;

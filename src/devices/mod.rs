@@ -13,6 +13,7 @@ pub mod frame_stream;
 pub mod i8042;
 pub mod net_backend;
 pub mod passt;
+pub mod pci_host;
 pub mod serial;
 pub mod serial_sink;
 pub mod tap;

@@ -199,17 +199,21 @@ pub struct Serial {
     /// The guest is interrupt-driven (an irqfd exists), so it reads the
     /// receive FIFO only while it has receive interrupts enabled.
     irq_driven: bool,
-    /// Shadow copies of LCR and IER, to see the guest's driver open the port.
+    /// Shadow copies of LCR, IER and MCR, to see the guest's driver open the port.
     lcr: u8,
     ier: u8,
+    mcr: u8,
     drained: Option<Arc<EventFd>>,
 }
 
 /// Register offsets and bits (Linux include/uapi/linux/serial_reg.h).
 const UART_IER: u64 = 1;
 const UART_LCR: u64 = 3;
+const UART_MCR: u64 = 4;
 const UART_IER_RDI: u8 = 0x01;
 const UART_LCR_DLAB: u8 = 0x80;
+const UART_MCR_OUT2: u8 = 0x08;
+const UART_MCR_LOOP: u8 = 0x10;
 
 impl Serial {
     /// A UART raising `irq`, writing to `out`, signalling `drained` when the
@@ -217,18 +221,25 @@ impl Serial {
     pub fn new(irq: IrqLine, out: SerialOutput, drained: Option<Arc<EventFd>>) -> Self {
         let irq_driven = matches!(irq, IrqLine::Irqfd(_));
         let events = InputEvents { drained: drained.clone() };
-        Serial { uart: Uart16550::with_events(irq, events, out), irq_driven, lcr: 0, ier: 0, drained }
+        Serial { uart: Uart16550::with_events(irq, events, out), irq_driven, lcr: 0, ier: 0, mcr: 0, drained }
     }
 
     /// Whether the guest will take input now. An interrupt-driven guest (Linux)
-    /// only reads the FIFO while "received data available" interrupts are on
-    /// (IER.RDI): that is, while a tty has the port open. Linux's 8250 driver
-    /// clears the FIFOs when it opens the port (`serial8250_do_startup`), so
+    /// only reads the FIFO while a tty has the port open. Linux's 8250 driver
+    /// reads the receive register and drops what it finds when it probes the
+    /// port (`autoconfig`) and when it opens it (`serial8250_do_startup`), so
     /// bytes queued earlier, such as piped input sent at boot, would be lost.
-    /// ember keeps them until the driver enables RDI. A polling guest (no
-    /// irqchip) takes input at any time.
+    /// ember keeps them until the port is open: "received data available"
+    /// interrupts on (IER.RDI) *and* the UART's interrupt line gated onto the
+    /// bus (MCR.OUT2, which a PC needs and Linux sets on open), outside
+    /// loopback mode. RDI alone is not enough: autoconfig's existence test
+    /// writes 0x0f to IER for a moment, and a kernel that registers the port
+    /// twice (legacy, then ACPI's PNP0501) runs it after input may be waiting;
+    /// that lost the first bytes of piped input. A polling guest (no irqchip)
+    /// takes input at any time.
     fn accepts_input(&self) -> bool {
-        !self.irq_driven || self.ier & UART_IER_RDI != 0
+        !self.irq_driven
+            || (self.ier & UART_IER_RDI != 0 && self.mcr & UART_MCR_OUT2 != 0 && self.mcr & UART_MCR_LOOP == 0)
     }
 
     /// A UART in the state a snapshot saved ([`Serial::save_state`]); otherwise as [`Serial::new`].
@@ -254,7 +265,8 @@ impl Serial {
         };
         let uart = Uart16550::from_state(&regs, irq, events, out)
             .map_err(|e| format!("the snapshot's serial port state: {e:?}"))?;
-        Ok(Serial { uart, irq_driven, lcr: state.shadow_lcr, ier: state.shadow_ier, drained })
+        let mcr = state.modem_control;
+        Ok(Serial { uart, irq_driven, lcr: state.shadow_lcr, ier: state.shadow_ier, mcr, drained })
     }
 
     /// The registers and receive FIFO, for a snapshot.
@@ -320,20 +332,19 @@ impl BusDevice for Serial {
             if let Err(e) = self.uart.write(off, b) {
                 log::warn!("serial: {e:?}");
             }
+            let was = self.accepts_input();
             match offset {
                 UART_LCR => self.lcr = b,
-                UART_IER if self.lcr & UART_LCR_DLAB == 0 => {
-                    let was = self.accepts_input();
-                    self.ier = b;
-                    if !was && self.accepts_input() {
-                        // The driver just opened the port: wake the event loop
-                        // so it feeds whatever input is waiting.
-                        if let Some(evt) = &self.drained {
-                            let _ = evt.write(1);
-                        }
-                    }
-                }
+                UART_IER if self.lcr & UART_LCR_DLAB == 0 => self.ier = b,
+                UART_MCR => self.mcr = b,
                 _ => {}
+            }
+            if !was && self.accepts_input() {
+                // The driver just opened the port: wake the event loop
+                // so it feeds whatever input is waiting.
+                if let Some(evt) = &self.drained {
+                    let _ = evt.write(1);
+                }
             }
         }
     }
@@ -444,7 +455,19 @@ mod tests {
         s.write(UART_IER, &[UART_IER_RDI]);
         assert_eq!(s.input_room(), 0);
         s.write(UART_LCR, &[0x03]);
+        // autoconfig()'s existence test sets every IER bit for a moment, with OUT2 off.
+        s.write(UART_IER, &[0x0f]);
+        assert_eq!(s.input_room(), 0, "a probe is not an open port");
+        s.write(UART_IER, &[0]);
+        // Its loopback test sets OUT2, but in loopback mode.
+        s.write(UART_MCR, &[UART_MCR_LOOP | 0x0a]);
         s.write(UART_IER, &[UART_IER_RDI]);
+        assert_eq!(s.input_room(), 0, "loopback is not an open port");
+        s.write(UART_IER, &[0]);
+        // serial8250_do_startup: DTR|OUT2, then RLSI|RDI.
+        s.write(UART_MCR, &[0x09]);
+        assert_eq!(s.input_room(), 0);
+        s.write(UART_IER, &[0x05]);
         assert_eq!(s.input_room(), 64);
         assert_eq!(drained.read().unwrap(), 1, "the event loop is woken to feed input");
         s.write(UART_IER, &[0]);

@@ -302,7 +302,11 @@ impl LinuxLane {
 
     /// Like [`run`](Self::run), passing ember's stderr to `progress` as it is written (nested lane) or
     /// once it has exited (direct lane), for long runs that report progress.
-    pub fn run_with_progress(&mut self, inv: &Invocation, progress: &mut dyn FnMut(&[u8])) -> Result<Outcome, LaneError> {
+    pub fn run_with_progress(
+        &mut self,
+        inv: &Invocation,
+        progress: &mut dyn FnMut(&[u8]),
+    ) -> Result<Outcome, LaneError> {
         let bin = self.ember_bin.clone();
         let timeout = self.config.timeout;
         self.run_inner(&bin, inv, timeout, Some(progress))

@@ -211,7 +211,11 @@ impl OuterMachine {
         let ctl_listener = listen("ctl")?;
         let mut stream_listeners = Vec::new();
         for k in 0..slots {
-            stream_listeners.push([listen(&format!("in{k}"))?, listen(&format!("out{k}"))?, listen(&format!("err{k}"))?]);
+            stream_listeners.push([
+                listen(&format!("in{k}"))?,
+                listen(&format!("out{k}"))?,
+                listen(&format!("err{k}"))?,
+            ]);
         }
 
         let mut cmd = qemu_command(config, &artifacts, &dir, slots);
@@ -244,7 +248,13 @@ impl OuterMachine {
         for (index, [i, o, e]) in stream_listeners.into_iter().enumerate() {
             let slot = (|| {
                 let input = Some(accept(&i, &mut child)?);
-                Ok(Slot { index, input, output: accept(&o, &mut child)?, error: accept(&e, &mut child)?, input_listener: i })
+                Ok(Slot {
+                    index,
+                    input,
+                    output: accept(&o, &mut child)?,
+                    error: accept(&e, &mut child)?,
+                    input_listener: i,
+                })
             })();
             match slot {
                 Ok(s) => streams.push(s),
@@ -365,7 +375,12 @@ impl OuterMachine {
             .map_err(|source| LaneError::Io { what: "writing to the agent's control port".into(), source })
     }
 
-    fn new_request(&mut self, program: &Path, inv: &Invocation, redirect_files: bool) -> Result<(u64, PathBuf), LaneError> {
+    fn new_request(
+        &mut self,
+        program: &Path,
+        inv: &Invocation,
+        redirect_files: bool,
+    ) -> Result<(u64, PathBuf), LaneError> {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         self.new_request_in(program, inv, redirect_files, &cwd)
     }
@@ -454,7 +469,8 @@ impl OuterMachine {
 
     /// A second handle on the control port, for a thread that only reads it.
     pub(super) fn ctl_reader(&self) -> Result<UnixStream, LaneError> {
-        let s = self.ctl.try_clone().map_err(|source| LaneError::Io { what: "cloning the control port".into(), source })?;
+        let s =
+            self.ctl.try_clone().map_err(|source| LaneError::Io { what: "cloning the control port".into(), source })?;
         let _ = s.set_read_timeout(None);
         Ok(s)
     }

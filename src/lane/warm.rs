@@ -162,7 +162,8 @@ fn read_frame<T: for<'de> Deserialize<'de>>(s: &UnixStream) -> io::Result<Option
     let mut raw = [-1 as RawFd; 3];
     let mut iov = [libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() }];
     // SAFETY: the iovec points at `header`, which we own and may be overwritten with any bytes.
-    let (got, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut raw) }.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let (got, nfds) =
+        unsafe { s.recv_with_fds(&mut iov, &mut raw) }.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     // SAFETY: the first `nfds` descriptors were just received and are owned by nothing else.
     let files: Vec<File> = raw[..nfds].iter().map(|&fd| unsafe { File::from_raw_fd(fd) }).collect();
     if got == 0 {
@@ -570,7 +571,8 @@ fn remove_stale_windows(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("window-")).and_then(|p| p.parse::<u32>().ok()) else {
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("window-")).and_then(|p| p.parse::<u32>().ok())
+        else {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
@@ -603,7 +605,10 @@ fn isolate_mounts() -> Result<(), LaneError> {
     let flags = if uid == 0 { libc::CLONE_NEWNS } else { libc::CLONE_NEWNS | libc::CLONE_NEWUSER };
     // SAFETY: unshare only changes this (still single-threaded) process's namespaces.
     if unsafe { libc::unshare(flags) } != 0 {
-        return Err(LaneError::Io { what: "unshare (a mount namespace for the lane)".into(), source: io::Error::last_os_error() });
+        return Err(LaneError::Io {
+            what: "unshare (a mount namespace for the lane)".into(),
+            source: io::Error::last_os_error(),
+        });
     }
     if uid != 0 {
         let _ = fs::write("/proc/self/setgroups", "deny");
@@ -613,10 +618,19 @@ fn isolate_mounts() -> Result<(), LaneError> {
     // Mounts made here must not show on the host.
     // SAFETY: the strings are NUL-terminated literals; null pointers are allowed for unused arguments.
     let r = unsafe {
-        libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null())
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
     };
     if r != 0 {
-        return Err(LaneError::Io { what: "making / private in the lane's mount namespace".into(), source: io::Error::last_os_error() });
+        return Err(LaneError::Io {
+            what: "making / private in the lane's mount namespace".into(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -655,7 +669,9 @@ impl Warm {
                             let _ = tx.send(status);
                         }
                     }
-                    Some(AgentMessage::Pong) => *self.last_pong.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now(),
+                    Some(AgentMessage::Pong) => {
+                        *self.last_pong.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now()
+                    }
                     _ => log::debug!("lane: ignoring agent line {line:?}"),
                 }
             }
@@ -671,8 +687,10 @@ impl Warm {
 
     /// Pings the agent; kills a machine that stopped answering.
     fn heartbeat(&self) {
-        let wedge_after =
-            std::env::var("EMBER_LANE_WEDGE_SECS").ok().and_then(|s| s.parse().ok()).map_or(WEDGE_AFTER, Duration::from_secs);
+        let wedge_after = std::env::var("EMBER_LANE_WEDGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(WEDGE_AFTER, Duration::from_secs);
         loop {
             thread::sleep(PING_EVERY);
             if self.dead_reason().is_some() {
@@ -766,7 +784,8 @@ impl Warm {
                 let i = slots.iter_mut().position(|s| s.input_ready()).unwrap_or(0);
                 return Ok(slots.swap_remove(i));
             }
-            slots = self.slot_freed.wait_timeout(slots, Duration::from_millis(500)).unwrap_or_else(|p| p.into_inner()).0;
+            slots =
+                self.slot_freed.wait_timeout(slots, Duration::from_millis(500)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -775,7 +794,14 @@ impl Warm {
         self.slot_freed.notify_one();
     }
 
-    fn run(&self, req: RunRequest, stdin: File, stdout: File, stderr: File, client: &UnixStream) -> Result<i32, String> {
+    fn run(
+        &self,
+        req: RunRequest,
+        stdin: File,
+        stdout: File,
+        stderr: File,
+        client: &UnixStream,
+    ) -> Result<i32, String> {
         let mut slot = self.take_slot()?;
         let result = self.run_in(&mut slot, req, stdin, stdout, stderr, client);
         self.give_back(slot);
@@ -818,7 +844,15 @@ impl Warm {
         result
     }
 
-    fn stream(&self, slot: &mut Slot, id: u64, stdin: File, stdout: File, stderr: File, client: &UnixStream) -> Result<i32, String> {
+    fn stream(
+        &self,
+        slot: &mut Slot,
+        id: u64,
+        stdin: File,
+        stdout: File,
+        stderr: File,
+        client: &UnixStream,
+    ) -> Result<i32, String> {
         let marker = nested::end_marker();
         let (out_port, err_port) = slot.output_ports().map_err(|e| format!("the lane's output ports: {e}"))?;
         let (tx, rx) = mpsc::channel();
@@ -899,13 +933,17 @@ impl Binds {
         for (n, raw) in writable.iter().enumerate() {
             let path = PathBuf::from(OsString::from_vec(raw.clone()));
             if !path.is_absolute() || raw.iter().any(|&b| b == b'\n' || b == b'\t') {
-                return Err(format!("cannot give the Linux lane write access to {}: not a plain absolute path", path.display()));
+                return Err(format!(
+                    "cannot give the Linux lane write access to {}: not a plain absolute path",
+                    path.display()
+                ));
             }
             let meta = fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let mp = dir.join(n.to_string());
             let made = if meta.is_dir() { fs::create_dir(&mp) } else { File::create(&mp).map(drop) };
             made.map_err(|e| format!("creating {}: {e}", mp.display()))?;
-            bind_mount(&path, &mp).map_err(|e| format!("giving the Linux lane write access to {}: {e}", path.display()))?;
+            bind_mount(&path, &mp)
+                .map_err(|e| format!("giving the Linux lane write access to {}: {e}", path.display()))?;
             binds.mounts.push(mp);
             list.extend_from_slice(format!("{n}\t").as_bytes());
             list.extend_from_slice(raw);

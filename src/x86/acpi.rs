@@ -17,6 +17,12 @@
 //!   whose `_CRS` (6.2.2) gives its window (Memory32Fixed, 6.4.3.4) and its
 //!   interrupt (Extended Interrupt, 6.4.3.6): a kernel whose virtio_mmio is a
 //!   module finds the devices, and udev loads the module.
+//! - It also holds COM1 (`PNP0501`, I/O 0x3f8-0x3ff, IRQ 4). On a
+//!   hardware-reduced machine Linux keeps no legacy PIC (arch/x86/kernel/acpi/boot.c,
+//!   `acpi_generic_reduced_hw_init`), so ISA IRQ 4 is mapped to an IOAPIC pin
+//!   only when a device's `_CRS` asks for it: without this entry the UART's
+//!   interrupt never arrives, and user space's writes to ttyS0 stall after one
+//!   byte (the kernel's own console polls, so boot messages still show).
 //! - The MADT lists one enabled local APIC per vCPU, the IOAPIC (GSI 0..23,
 //!   ISA IRQs identity-mapped, edge/high as in the MP table) and LINT1 as NMI.
 //!
@@ -28,7 +34,10 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{ACPI_SIZE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, IOAPIC_START};
+use crate::layout::{
+    ACPI_SIZE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_START, APIC_START, COM1_IRQ, COM1_PORT,
+    IOAPIC_START,
+};
 
 /// The sleep type ember assigns to S5 in `\_S5` (any 3-bit value would do;
 /// the guest writes it back into SLP_TYPx, ACPI 4.8.3.7).
@@ -276,6 +285,12 @@ mod resource {
         d
     }
 
+    /// I/O Port Descriptor (6.4.2.5): `len` ports fixed at `base`, 16-bit decode.
+    pub fn io(base: u16, len: u8) -> Vec<u8> {
+        let [lo, hi] = base.to_le_bytes();
+        vec![0x47, 1, lo, hi, lo, hi, 1, len]
+    }
+
     /// Extended Interrupt Descriptor (6.4.3.6): one interrupt, consumer,
     /// edge-triggered, active high, exclusive (as the MP table wires the pins).
     pub fn interrupt(gsi: u32) -> Vec<u8> {
@@ -291,9 +306,17 @@ mod resource {
     }
 }
 
-/// The DSDT (5.2.11.1): `\_S5` and one LNRO0005 device per virtio-mmio slot under `\_SB`.
+/// The DSDT (5.2.11.1): `\_S5`, COM1 and one LNRO0005 device per virtio-mmio slot under `\_SB`.
 fn dsdt(virtio: &[MmioSlot]) -> Vec<u8> {
-    let mut sb = Vec::new();
+    // COM1, a 16550 (PNP0501, which Linux's 8250_pnp driver matches; it then
+    // takes over the legacy ttyS0 at the same port, with this interrupt).
+    let mut crs = resource::io(COM1_PORT, 8);
+    crs.extend(resource::interrupt(COM1_IRQ));
+    crs.extend(resource::end());
+    let mut terms = aml::name(b"_HID", &aml::string("PNP0501"));
+    terms.extend(aml::name(b"_UID", &aml::integer(0)));
+    terms.extend(aml::name(b"_CRS", &aml::buffer(&crs)));
+    let mut sb = aml::device(b"COM1", &terms);
     for (i, slot) in virtio.iter().enumerate() {
         let name = format!("VR{:02X}", i & 0xff);
         let mut crs = resource::memory32_fixed(slot.base as u32, slot.size as u32);
@@ -449,6 +472,9 @@ mod tests {
         mem.extend_from_slice(&0x1000u32.to_le_bytes());
         assert!(find(&mem).is_some());
         assert!(find(&[0x89, 6, 0, 3, 1, 6, 0, 0, 0]).is_some());
+        // COM1: its ports and IRQ 4.
+        assert!(find(b"PNP0501\0").is_some() && find(b"COM1").is_some());
+        assert!(find(&[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8, 0x89, 6, 0, 3, 1, 4, 0, 0, 0]).is_some());
     }
 
     #[test]
