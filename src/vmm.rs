@@ -42,6 +42,7 @@ use crate::devices::passt::{Endpoint, GuestIpv4, Passt, PasstError};
 use crate::devices::pci_host::PciHost;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
 use crate::devices::serial_sink::{ConsoleTail, SERIAL_FILE_LIMIT, StdoutSink};
+use crate::devices::stdin_source::StdinSource;
 use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
@@ -204,6 +205,8 @@ pub struct Vmm {
     console_tail: ConsoleTail,
     input_drained: Arc<EventFd>,
     serial_mode: SerialMode,
+    /// stdin goes to the guest through the console's `ember.stdin` port, not the serial line.
+    stdin_on_port: bool,
     seccomp: SeccompMode,
     timeline: Arc<Timeline>,
     /// What was loaded, for `ember demo`'s narration.
@@ -256,8 +259,9 @@ impl Vmm {
         let mut virtio = open_virtio_devices(cfg, rng, &mut passts)?;
         let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let mut port_sinks = Vec::new();
+        let stdin_port = cfg.split_output && linux && stdin_wants_port(&cfg.serial);
         if cfg.split_output && linux {
-            let (console, sinks) = create_console(&control, cfg.seccomp)?;
+            let (console, sinks) = create_console(&control, cfg.seccomp, stdin_port)?;
             virtio.push(("virtio-console", Box::new(console)));
             port_sinks = sinks;
             if virtio.len() > config::MAX_VIRTIO_DEVICES {
@@ -282,9 +286,13 @@ impl Vmm {
             // No tables to find: without this a kernel with CONFIG_ACPI scans
             // for an RSDP and prints a KERN_ERR "A valid RSDP was not found".
             cmdline.push_str(" acpi=off");
-            if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
-                return Err(ConfigError::CmdlineTooLong { len: cmdline.len() }.into());
-            }
+        }
+        if stdin_port {
+            // Tells ember's init to wait for the `ember.stdin` port too (guest-kernels/init).
+            cmdline.push_str(" ember.stdin=port");
+        }
+        if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong { len: cmdline.len() }.into());
         }
 
         // 1. /dev/kvm
@@ -362,7 +370,7 @@ impl Vmm {
         let vcpus = (0..cfg.cpus).map(|id| Vcpu::new(&vm, id, &shared, &boot)).collect::<Result<Vec<_>, _>>()?;
         timeline.mark("ember: vCPUs configured");
 
-        Ok(Vmm::assemble(
+        let mut vmm = Vmm::assemble(
             kvm,
             vm,
             mem,
@@ -377,7 +385,9 @@ impl Vmm {
             timeline,
             port_sinks,
             passts,
-        ))
+        );
+        vmm.stdin_on_port = stdin_port;
+        Ok(vmm)
     }
 
     /// Rebuilds the VM a snapshot describes, in the state it was taken in: the parallel of
@@ -528,6 +538,7 @@ impl Vmm {
             console_tail: devices.console_tail,
             input_drained: devices.input_drained,
             serial_mode,
+            stdin_on_port: false,
             seccomp,
             timeline,
             irqchip: machine.irqchip,
@@ -590,7 +601,7 @@ impl Vmm {
             SerialMode::Stdio => RawTerminal::enable(stdin_fd),
             _ => None,
         };
-        let console = (self.serial_mode == SerialMode::Stdio).then(|| ConsoleInput {
+        let console = (self.serial_mode == SerialMode::Stdio && !self.stdin_on_port).then(|| ConsoleInput {
             serial: self.serial.clone(),
             fd: stdin_fd,
             // Also when the Linux lane's client, which holds the user's terminal, says so: there
@@ -852,10 +863,30 @@ fn open_virtio_devices(cfg: &VmConfig, rng: bool, passts: &mut Vec<Passt>) -> Re
     Ok(devices)
 }
 
+/// Whether ember's stdin goes to the guest command through the console's
+/// `ember.stdin` port (bytes unchanged, then end of file, as `docker run -i`)
+/// rather than the serial console: when the serial console is ember's stdio
+/// and stdin is not a terminal. A terminal keeps the console (line editing,
+/// Ctrl-C, `Ctrl-a x`), as does the Linux lane's inner ember whose client
+/// holds one (`lane::warm::ESCAPE_ENV`).
+fn stdin_wants_port(serial: &SerialMode) -> bool {
+    // SAFETY: F_GETFD only asks whether fd 0 is open.
+    let open = unsafe { libc::fcntl(0, libc::F_GETFD) } != -1;
+    *serial == SerialMode::Stdio
+        && open
+        && !console::is_tty(0)
+        && std::env::var_os(crate::lane::warm::ESCAPE_ENV).is_none_or(|v| v != "1")
+}
+
 /// The virtio-console device of `VmConfig::split_output`: port 0
 /// `ember.stdout` to a copy of fd 1, port 1 `ember.stderr` to a copy of fd 2,
-/// each through its own writer thread.
-fn create_console(control: &Arc<VmControl>, seccomp: SeccompMode) -> Result<(Console, Vec<StdoutSink>), VmmError> {
+/// each through its own writer thread, and with `stdin`, port 2
+/// `ember.stdin` from a copy of fd 0 through a reader thread.
+fn create_console(
+    control: &Arc<VmControl>,
+    seccomp: SeccompMode,
+    stdin: bool,
+) -> Result<(Console, Vec<StdoutSink>), VmmError> {
     let room = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
     let mut ports = Vec::new();
     let mut sinks = Vec::new();
@@ -864,6 +895,11 @@ fn create_console(control: &Arc<VmControl>, seccomp: SeccompMode) -> Result<(Con
             .map_err(|e| VmmError::Host("a console output thread", e))?;
         ports.push(Port::new(name, sink.clone()));
         sinks.push(sink);
+    }
+    if stdin {
+        let source = StdinSource::spawn(dup_fd(0)?, control.clone(), seccomp, room.clone())
+            .map_err(|e| VmmError::Host("the console's stdin thread", e))?;
+        ports.push(Port::input("ember.stdin", source));
     }
     Ok((Console::new(ports, room), sinks))
 }

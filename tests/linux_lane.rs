@@ -508,6 +508,19 @@ fn stderr_to_dev_null_and_a_binary_file_through_stdout() {
     assert!(o.stdout == busybox, "{} bytes out, {} in /bin/busybox", o.stdout.len(), busybox.len());
 }
 
+/// stdin given as a file reaches the command unchanged through the console's
+/// stdin port (control bytes included), and ends: `sha256sum` sees every byte
+/// and the script goes on; the interactive console is not involved.
+#[test]
+fn stdin_from_a_file_arrives_exact_and_then_ends() {
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let Some(o) = ember_stdin(&["run", "--", "sh", "-c", "sha256sum; echo after-eof"], &data) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    let out = o.stdout_lossy();
+    assert!(out.starts_with(&sha256_hex(&data)), "{}", show(&o));
+    assert!(out.contains("after-eof"), "{}", show(&o));
+}
+
 /// The host's Debian kernel and its initrd (/boot, package linux-image-amd64), if installed.
 fn debian_kernel() -> Option<(String, String)> {
     let mut kernels: Vec<_> = std::fs::read_dir("/boot")

@@ -150,6 +150,37 @@ fn runs_share_one_machine_and_write_exactly_the_paths_they_name() {
     }
 }
 
+/// Piped stdin reaches the command byte for byte (300 KiB of random bytes, so
+/// `\r`, `^C` and `^D` among them, more than any buffer on the way) and then
+/// ends: `sha256sum` finishes and the shell goes on, as with `docker run -i`.
+#[test]
+fn piped_stdin_arrives_exact_and_then_ends() {
+    if !kvm_available() {
+        return skipped("/dev/kvm absent — KVM tests not run");
+    }
+    use sha2::Digest;
+    use std::io::Write;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let xdg = shared_xdg();
+    let mut data = vec![0u8; 300 << 10];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut data)).unwrap();
+    let want: String = sha2::Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    let mut child = ember(&xdg, &["run", "--", "sh", "-c", "sha256sum; echo stdin-ended"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert!(out.starts_with(&want), "the guest's sha256 of its stdin: {}", show(&o));
+    assert!(out.contains("stdin-ended"), "{}", show(&o));
+}
+
 #[test]
 fn lane_stop_stops_the_machine() {
     if !kvm_available() {

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use ember::bus::BusDevice;
+use ember::devices::net_backend::NetBackend;
 use ember::devices::tap::Tap;
 use ember::devices::virtio::mmio::MmioTransport;
 use ember::devices::virtio::net::Net;
@@ -122,7 +123,7 @@ fuzz_target!(|data: &[u8]| {
         // SAFETY: both descriptors are fresh and owned here.
         let (a, b) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
         peer = Some(b);
-        (Box::new(Net::new(Tap::fake(a), [0x52, 0x54, 0, 0x12, 0x34, 0x56])), 2)
+        (Box::new(Net::new(NetBackend::Tap(Tap::fake(a)), [0x52, 0x54, 0, 0x12, 0x34, 0x56])), 2)
     } else {
         (Box::new(Rng::new()), 1)
     };

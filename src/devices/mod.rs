@@ -16,5 +16,6 @@ pub mod passt;
 pub mod pci_host;
 pub mod serial;
 pub mod serial_sink;
+pub mod stdin_source;
 pub mod tap;
 pub mod virtio;

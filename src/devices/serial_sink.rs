@@ -75,6 +75,25 @@ impl Shared {
     }
 }
 
+/// Spawns a helper thread that blocks every signal (a thread inherits the mask
+/// it is spawned with): SIGTERM and SIGINT must reach the event loop's
+/// signalfd, not kill ember through a thread that did not block them.
+pub(crate) fn spawn_with_signals_blocked<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
+    // SAFETY: sigset manipulation on locals; pthread_sigmask on this thread,
+    // restored right after the spawn.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    };
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+    // SAFETY: restores this thread's mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    spawned.map(drop)
+}
+
 /// Guest output to stdout (a duplicate of fd 1), written by its own thread.
 #[derive(Clone)]
 pub struct StdoutSink {
@@ -110,28 +129,13 @@ impl StdoutSink {
     ) -> io::Result<Self> {
         let shared = Arc::new(Shared { state: Mutex::new(State::default()), changed: Condvar::new(), room });
         let for_thread = shared.clone();
-        // The thread blocks every signal (it inherits the mask it is spawned
-        // with): SIGTERM and SIGINT must reach the event loop's signalfd, not
-        // kill ember through a thread that did not block them.
-        // SAFETY: sigset manipulation on locals; pthread_sigmask on this thread,
-        // restored right after the spawn.
-        let old = unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-            old
-        };
         let stop = control.clone();
-        let spawned = std::thread::Builder::new().name(thread_name.into()).spawn(move || {
+        spawn_with_signals_blocked(thread_name, move || {
             if let Err(e) = sandbox::enter(ThreadKind::SerialOut, seccomp) {
                 stop.stop(StopReason::VmmError(format!("the serial output thread: {e}")));
             }
             write_out(File::from(fd), &for_thread)
-        });
-        // SAFETY: restores this thread's mask saved above.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-        spawned?;
+        })?;
         Ok(StdoutSink { shared, control })
     }
 

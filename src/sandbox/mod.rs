@@ -312,11 +312,14 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             );
             map.insert(libc::SYS_ioctl, ioctls(&[libc::FIONBIO])?);
         }
-        // std::io::copy: read/write, or the kernel's copy calls after an fstat.
+        // std::io::copy: read/write, or the kernel's copy calls after an fstat; the console's
+        // stdin reader (devices/stdin_source.rs) also polls for a hang-up.
         ThreadKind::StdinCopy => allow(
             &mut map,
             &[
                 libc::SYS_read,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
                 libc::SYS_statx,
                 libc::SYS_fstat,
                 libc::SYS_newfstatat,

@@ -4,11 +4,12 @@
 //!
 //! What the guest sees: a console device offering VIRTIO_CONSOLE_F_MULTIPORT
 //! (5.3.3) with one port per host stream, named in the order given (ember:
-//! port 0 `ember.stdout`, port 1 `ember.stderr`). Linux makes each a character
+//! port 0 `ember.stdout`, port 1 `ember.stderr`, and port 2 `ember.stdin` when
+//! ember's stdin is not a terminal). Linux makes each a character
 //! device /dev/vportNpM (drivers/char/virtio_console.c): not a tty, so no line
 //! discipline touches the bytes, and its name is in
 //! /sys/class/virtio-ports/vportNpM/name. The guest's init (guest-kernels/init)
-//! opens them as the command's fds 1 and 2.
+//! opens them as the command's fds 1 and 2 (and 0).
 //!
 //! Queues (5.3.2): port 0 receiveq 0 and transmitq 1; the control receiveq 2
 //! (device -> driver) and transmitq 3 (driver -> device); port N >= 1 has
@@ -19,7 +20,9 @@
 //! - driver: VIRTIO_CONSOLE_PORT_READY for a port -> device: VIRTIO_CONSOLE_PORT_NAME
 //!   (the name follows the 8-byte header), then VIRTIO_CONSOLE_PORT_OPEN = 1 (the
 //!   host end is open: Linux blocks writers until it is);
-//! - driver: VIRTIO_CONSOLE_PORT_OPEN (the guest opened or closed the port): noted only.
+//! - driver: VIRTIO_CONSOLE_PORT_OPEN (the guest opened or closed the port): noted only;
+//! - device: VIRTIO_CONSOLE_PORT_OPEN = 0 for `ember.stdin` once ember's stdin has
+//!   ended and the guest has every byte of it: the guest's read(2) then returns 0.
 //!
 //! Data path of one write: the guest's write(2) on /dev/vport0p0 adds a chain
 //! to transmitq 1 and notifies -> `event_loop.rs` (`Token::Queue`) -> `mmio.rs`
@@ -28,7 +31,10 @@
 //! loop never waits on the host's output: when a sink is full the device
 //! stops taking chains, and the sink's writer thread writes the device's
 //! eventfd ([`VirtioDevice::host_fd`], `Token::Tap`) once it has room.
-//! Receive queues are never filled (stdin stays on the serial line).
+//! Input takes the other direction: [`StdinSource`]'s thread reads stdin and
+//! writes the same eventfd; the device copies what it has into the buffers the
+//! guest posted on the stdin port's receiveq, and serves that queue again when
+//! the guest posts more (`Token::Queue`). The other receive queues stay empty.
 //!
 //! At the end of the VM, `Vmm::run` serves the transmit queues once more, so
 //! what the guest wrote just before it stopped the VM is not lost.
@@ -52,6 +58,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::block::{collect_chain, finish};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::devices::serial_sink::StdoutSink;
+use crate::devices::stdin_source::StdinSource;
 
 /// Feature bit: the device has multiple ports and a control queue pair (5.3.3).
 pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1;
@@ -77,16 +84,35 @@ const CONTROL_TX: usize = 3;
 /// Size of `struct virtio_console_control` (le32 id, le16 event, le16 value).
 const CONTROL_LEN: usize = 8;
 
-/// One port: its name in the guest and where its output goes.
+/// One port: its name in the guest, and where its bytes go or come from.
 pub struct Port {
     name: String,
-    sink: StdoutSink,
+    end: PortEnd,
+    /// The driver has set the port up (PORT_READY): control messages for it now reach it.
+    ready: bool,
+    /// A guest process has the port open (the driver's PORT_OPEN 1). Linux discards
+    /// data that arrives on a closed port (virtio_console.c, `in_intr`), so input
+    /// waits for this.
+    guest_open: bool,
+}
+
+/// The host end of a port.
+enum PortEnd {
+    /// Guest output, to a sink.
+    Out(StdoutSink),
+    /// Guest input, from a source; `closed` once the guest was told it ended.
+    In { source: StdinSource, closed: bool },
 }
 
 impl Port {
     /// A port named `name` (e.g. `ember.stdout`) whose output goes to `sink`.
     pub fn new(name: &str, sink: StdoutSink) -> Port {
-        Port { name: name.to_string(), sink }
+        Port { name: name.to_string(), end: PortEnd::Out(sink), ready: false, guest_open: false }
+    }
+
+    /// A port named `name` (`ember.stdin`) whose input comes from `source`.
+    pub fn input(name: &str, source: StdinSource) -> Port {
+        Port { name: name.to_string(), end: PortEnd::In { source, closed: false }, ready: false, guest_open: false }
     }
 }
 
@@ -111,6 +137,21 @@ impl Console {
     /// The transmit queue of port `p` (5.3.2).
     pub fn tx_queue(p: usize) -> usize {
         if p == 0 { 1 } else { 2 * p + 3 }
+    }
+
+    /// The receive queue of port `p` (5.3.2).
+    pub fn rx_queue(p: usize) -> usize {
+        if p == 0 { 0 } else { 2 * p + 2 }
+    }
+
+    /// The input port whose receive queue is `index`, if it is one.
+    fn rx_input_port(&self, index: usize) -> Option<usize> {
+        let p = match index {
+            0 => 0,
+            i if i >= 4 && i % 2 == 0 => (i - 2) / 2,
+            _ => return None,
+        };
+        self.ports.get(p).is_some_and(|port| matches!(port.end, PortEnd::In { .. })).then_some(p)
     }
 
     /// The port whose transmit queue is `index`, if it is one.
@@ -149,12 +190,15 @@ impl Console {
                     let name = self.ports[id as usize].name.clone().into_bytes();
                     self.control(id, VIRTIO_CONSOLE_PORT_NAME, 1, &name);
                     self.control(id, VIRTIO_CONSOLE_PORT_OPEN, 1, &[]);
+                    self.ports[id as usize].ready = true;
+                    self.close_finished_input(id as usize);
                 } else {
                     guest_warn!("virtio-console: the driver could not add port {id}");
                 }
             }
             VIRTIO_CONSOLE_PORT_OPEN if (id as usize) < self.ports.len() => {
                 log::debug!("virtio-console: the guest {} port {id}", if value == 1 { "opened" } else { "closed" });
+                self.ports[id as usize].guest_open = value == 1;
             }
             _ => guest_warn!("virtio-console: control message {event} for port {id} (value {value}): ignored"),
         }
@@ -215,7 +259,7 @@ impl Console {
     fn process_tx(&mut self, p: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
         let mut used = false;
         let mut served = 0u16;
-        let sink = &self.ports[p].sink;
+        let PortEnd::Out(sink) = &self.ports[p].end else { return QueueOutcome::Quiet };
         let more = loop {
             if queue.disable_notification(mem).is_err() {
                 return QueueOutcome::NeedsReset;
@@ -257,6 +301,68 @@ impl Console {
         finish(queue, mem, used, more)
     }
 
+    /// Copies buffered input of port `p` into the guest's receive buffers
+    /// until either runs out or one queue's worth is served; once the input
+    /// has ended and every byte was delivered, queues PORT_OPEN 0 for the port.
+    fn process_rx(&mut self, p: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
+        let Some(Port { end: PortEnd::In { source, .. }, guest_open: true, .. }) = self.ports.get(p) else {
+            // Not an input port, or nobody in the guest reads it yet: the
+            // guest's PORT_OPEN brings the queue back (process_control).
+            return QueueOutcome::Quiet;
+        };
+        let mut used = false;
+        let mut served = 0u16;
+        let more = loop {
+            if queue.disable_notification(mem).is_err() {
+                return QueueOutcome::NeedsReset;
+            }
+            while served < queue.size() && source.has_data() {
+                let (head, descs) = match pop(queue, mem) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(()) => return QueueOutcome::NeedsReset,
+                };
+                let room: usize = descs.iter().filter(|d| d.is_write_only()).map(|d| d.len() as usize).sum();
+                let bytes = source.take(room.min(MAX_CHAIN_BYTES));
+                let written = write_chain(&descs, mem, &bytes);
+                if written < bytes.len() {
+                    guest_warn!("virtio-console: a receive buffer is outside guest RAM: input dropped");
+                }
+                if queue.add_used(mem, head, written as u32).is_err() {
+                    return QueueOutcome::NeedsReset;
+                }
+                used = true;
+                served += 1;
+            }
+            if served >= queue.size() && source.has_data() {
+                break true;
+            }
+            // Out of input or out of buffers: either way, the guest's next
+            // buffer (a notification) or the next input (the eventfd) brings us back.
+            match queue.enable_notification(mem) {
+                Ok(true) if source.has_data() => {} // buffers arrived while notifications were off
+                Ok(_) => break false,
+                Err(_) => return QueueOutcome::NeedsReset,
+            }
+        };
+        self.close_finished_input(p);
+        finish(queue, mem, used, more)
+    }
+
+    /// Queues PORT_OPEN 0 for input port `p` once its input has ended, every
+    /// byte was delivered and the driver knows the port (a message for a port
+    /// it has not added yet would be dropped, virtio_console.c
+    /// `handle_control_message`).
+    fn close_finished_input(&mut self, p: usize) {
+        if let Some(Port { end: PortEnd::In { source, closed }, ready: true, .. }) = self.ports.get_mut(p)
+            && !*closed
+            && source.finished()
+        {
+            *closed = true;
+            self.control(p as u32, VIRTIO_CONSOLE_PORT_OPEN, 0, &[]);
+        }
+    }
+
     /// Serves the control queues: messages in, then pending messages out.
     fn process_control(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> QueueOutcome {
         let mut used = false;
@@ -264,6 +370,16 @@ impl Console {
             match self.process_control_tx(q, mem) {
                 Ok(u) => used |= u,
                 Err(()) => return QueueOutcome::NeedsReset,
+            }
+        }
+        // An input port the guest just opened may have input waiting.
+        let mut outcome = QueueOutcome::Quiet;
+        for p in 0..self.ports.len() {
+            if matches!(self.ports[p].end, PortEnd::In { .. })
+                && self.ports[p].guest_open
+                && let Some(q) = queues.get_mut(Self::rx_queue(p)).filter(|q| q.ready())
+            {
+                outcome = merge(outcome, self.process_rx(p, q, mem));
             }
         }
         let mut rx_used = false;
@@ -276,7 +392,7 @@ impl Console {
         let wants = |q: Option<&mut Queue>, u: bool| u && q.is_some_and(|q| q.needs_notification(mem).unwrap_or(true));
         let tx = wants(queues.get_mut(CONTROL_TX), used);
         let rx = wants(queues.get_mut(CONTROL_RX), rx_used);
-        if tx || rx { QueueOutcome::Interrupt } else { QueueOutcome::Quiet }
+        merge(outcome, if tx || rx { QueueOutcome::Interrupt } else { QueueOutcome::Quiet })
     }
 }
 
@@ -323,6 +439,22 @@ fn read_chain(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Vec<u8> {
     out
 }
 
+/// Writes `bytes` into the write-only descriptors of a chain; returns how many fit.
+fn write_chain(descs: &[Descriptor], mem: &GuestMemoryMmap, bytes: &[u8]) -> usize {
+    let mut written = 0;
+    for d in descs.iter().filter(|d| d.is_write_only()) {
+        let n = (d.len() as usize).min(bytes.len() - written);
+        if n == 0 {
+            break;
+        }
+        if mem.write_slice(&bytes[written..written + n], d.addr()).is_err() {
+            break;
+        }
+        written += n;
+    }
+    written
+}
+
 /// The stronger of two outcomes, for a call that served several queues.
 fn merge(a: QueueOutcome, b: QueueOutcome) -> QueueOutcome {
     use QueueOutcome::*;
@@ -365,21 +497,24 @@ impl VirtioDevice for Console {
     fn activate(&mut self, _acked_features: u64) {}
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
-        match self.tx_port(index) {
-            Some(p) => self.process_tx(p, queue, mem),
-            // Receive queues: ember sends nothing; the control queues need
-            // both of them (process_queues).
-            None => QueueOutcome::Quiet,
+        match (self.tx_port(index), self.rx_input_port(index)) {
+            (Some(p), _) => self.process_tx(p, queue, mem),
+            (None, Some(p)) => self.process_rx(p, queue, mem),
+            // Other receive queues: ember sends nothing; the control queues
+            // need both of them (process_queues).
+            _ => QueueOutcome::Quiet,
         }
     }
 
     fn process_queues(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> QueueOutcome {
         match index {
             CONTROL_RX | CONTROL_TX => self.process_control(queues, mem),
-            _ => match queues.get_mut(index) {
-                Some(q) => self.process_queue(index, q, mem),
-                None => QueueOutcome::Quiet,
-            },
+            _ => {
+                let Some(q) = queues.get_mut(index) else { return QueueOutcome::Quiet };
+                let outcome = self.process_queue(index, q, mem);
+                // Serving a receive queue may have queued the end of the input.
+                if self.pending.is_empty() { outcome } else { merge(outcome, self.process_control(queues, mem)) }
+            }
         }
     }
 
@@ -391,14 +526,22 @@ impl VirtioDevice for Console {
         Some(self.room.as_raw_fd())
     }
 
-    /// A sink made room: serve every port's transmit queue again.
+    /// A sink made room or input arrived: serve every port's queue again.
     fn process_host_event(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> QueueOutcome {
         let _ = self.room.read();
         let mut outcome = QueueOutcome::Quiet;
         for p in 0..self.ports.len() {
-            if let Some(q) = queues.get_mut(Self::tx_queue(p)).filter(|q| q.ready()) {
-                outcome = merge(outcome, self.process_tx(p, q, mem));
+            let (index, input) = match self.ports[p].end {
+                PortEnd::Out(_) => (Self::tx_queue(p), false),
+                PortEnd::In { .. } => (Self::rx_queue(p), true),
+            };
+            if let Some(q) = queues.get_mut(index).filter(|q| q.ready()) {
+                let served = if input { self.process_rx(p, q, mem) } else { self.process_tx(p, q, mem) };
+                outcome = merge(outcome, served);
             }
+        }
+        if !self.pending.is_empty() {
+            outcome = merge(outcome, self.process_control(queues, mem));
         }
         outcome
     }
@@ -410,7 +553,7 @@ mod tests {
     use crate::control::VmControl;
     use crate::devices::virtio::testutil::{self, DATA, desc, publish, used};
     use crate::sandbox::SeccompMode;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::os::fd::{FromRawFd, OwnedFd};
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::GuestAddress;
@@ -510,6 +653,48 @@ mod tests {
         let mut got = Vec::new();
         r.read_to_end(&mut got).unwrap();
         assert_eq!(got, data);
+    }
+
+    #[test]
+    fn input_waits_for_the_guest_then_arrives_exact_then_the_port_closes() {
+        let (r, w) = pipe();
+        let room = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let control = Arc::new(VmControl::new().unwrap());
+        let source = StdinSource::spawn(OwnedFd::from(r), control, SeccompMode::Off, room.clone()).unwrap();
+        let mut c = Console::new(vec![Port::input("ember.stdin", source)], room);
+        assert_eq!(c.rx_input_port(0), Some(0));
+        assert_eq!(c.tx_port(1), Some(0));
+        let data = b"raw\r\x03\x04 bytes\n";
+        std::fs::File::from(w).write_all(data).unwrap(); // and closes: the end of the input
+        let PortEnd::In { source, .. } = &c.ports[0].end else { unreachable!() };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !source.has_data() || !source.shared_eof_for_test() {
+            assert!(std::time::Instant::now() < end, "the reader thread never saw the input");
+            std::thread::yield_now();
+        }
+
+        let mem = testutil::memory();
+        let mut q = testutil::queue(16);
+        let mut avail = 0;
+        desc(&mem, 0, DATA, 8, W, 0);
+        desc(&mem, 1, DATA + 0x100, 64, W, 0);
+        publish(&mem, &mut avail, &[0, 1]);
+        c.handle_control(ctrl(0, VIRTIO_CONSOLE_DEVICE_READY, 1));
+        c.handle_control(ctrl(0, VIRTIO_CONSOLE_PORT_READY, 1));
+        assert_eq!(c.process_queue(0, &mut q, &mem), QueueOutcome::Quiet, "nobody has the port open yet");
+        assert_eq!(used(&mem).0, 0, "Linux would discard input on a closed port");
+        assert!(!c.pending.iter().any(|m| m[..] == ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 0)));
+
+        c.handle_control(ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 1));
+        c.process_queue(0, &mut q, &mem);
+        let (idx, elems) = used(&mem);
+        assert_eq!(idx, 2);
+        assert_eq!(elems, vec![(0, 8), (1, data.len() as u32 - 8)]);
+        let mut got = vec![0u8; data.len()];
+        mem.read_slice(&mut got[..8], GuestAddress(DATA)).unwrap();
+        mem.read_slice(&mut got[8..], GuestAddress(DATA + 0x100)).unwrap();
+        assert_eq!(&got, data);
+        assert_eq!(c.pending.back().map(|m| &m[..]), Some(&ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 0)[..]), "then the end");
     }
 
     #[test]
