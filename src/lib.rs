@@ -56,7 +56,10 @@
 //! Data path of one byte the command writes to stdout (`--output split`):
 //! the guest's write to its console port queues a chain -> ioeventfd ->
 //! `event_loop.rs` -> `devices/virtio/console.rs` (copy into the port's sink)
-//! -> `devices/serial_sink.rs` (writer thread) -> ember's stdout.
+//! -> `devices/serial_sink.rs` (writer thread) -> ember's stdout. Piped stdin
+//! takes the way back: `devices/stdin_source.rs` (reader thread) -> eventfd ->
+//! `event_loop.rs` (`Token::Tap`) -> `console.rs` (copy into the `ember.stdin`
+//! port's receive buffers; PORT_OPEN 0 at the end of the input).
 //!
 //! Data path of one received frame: the tap becomes readable -> `event_loop.rs`
 //! (`Token::Tap`, edge-triggered) -> `devices/virtio/mmio.rs` (host_event) ->

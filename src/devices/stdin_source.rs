@@ -124,7 +124,7 @@ fn read_in(fd: OwnedFd, shared: &Shared) {
     let mut chunk = vec![0u8; 16 << 10];
     let mut hung_up = false;
     loop {
-        if hung_up && !poll(&fd, libc::POLLIN, 0).is_some_and(|r| r & libc::POLLIN != 0) {
+        if hung_up && poll(&fd, libc::POLLIN, 0).is_none_or(|r| r & libc::POLLIN == 0) {
             return end(shared, None);
         }
         // SAFETY: reads into our own buffer from a descriptor this thread owns.
