@@ -48,6 +48,25 @@ pub struct DiskConfig {
     pub id: Option<String>,
 }
 
+/// One shared folder: `-v HOSTDIR:GUESTDIR[:ro|:rw]` (a virtio-9p device
+/// whose server runs jailed in HOSTDIR, devices/p9_server.rs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The directory on the host (absolute once parsed).
+    pub host: PathBuf,
+    /// Where ember's init mounts it in the guest (absolute).
+    pub guest: String,
+    /// Writes fail with EROFS, enforced by the host's kernel.
+    pub read_only: bool,
+}
+
+impl ShareConfig {
+    /// The mount tag of share `i`: `ember0`, `ember1`, ...
+    pub fn tag(i: usize) -> String {
+        format!("ember{i}")
+    }
+}
+
 /// One virtio-net device: `--net tap=NAME[,mac=MAC][,create]`, `--net user[,mac=MAC]`
 /// or `--net stream=PATH[,mac=MAC][,ip=ADDR/PREFIX,gw=GW[,dns=DNS][,mtu=N]]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,6 +176,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in order: the first is eth0 in Linux.
     pub nets: Vec<NetConfig>,
+    /// Shared folders (`-v`), one virtio-9p device each.
+    pub shares: Vec<ShareConfig>,
     /// The virtio-rng device.
     pub rng: RngMode,
     /// The sandbox of ember's threads (src/sandbox): on unless debugging.
@@ -198,6 +219,14 @@ pub const MAX_CPUS: u8 = 254;
 /// Errors in what the user asked for.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// A `-v` value that cannot be used.
+    #[error("-v {text}: {why}")]
+    BadShare {
+        /// The value given.
+        text: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A size string could not be parsed.
     #[error("`{0}` is not a size: write a number with an optional K, M, G or T suffix, e.g. 512M or 2G")]
     BadSize(String),
@@ -395,6 +424,34 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], ConfigError> {
     Ok(mac)
 }
 
+/// Parses `-v HOSTDIR:GUESTDIR[:ro|:rw]` (Docker's form; a relative HOSTDIR
+/// is taken from the current directory). HOSTDIR must exist.
+pub fn parse_share(text: &str) -> Result<ShareConfig, ConfigError> {
+    let bad = |why: &str| ConfigError::BadShare { text: text.to_string(), why: why.to_string() };
+    let (rest, read_only) = match text.rsplit_once(':') {
+        Some((r, "ro")) => (r, true),
+        Some((r, "rw")) => (r, false),
+        _ => (text, false),
+    };
+    let (host, guest) = rest.rsplit_once(':').ok_or_else(|| bad("write HOSTDIR:GUESTDIR"))?;
+    if host.is_empty() {
+        return Err(bad("HOSTDIR is empty"));
+    }
+    if !guest.starts_with('/') {
+        return Err(bad("GUESTDIR must be an absolute path in the guest"));
+    }
+    if guest.split('/').any(|c| c == "..") || guest.bytes().any(|b| b.is_ascii_control() || b == b',') {
+        return Err(bad("GUESTDIR may not hold `..`, commas or control characters"));
+    }
+    let host = std::path::absolute(host).map_err(|_| bad("HOSTDIR is not a usable path"))?;
+    match std::fs::metadata(&host) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(bad("HOSTDIR is not a directory")),
+        Err(_) => return Err(bad("HOSTDIR does not exist on the host (create it first)")),
+    }
+    Ok(ShareConfig { host, guest: guest.to_string(), read_only })
+}
+
 /// Parses `PATH[,ro][,id=NAME]` (options in any order after the path).
 pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
     let bad = || ConfigError::BadDisk(text.to_string());
@@ -460,6 +517,9 @@ impl VmConfig {
         for d in self.disks.iter().filter(|d| !d.read_only) {
             out.push(d.path.clone());
         }
+        for s in self.shares.iter().filter(|s| !s.read_only) {
+            out.push(s.host.clone());
+        }
         if let SerialMode::File(p) = &self.serial {
             let _ = std::fs::OpenOptions::new().append(true).create(true).open(p);
             out.push(p.clone());
@@ -481,6 +541,7 @@ impl VmConfig {
             extra_pio: Vec::new(),
             disks: Vec::new(),
             nets: Vec::new(),
+            shares: Vec::new(),
             rng: RngMode::Auto,
             seccomp: crate::sandbox::SeccompMode::On,
             split_output: false,
@@ -515,7 +576,8 @@ impl VmConfig {
             return Err(ConfigError::CmdlineNul);
         }
         // The rng may come on top in Auto mode: count it.
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.rng != RngMode::Off);
+        let devices =
+            self.disks.len() + self.nets.len() + self.shares.len() + usize::from(self.rng != RngMode::Off);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -603,6 +665,31 @@ mod tests {
         c.mem_size_bytes = 256 << 20;
         c.cmdline = "x".repeat(layout::CMDLINE_MAX_SIZE);
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })));
+    }
+
+    #[test]
+    fn shares_parse_like_docker_volumes() {
+        let tmp = std::env::temp_dir();
+        let t = tmp.to_str().unwrap();
+        let s = parse_share(&format!("{t}:/mnt/x")).unwrap();
+        assert_eq!(s, ShareConfig { host: tmp.clone(), guest: "/mnt/x".into(), read_only: false });
+        assert!(parse_share(&format!("{t}:/mnt/x:ro")).unwrap().read_only);
+        assert!(!parse_share(&format!("{t}:/mnt/x:rw")).unwrap().read_only);
+        let rel = parse_share(".:/src").unwrap();
+        assert!(rel.host.is_absolute(), "a relative HOSTDIR is made absolute");
+        for (bad, why) in [
+            (format!("{t}"), "HOSTDIR:GUESTDIR"),
+            (format!("{t}:rel"), "absolute"),
+            (format!("{t}:/a/../b"), "`..`"),
+            (format!("{t}:/a,b"), "commas"),
+            ("/nonexistent/ember:/x".to_string(), "does not exist"),
+            ("/proc/version:/x".to_string(), "not a directory"),
+            (":/x".to_string(), "empty"),
+        ] {
+            let e = parse_share(&bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(ShareConfig::tag(1), "ember1");
     }
 
     #[test]

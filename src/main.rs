@@ -206,6 +206,11 @@ struct RunArgs {
     /// repeatable. HOSTIP defaults to every address, the protocol to tcp.
     #[arg(short = 'p', long = "publish", value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]")]
     publish: Vec<String>,
+    /// Share a host directory with the guest (virtio-9p; its file server runs
+    /// jailed in HOSTDIR); repeatable. `ro`: the host refuses every write.
+    /// ember's init (default guest and images) mounts it at GUESTDIR.
+    #[arg(short = 'v', long = "volume", value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    volume: Vec<String>,
     /// Give the guest a virtio-rng device even when it is not Linux.
     #[arg(long, conflicts_with = "no_rng")]
     rng: bool,
@@ -237,12 +242,12 @@ struct RunArgs {
     env_file: Vec<PathBuf>,
     /// Boot the default guest until its init is ready for a command, then save
     /// the VM (a full snapshot) in DIR and exit 0. Restore it with --from-snapshot.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["from_snapshot", "api_sock"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["from_snapshot", "api_sock", "volume"])]
     save_snapshot: Option<PathBuf>,
     /// Restore the VM saved in DIR (by --save-snapshot) and run `-- CMD` in it
     /// (nothing: a shell). The VM is the one saved: its memory, vCPUs and disks.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "root_disk", "disk", "net", "rng", "no_rng", "save_snapshot"
+        "kernel", "initrd", "cmdline", "root_disk", "disk", "net", "rng", "no_rng", "save_snapshot", "volume"
     ])]
     from_snapshot: Option<PathBuf>,
     /// Also serve Firecracker's API on this Unix socket while the VM runs
@@ -453,6 +458,9 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     for d in &a.disk {
         cfg.disks.push(config::parse_disk(d).map_err(|e| e.to_string())?);
     }
+    for v in &a.volume {
+        cfg.shares.push(config::parse_share(v).map_err(|e| e.to_string())?);
+    }
     cfg.nets = nets(a, image.is_some())?;
     // The default guest's init configures eth0 from ember.net= (see
     // guest-kernels/init): the addresses passt hands out, or DHCP.
@@ -571,6 +579,10 @@ fn vm_args(a: &RunArgs, cfg: &VmConfig, nets: &[config::NetConfig], image_disk: 
     }
     for n in nets {
         push("--net", config::render_net(n));
+    }
+    for sh in &cfg.shares {
+        let mode = if sh.read_only { ":ro" } else { "" };
+        push("--volume", format!("{}:{}{mode}", sh.host.display(), sh.guest));
     }
     let irq = match a.irqchip {
         IrqchipArg::Auto => "auto",
@@ -1151,6 +1163,12 @@ fn firecracker(fc: FirecrackerArgs, start: Instant) -> u8 {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // A shared folder's file server (`-v`): this binary, started by a VM's
+    // ember, jailed in the folder before it reads a request (devices/p9_server.rs).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == ember::devices::p9_server::SERVER_ARG) {
+        return ExitCode::from(ember::devices::p9_server::server_main(&argv[2..]).clamp(0, 255) as u8);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

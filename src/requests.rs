@@ -206,6 +206,12 @@ impl Controller<'_> {
         if !self.gate.requested() {
             return Err("the VM is not paused".into());
         }
+        let p9 = crate::devices::virtio::p9::VIRTIO_ID_9P;
+        if self.transports.iter().any(|t| lock(t).is_ok_and(|t| t.device_type() == p9)) {
+            return Err("a VM with shared folders (-v) cannot be snapshotted: the files its file server \
+                        holds open are not part of a snapshot"
+                .into());
+        }
         let start = Instant::now();
         // Guest RAM first, the state (which lists where the RAM is) last.
         let memory_extents = snapshot::memory::write_memory(self.mem, memory, self.mem.is_file_backed())

@@ -30,7 +30,7 @@ use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusError};
 use crate::config::KernelSource;
 use crate::config::NetBackendConfig;
-use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, VmConfig};
+use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, ShareConfig, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
 use crate::devices::acpi_sleep::AcpiSleep;
@@ -38,6 +38,7 @@ use crate::devices::exit::ExitDevice;
 use crate::devices::frame_stream::FrameStream;
 use crate::devices::i8042::I8042;
 use crate::devices::net_backend::NetBackend;
+use crate::devices::p9_server::{FsServer, FsServerError};
 use crate::devices::passt::{Endpoint, GuestIpv4, Passt, PasstError};
 use crate::devices::pci_host::PciHost;
 use crate::devices::serial::{IrqLine, Serial, SerialOutput};
@@ -49,6 +50,7 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::console::{Console, Port};
 use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
 use crate::devices::virtio::net::{self, Net};
+use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::rng::Rng;
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::layout;
@@ -130,6 +132,9 @@ pub enum VmmError {
     /// passt (`--net user`) cannot be started.
     #[error(transparent)]
     Passt(#[from] PasstError),
+    /// A shared folder's file server cannot be started (`-v`).
+    #[error(transparent)]
+    FsServer(#[from] FsServerError),
     /// `--net stream=PATH` cannot be opened.
     #[error("--net stream={}: cannot connect", path.display())]
     NetStream {
@@ -290,6 +295,10 @@ impl Vmm {
         if stdin_port {
             // Tells ember's init to wait for the `ember.stdin` port too (guest-kernels/init).
             cmdline.push_str(" ember.stdin=port");
+        }
+        if linux && !cfg.shares.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&mounts_param(&cfg.shares));
         }
         if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong { len: cmdline.len() }.into());
@@ -854,6 +863,11 @@ fn open_virtio_devices(cfg: &VmConfig, rng: bool, passts: &mut Vec<Passt>) -> Re
         let mac = n.mac.unwrap_or_else(|| net::default_mac(&n.mac_seed(), i));
         devices.push(("virtio-net", Box::new(Net::new(backend, mac))));
     }
+    for (i, share) in cfg.shares.iter().enumerate() {
+        let server = FsServer::start(&share.host, share.read_only)?;
+        log::debug!("virtio-9p: {} served by pid {}", share.host.display(), server.pid());
+        devices.push(("virtio-9p", Box::new(P9::new(&ShareConfig::tag(i), Box::new(server)))));
+    }
     if rng {
         devices.push(("virtio-rng", Box::new(Rng::new())));
     }
@@ -1071,6 +1085,21 @@ fn vcpu_shared(
 /// Locks a device at build time (nothing else holds it yet).
 fn lock_device<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, VmmError> {
     m.lock().map_err(|_| SnapshotError::State("a device lock is poisoned".into()).into())
+}
+
+/// `ember.mounts=TAG:x<hex GUESTDIR>[:ro],...`: where ember's init mounts each
+/// shared folder (guest-kernels/init; the path hex-encoded as in ember.argv,
+/// so any byte survives the command line).
+fn mounts_param(shares: &[ShareConfig]) -> String {
+    let fields: Vec<String> = shares
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let hex: String = s.guest.bytes().map(|b| format!("{b:02x}")).collect();
+            format!("{}:x{hex}{}", ShareConfig::tag(i), if s.read_only { ":ro" } else { "" })
+        })
+        .collect();
+    format!("ember.mounts={}", fields.join(","))
 }
 
 /// The guest address and IRQ of virtio-mmio device `i`.

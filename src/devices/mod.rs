@@ -5,13 +5,16 @@
 //! The host ends of virtio-net live apart from what the guest sees
 //! (`virtio/net.rs`): `net_backend.rs` (tap or stream), `tap.rs`,
 //! `frame_stream.rs` (length-prefixed frames, passt's protocol) and
-//! `passt.rs` (starting and stopping passt for `--net user`).
+//! `passt.rs` (starting and stopping passt for `--net user`). A shared
+//! folder's file server is `p9_server.rs` (a jailed child process), behind
+//! the guest's virtio-9p device (`virtio/p9.rs`).
 
 pub mod acpi_sleep;
 pub mod exit;
 pub mod frame_stream;
 pub mod i8042;
 pub mod net_backend;
+pub mod p9_server;
 pub mod passt;
 pub mod pci_host;
 pub mod serial;

@@ -4,7 +4,8 @@
 //! the register file the guest's virtio_mmio driver programs) owns the
 //! virtqueues and the interrupt; a device ([`block::Block`], [`net::Net`], [`rng::Rng`])
 //! only says who it is and serves its queues, through [`VirtioDevice`]
-//! ([`console::Console`] carries the guest command's stdout and stderr).
+//! ([`console::Console`] carries the guest command's stdout and stderr,
+//! [`p9::P9`] a shared folder).
 //! A device with a host-side event source ([`net::Net`]'s tap) names its
 //! descriptor with [`VirtioDevice::host_fd`]; the event loop watches it
 //! (`Token::Tap`) and calls [`mmio::MmioTransport::host_event`].
@@ -27,6 +28,7 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod p9;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU64, Ordering};
