@@ -495,6 +495,60 @@ fn stdout_and_stderr_stay_apart_byte_exact() {
     }
 }
 
+/// Shared folders (`-v`) as the guest sees them: the guest reads what the
+/// host made, and creates, renames, deletes, chmods, symlinks and hard-links;
+/// the host sees each change at once; 64 MiB written in the guest equal the
+/// host's copy (sha256 of the guest's source against the host file). `:ro` is
+/// the host's: after the guest remounts the folder read-write, a write still
+/// fails (EROFS from the jailed server's read-only bind mount).
+#[test]
+fn shared_folders_change_on_both_sides_and_ro_is_the_hosts() {
+    let top = std::env::temp_dir().join(format!("ember-lane-share-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&top);
+    let (rw, ro) = (top.join("rw"), top.join("ro"));
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(rw.join("from-host"), "made on the host\n").unwrap();
+    std::fs::write(rw.join("to-delete"), "x").unwrap();
+    std::os::unix::fs::symlink("from-host", rw.join("host-link")).unwrap();
+    std::fs::set_permissions(rw.join("from-host"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    std::fs::write(ro.join("keep"), "read-only\n").unwrap();
+    let script = "set -e; cd /mnt/rw; cat from-host; stat -c 'mode %a' from-host; echo link $(readlink host-link); \
+                  echo guest-made > g; mkdir d; mv g d/moved; chmod 600 d/moved; ln -s moved d/sym; ln d/moved hard; \
+                  rm to-delete; head -c 67108864 /dev/urandom > /tmp/big; sha256sum < /tmp/big; \
+                  dd if=/tmp/big of=/mnt/rw/big bs=65536 2>/dev/null; cat /mnt/ro/keep; \
+                  if echo x > /mnt/ro/guest 2>/dev/null; then echo ro-mount-wrote; fi; \
+                  mount -o remount,rw /mnt/ro; if echo x > /mnt/ro/host 2>/dev/null; then echo ro-host-wrote; \
+                  else echo ro-host-refused; fi";
+    let (rw_arg, ro_arg) = (format!("{}:/mnt/rw", rw.display()), format!("{}:/mnt/ro:ro", ro.display()));
+    let args = ["run", "--memory", "512M", "-v", &rw_arg, "-v", &ro_arg, "--", "sh", "-c", script];
+    let Some(o) = ember(&args) else { return };
+    let out = o.stdout_lossy().replace("\r\n", "\n");
+    assert_eq!(o.status, 0, "{}", show(&o));
+    for want in ["made on the host", "mode 640", "link from-host", "read-only", "ro-host-refused"] {
+        assert!(out.contains(want), "`{want}` missing: {}", show(&o));
+    }
+    assert!(!out.contains("ro-mount-wrote") && !out.contains("ro-host-wrote"), "{}", show(&o));
+    // The host's view, right after the VM ended.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert!(!rw.join("g").exists() && !rw.join("to-delete").exists(), "renamed and deleted");
+    assert_eq!(std::fs::read_to_string(rw.join("d/moved")).unwrap(), "guest-made\n");
+    let moved = std::fs::metadata(rw.join("d/moved")).unwrap();
+    assert_eq!(moved.permissions().mode() & 0o777, 0o600, "chmod in the guest");
+    assert_eq!(std::fs::read_link(rw.join("d/sym")).unwrap(), std::path::Path::new("moved"));
+    let hard = std::fs::metadata(rw.join("hard")).unwrap();
+    assert_eq!((hard.ino(), hard.nlink()), (moved.ino(), 2), "a hard link to the same file");
+    let guest_sum = out.lines().find(|l| l.len() >= 64 && l.chars().take(64).all(|c| c.is_ascii_hexdigit()));
+    let guest_sum = guest_sum.and_then(|l| l.split_whitespace().next()).expect("the guest's sha256");
+    let big = std::fs::read(rw.join("big")).unwrap();
+    assert_eq!(big.len(), 64 << 20);
+    assert_eq!(sha256_hex(&big), guest_sum, "64 MiB written in the guest are the host's file");
+    let mut left: Vec<_> = std::fs::read_dir(&ro).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["keep"], "nothing written into the :ro folder");
+    let _ = std::fs::remove_dir_all(&top);
+}
+
 /// `2>/dev/null` drops exactly the command's stderr; a binary file comes out
 /// of `cat` byte for byte (the initramfs's /bin/busybox is the host's).
 #[test]

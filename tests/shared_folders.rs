@@ -17,6 +17,8 @@ const TLOPEN: u8 = 12;
 const RLOPEN: u8 = 13;
 const TLCREATE: u8 = 14;
 const RLCREATE: u8 = 15;
+const TSYMLINK: u8 = 16;
+const RSYMLINK: u8 = 17;
 const TMKNOD: u8 = 18;
 const TVERSION: u8 = 100;
 const TATTACH: u8 = 104;
@@ -259,6 +261,30 @@ fn a_fifo_does_not_block_the_server_and_device_nodes_do_not_open() {
         c.walk(0, 2, &["dev"]).unwrap();
         assert!(c.lopen(2, O_RDWR).is_err(), "a device node in a shared folder opened (the mount must be nodev)");
     }
+}
+
+#[test]
+fn symlinks_are_made_where_the_guest_walked_and_not_in_ro_folders() {
+    let t = Tree::new("mksymlink");
+    let symlink_in = |c: &mut Client, fid: u32, name: &str, target: &str| {
+        let mut b = fid.to_le_bytes().to_vec();
+        string(&mut b, name);
+        string(&mut b, target);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        let r = c.call(TSYMLINK, b);
+        r.errno().map_or_else(|| Ok(assert_eq!(r.ty, RSYMLINK)), Err)
+    };
+    let mut c = Client::new(&t.share, false);
+    c.walk(0, 1, &["sub"]).unwrap();
+    symlink_in(&mut c, 1, "link", "../hello").expect("ln -s in a writable folder");
+    assert_eq!(std::fs::read_link(t.share.join("sub/link")).unwrap(), Path::new("../hello"));
+    // The guest's names are plain names: no `..`, no `/`.
+    assert!(symlink_in(&mut c, 1, "../escape", "x").is_err());
+    assert!(!t.top.join("escape").exists() && !t.share.join("escape").exists());
+    drop(c);
+    let mut ro = Client::new(&t.share, true);
+    ro.walk(0, 1, &[]).unwrap();
+    assert_eq!(symlink_in(&mut ro, 1, "nope", "x"), Err(libc::EROFS as u32));
 }
 
 #[test]

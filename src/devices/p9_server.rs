@@ -38,7 +38,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::fs::File;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -81,9 +82,14 @@ pub enum FsServerError {
 }
 
 /// One running file server, as ember's virtio-9p device uses it.
+///
+/// The event loop's seccomp filter shapes this: the socket is used through
+/// a `File` (read(2)/write(2), not send/recv), and the server is stopped and
+/// reaped through a pidfd, as passt is (devices/passt.rs).
 pub struct FsServer {
-    child: Child,
-    sock: UnixStream,
+    pid: u32,
+    pidfd: OwnedFd,
+    sock: File,
     broken: bool,
 }
 
@@ -108,7 +114,7 @@ impl FsServer {
             Ok(_) => {}
         }
         let dir = std::path::absolute(dir).map_err(|e| fail(e.to_string()))?;
-        let (mut ours, theirs) = UnixStream::pair().map_err(|e| fail(format!("a socketpair: {e}")))?;
+        let (ours, theirs) = UnixStream::pair().map_err(|e| fail(format!("a socketpair: {e}")))?;
         let theirs = OwnedFd::from(theirs);
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(exe);
@@ -125,18 +131,31 @@ impl FsServer {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| fail(format!("running {}: {e}", SERVER_ARG)))?;
+        let mut child = cmd.spawn().map_err(|e| fail(format!("running {}: {e}", SERVER_ARG)))?;
         drop(theirs);
-        let server = FsServer { child, sock: ours.try_clone().map_err(|e| fail(e.to_string()))?, broken: false };
-        // The server says `ok` once jailed, or why it could not be.
-        let _ = ours.set_read_timeout(Some(REPLY_TIMEOUT));
-        match read_frame(&mut ours) {
-            Ok(m) if m == b"ok" => {}
-            Ok(m) => return Err(fail(String::from_utf8_lossy(&m).into_owned())),
-            Err(e) => return Err(fail(format!("it did not start: {e}"))),
+        let pid = child.id();
+        // SAFETY: pidfd_open on our own child, not yet reaped.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if pidfd < 0 {
+            let e = io::Error::last_os_error();
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(format!("pidfd_open: {e}")));
         }
-        let _ = server.sock.set_read_timeout(Some(REPLY_TIMEOUT));
-        Ok(server)
+        // The Child handle is not needed: the pidfd stops and reaps.
+        std::mem::forget(child);
+        // SAFETY: a fresh descriptor, owned from here on.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let _ = ours.set_read_timeout(Some(REPLY_TIMEOUT));
+        let server = FsServer { pid, pidfd, sock: File::from(OwnedFd::from(ours)), broken: false };
+        // The server says `ok` once jailed, or why it could not be (dropping
+        // `server` then stops and reaps it).
+        let mut sock = &server.sock;
+        match read_frame(&mut sock) {
+            Ok(m) if m == b"ok" => Ok(server),
+            Ok(m) => Err(fail(String::from_utf8_lossy(&m).into_owned())),
+            Err(e) => Err(fail(format!("it did not start: {e}"))),
+        }
     }
 
     /// Sends one 9P request and returns the reply; an error means the
@@ -148,22 +167,37 @@ impl FsServer {
         let r = write_frame(&mut self.sock, request).and_then(|()| read_frame(&mut self.sock));
         if r.is_err() {
             self.broken = true;
-            let _ = self.child.kill();
+            self.terminate();
         }
         r
     }
 
     /// The server's process id (for logs).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    fn terminate(&self) {
+        // SAFETY: signals the process the pidfd refers to, our child.
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGTERM, std::ptr::null::<u8>(), 0)
+        };
     }
 }
 
 impl Drop for FsServer {
     fn drop(&mut self) {
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.terminate();
+        // SAFETY: reaps the process the pidfd refers to; `info` is ours to fill.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            loop {
+                let r = libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED);
+                if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -213,20 +247,176 @@ pub fn server_main(args: &[OsString]) -> i32 {
     if write_frame(&mut sock, b"ok").is_err() {
         return 1;
     }
+    let mut paths = FidPaths::default();
     loop {
         let mut request = match read_frame(&mut sock) {
             Ok(r) => r,
             Err(_) => return 0, // ember has gone: so do we
         };
         force_nonblocking_open(&mut request);
-        let mut reply = Vec::new();
-        if server.handle_message(&mut Cursor::new(&request[..]), &mut reply).is_err() && reply.is_empty() {
-            // Not even a header to answer: an Rlerror(EINVAL) for its tag.
-            reply = error_reply(&request, libc::EINVAL as u32);
-        }
+        let reply = match paths.symlink(&request) {
+            Some(reply) => reply,
+            None => {
+                let mut reply = Vec::new();
+                if server.handle_message(&mut Cursor::new(&request[..]), &mut reply).is_err() && reply.is_empty() {
+                    // Not even a header to answer: an Rlerror(EINVAL) for its tag.
+                    reply = error_reply(&request, libc::EINVAL as u32);
+                }
+                paths.observe(&request, &reply);
+                reply
+            }
+        };
         if write_frame(&mut sock, &reply).is_err() {
             return 0;
         }
+    }
+}
+
+/// 9P2000.L message types the path tracker reads (include/net/9p/9p.h).
+const TSYMLINK: u8 = 16;
+const RLCREATE: u8 = 15;
+const RRENAMEAT: u8 = 75;
+const TVERSION: u8 = 100;
+const RATTACH: u8 = 105;
+const RWALK: u8 = 111;
+const TCLUNK: u8 = 120;
+const TREMOVE: u8 = 122;
+
+/// The path (inside the jail) of each fid the guest holds, for the one
+/// request the `p9` crate refuses and a shared folder needs: Tsymlink
+/// (crosvm's server answers EACCES; `ln -s` in a folder must work). Paths are
+/// learnt from the replies the crate gives (attach, walks, creates) and
+/// follow renames. A walk through `..`, `.` or a name holding `/` (which
+/// Linux's client never sends) leaves the fid without a path: Tsymlink on it
+/// fails with EOPNOTSUPP. Paths resolve inside the chroot, so a stale one can
+/// only name another place in the folder.
+#[derive(Default)]
+struct FidPaths {
+    paths: std::collections::HashMap<u32, String>,
+}
+
+/// A little-endian reader over a message body.
+struct Body<'a>(&'a [u8]);
+
+impl<'a> Body<'a> {
+    fn u16(&mut self) -> Option<u16> {
+        let (b, rest) = self.0.split_first_chunk::<2>()?;
+        self.0 = rest;
+        Some(u16::from_le_bytes(*b))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        let (b, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_le_bytes(*b))
+    }
+    fn str(&mut self) -> Option<&'a str> {
+        let n = usize::from(self.u16()?);
+        let s = self.0.get(..n)?;
+        self.0 = &self.0[n..];
+        std::str::from_utf8(s).ok()
+    }
+}
+
+/// `dir/name`, for a plain name only.
+fn child_path(dir: &str, name: &str) -> Option<String> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return None;
+    }
+    Some(if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") })
+}
+
+impl FidPaths {
+    /// Learns from a request and the reply the crate gave it.
+    fn observe(&mut self, request: &[u8], reply: &[u8]) {
+        let (Some(&t), Some(&r)) = (request.get(4), reply.get(4)) else { return };
+        let mut b = Body(request.get(7..).unwrap_or_default());
+        match (t, r) {
+            (TVERSION, _) => self.paths.clear(),
+            (_, RATTACH) => {
+                if let Some(fid) = b.u32() {
+                    self.paths.insert(fid, "/".into());
+                }
+            }
+            (_, RWALK) => {
+                let (Some(fid), Some(newfid), Some(n)) = (b.u32(), b.u32(), b.u16()) else { return };
+                let walked = reply.get(7..9).map(|q| u16::from_le_bytes([q[0], q[1]]));
+                let mut path = self.paths.get(&fid).cloned();
+                for _ in 0..n {
+                    path = match (path, b.str()) {
+                        (Some(p), Some(name)) => child_path(&p, name),
+                        _ => None,
+                    };
+                }
+                match path {
+                    Some(p) if walked == Some(n) => self.paths.insert(newfid, p),
+                    _ => self.paths.remove(&newfid),
+                };
+            }
+            (_, RLCREATE) => {
+                let Some(fid) = b.u32() else { return };
+                let path = b.str().and_then(|name| child_path(self.paths.get(&fid)?, name));
+                match path {
+                    Some(p) => self.paths.insert(fid, p),
+                    None => self.paths.remove(&fid),
+                };
+            }
+            (_, RRENAMEAT) => {
+                let (Some(od), Some(on)) = (b.u32(), b.str()) else { return };
+                let (Some(nd), Some(nn)) = (b.u32(), b.str()) else { return };
+                let old = self.paths.get(&od).and_then(|d| child_path(d, on));
+                let new = self.paths.get(&nd).and_then(|d| child_path(d, nn));
+                let (Some(old), Some(new)) = (old, new) else { return };
+                for p in self.paths.values_mut() {
+                    if *p == old || p.starts_with(&format!("{old}/")) {
+                        *p = format!("{new}{}", &p[old.len()..]);
+                    }
+                }
+            }
+            (TCLUNK | TREMOVE, _) => {
+                if let Some(fid) = b.u32() {
+                    self.paths.remove(&fid);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Serves Tsymlink (`fid[4] name[s] symtgt[s] gid[4]`) itself: the
+    /// reply, or None for every other request.
+    fn symlink(&self, request: &[u8]) -> Option<Vec<u8>> {
+        if request.get(4) != Some(&TSYMLINK) {
+            return None;
+        }
+        let mut b = Body(request.get(7..).unwrap_or_default());
+        let (Some(fid), Some(name), Some(target)) = (b.u32(), b.str(), b.str()) else {
+            return Some(error_reply(request, libc::EINVAL as u32));
+        };
+        let Some(path) = self.paths.get(&fid).and_then(|d| child_path(d, name)) else {
+            return Some(error_reply(request, libc::EOPNOTSUPP as u32));
+        };
+        let (Ok(target), Ok(path)) = (CString::new(target), CString::new(path)) else {
+            return Some(error_reply(request, libc::EINVAL as u32));
+        };
+        // SAFETY: NUL-terminated strings; `st` is ours to fill. Paths resolve
+        // inside the jail (chroot).
+        let st = unsafe {
+            if libc::symlinkat(target.as_ptr(), libc::AT_FDCWD, path.as_ptr()) != 0 {
+                return Some(error_reply(request, io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as u32));
+            }
+            let mut st: libc::stat64 = std::mem::zeroed();
+            if libc::fstatat64(libc::AT_FDCWD, path.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
+                return Some(error_reply(request, libc::EIO as u32));
+            }
+            st
+        };
+        // Rsymlink (17): qid = type[1] (QTSYMLINK) version[4] (mtime, as the crate) path[8] (inode).
+        let mut r = 20u32.to_le_bytes().to_vec();
+        r.push(TSYMLINK + 1);
+        r.extend_from_slice(&request[5..7]);
+        r.push(0x02);
+        r.extend_from_slice(&(st.st_mtime as u32).to_le_bytes());
+        r.extend_from_slice(&st.st_ino.to_le_bytes());
+        Some(r)
     }
 }
 
@@ -399,6 +589,64 @@ mod tests {
         force_nonblocking_open(&mut t);
         let mut s = vec![0, 0, 0, 0, TLOPEN];
         force_nonblocking_open(&mut s);
+    }
+
+    fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = ((body.len() + 7) as u32).to_le_bytes().to_vec();
+        m.push(ty);
+        m.extend_from_slice(&[1, 0]);
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn s(name: &str) -> Vec<u8> {
+        let mut b = (name.len() as u16).to_le_bytes().to_vec();
+        b.extend_from_slice(name.as_bytes());
+        b
+    }
+
+    #[test]
+    fn fid_paths_follow_attach_walks_creates_renames_and_clunks() {
+        let mut p = FidPaths::default();
+        p.observe(&msg(104, &[0, 0, 0, 0]), &msg(RATTACH, &[]));
+        let walk = |fid: u32, newfid: u32, names: &[&str]| {
+            let mut b = fid.to_le_bytes().to_vec();
+            b.extend_from_slice(&newfid.to_le_bytes());
+            b.extend_from_slice(&(names.len() as u16).to_le_bytes());
+            names.iter().for_each(|n| b.extend(s(n)));
+            msg(110, &b)
+        };
+        let rwalk = |n: u16| msg(RWALK, &n.to_le_bytes());
+        p.observe(&walk(0, 1, &["a", "b"]), &rwalk(2));
+        assert_eq!(p.paths[&1], "/a/b");
+        // A partial walk, `..` and names with `/` leave no path.
+        p.observe(&walk(0, 2, &["a", "x"]), &rwalk(1));
+        p.observe(&walk(1, 3, &[".."]), &rwalk(1));
+        p.observe(&walk(0, 4, &["a/b"]), &rwalk(1));
+        assert!(![2, 3, 4].iter().any(|f| p.paths.contains_key(f)));
+        // Tlcreate turns the directory's fid into the new file's.
+        let mut c = 1u32.to_le_bytes().to_vec();
+        c.extend(s("f"));
+        p.observe(&msg(14, &c), &msg(RLCREATE, &[]));
+        assert_eq!(p.paths[&1], "/a/b/f");
+        // Renaming a/ to z/ moves every path under it.
+        let mut r = 0u32.to_le_bytes().to_vec();
+        r.extend(s("a"));
+        r.extend(0u32.to_le_bytes());
+        r.extend(s("z"));
+        p.observe(&msg(74, &r), &msg(RRENAMEAT, &[]));
+        assert_eq!(p.paths[&1], "/z/b/f");
+        p.observe(&msg(TCLUNK, &1u32.to_le_bytes()), &msg(121, &[]));
+        assert!(!p.paths.contains_key(&1));
+        // A Tsymlink on a fid without a path is refused, not guessed.
+        let mut t = 9u32.to_le_bytes().to_vec();
+        t.extend(s("l"));
+        t.extend(s("target"));
+        t.extend(0u32.to_le_bytes());
+        let reply = p.symlink(&msg(TSYMLINK, &t)).unwrap();
+        assert_eq!(reply[4], 7);
+        assert_eq!(u32::from_le_bytes(reply[7..11].try_into().unwrap()), libc::EOPNOTSUPP as u32);
+        assert!(p.symlink(&msg(TCLUNK, &[])).is_none());
     }
 
     #[test]
