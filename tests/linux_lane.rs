@@ -754,6 +754,11 @@ fn a_saved_guest_restores_runs_a_command_and_reads_its_disk() {
     let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "echo", "a b", "'c'"]) else { return };
     assert_eq!(o.status, 0, "{}", show(&o));
     assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), "a b 'c'\n", "{}", show(&o));
+    // It was saved with its ACPI tables, as a booted guest has them.
+    let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "ls", "/sys/firmware/acpi/tables"]) else {
+        return;
+    };
+    assert!(o.stdout_lossy().contains("DSDT"), "{}", show(&o));
     // A damaged state file is refused, and no guest runs.
     let state = dir.0.join("saved/state");
     let mut bytes = std::fs::read(&state).unwrap();
