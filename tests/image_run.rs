@@ -130,9 +130,9 @@ fn vm_with(store: &Path, args: &[&str]) -> Option<Outcome> {
     inv.env.push(("EMBER_IMAGE_STORE".into(), store.display().to_string()));
     match l.run(&inv) {
         Ok(o) => Some(o),
-        Err(e @ LaneError::Wedged { .. }) => {
+        Err(e @ (LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) => {
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "LANE: outer machine wedged ({e}); retrying `ember {args:?}` once");
+            let _ = writeln!(std::io::stderr(), "LANE: outer machine wedged or died ({e}); retrying `ember {args:?}` once");
             Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?} (second try): {e}")))
         }
         Err(e) => panic!("ember {args:?}: {e}"),
@@ -320,6 +320,23 @@ fn the_guest_sees_what_umoci_unpacks() {
     guest_sorted.sort();
     assert_eq!(guest_sorted, host, "guest (left) vs umoci unpack (right)");
     let _ = std::fs::remove_dir_all(&bundle);
+}
+
+/// `-v` in an image run: the folder is mounted inside the image's root (over
+/// the image's own /data), the image's user reads it, and a write from the
+/// image's command is on the host when ember returns.
+#[test]
+fn a_shared_folder_is_mounted_inside_the_image() {
+    let f = fixture();
+    let img = f.image("base");
+    let dir = std::env::temp_dir().join(format!("ember-image-share-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("in.txt"), "from the host\n").unwrap();
+    let v = format!("{}:/data", dir.display());
+    expect(&["run", "-v", &v, &img, "sh", "-c", "cat /data/in.txt; echo from-image > /data/out.txt"], 0, "from the host\n");
+    assert_eq!(std::fs::read_to_string(dir.join("out.txt")).unwrap(), "from-image\n");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
