@@ -576,8 +576,7 @@ impl VmConfig {
             return Err(ConfigError::CmdlineNul);
         }
         // The rng may come on top in Auto mode: count it.
-        let devices =
-            self.disks.len() + self.nets.len() + self.shares.len() + usize::from(self.rng != RngMode::Off);
+        let devices = self.disks.len() + self.nets.len() + self.shares.len() + usize::from(self.rng != RngMode::Off);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }

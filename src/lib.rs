@@ -19,10 +19,12 @@
 //!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), an empty PCI
 //!   bus's host bridge (`devices/pci_host.rs`: config mechanism #1), and
 //!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-net,
-//!   virtio-rng, virtio-console), and the host ends behind virtio-net
-//!   (`devices/net_backend.rs`): a tap (`devices/tap.rs`), or a stream of
-//!   length-prefixed frames (`devices/frame_stream.rs`) to the passt that
-//!   `--net user` starts and stops (`devices/passt.rs`).
+//!   virtio-rng, virtio-console, virtio-9p), and the host ends behind
+//!   virtio-net (`devices/net_backend.rs`): a tap (`devices/tap.rs`), or a
+//!   stream of length-prefixed frames (`devices/frame_stream.rs`) to the passt
+//!   that `--net user` starts and stops (`devices/passt.rs`); behind
+//!   virtio-9p, a shared folder's file server, a jailed child process
+//!   (`devices/p9_server.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.
@@ -60,6 +62,12 @@
 //! takes the way back: `devices/stdin_source.rs` (reader thread) -> eventfd ->
 //! `event_loop.rs` (`Token::Tap`) -> `console.rs` (copy into the `ember.stdin`
 //! port's receive buffers; PORT_OPEN 0 at the end of the input).
+//!
+//! Data path of one shared-folder request (`-v`): the guest's notify ->
+//! `event_loop.rs` -> `devices/virtio/mmio.rs` -> `devices/virtio/p9.rs`
+//! (the chain's bytes) -> `devices/p9_server.rs` (socket to the jailed
+//! server process, the `p9` crate, the host's file system) -> the reply into
+//! the chain, add_used -> irqfd.
 //!
 //! Data path of one received frame: the tap becomes readable -> `event_loop.rs`
 //! (`Token::Tap`, edge-triggered) -> `devices/virtio/mmio.rs` (host_event) ->

@@ -132,7 +132,8 @@ fn vm_with(store: &Path, args: &[&str]) -> Option<Outcome> {
         Ok(o) => Some(o),
         Err(e @ (LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) => {
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "LANE: outer machine wedged or died ({e}); retrying `ember {args:?}` once");
+            let _ =
+                writeln!(std::io::stderr(), "LANE: outer machine wedged or died ({e}); retrying `ember {args:?}` once");
             Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?} (second try): {e}")))
         }
         Err(e) => panic!("ember {args:?}: {e}"),
@@ -334,7 +335,11 @@ fn a_shared_folder_is_mounted_inside_the_image() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("in.txt"), "from the host\n").unwrap();
     let v = format!("{}:/data", dir.display());
-    expect(&["run", "-v", &v, &img, "sh", "-c", "cat /data/in.txt; echo from-image > /data/out.txt"], 0, "from the host\n");
+    expect(
+        &["run", "-v", &v, &img, "sh", "-c", "cat /data/in.txt; echo from-image > /data/out.txt"],
+        0,
+        "from the host\n",
+    );
     assert_eq!(std::fs::read_to_string(dir.join("out.txt")).unwrap(), "from-image\n");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -293,7 +293,8 @@ exit $rc
         l.run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(400))
             .map_err(|e| format!("the network script: {e}"))
     };
-    let transferred = |o: &Result<Outcome, String>| o.as_ref().is_ok_and(|o| o.status == 0 && o.stdout_lossy().contains("sent"));
+    let transferred =
+        |o: &Result<Outcome, String>| o.as_ref().is_ok_and(|o| o.status == 0 && o.stdout_lossy().contains("sent"));
     let mut o = attempt(&mut l);
     if !transferred(&o) && !ember::lane::KvmFlavour::detect().runs_linux_directly() {
         // In the nested lane the inner guest runs on QEMU's software emulation

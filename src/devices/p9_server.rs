@@ -32,13 +32,13 @@
 //! quits when the socket closes: when ember ends, however it ends.
 
 use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
 use std::io::{self, Cursor, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::fs::File;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -401,7 +401,10 @@ impl FidPaths {
         // inside the jail (chroot).
         let st = unsafe {
             if libc::symlinkat(target.as_ptr(), libc::AT_FDCWD, path.as_ptr()) != 0 {
-                return Some(error_reply(request, io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as u32));
+                return Some(error_reply(
+                    request,
+                    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) as u32,
+                ));
             }
             let mut st: libc::stat64 = std::mem::zeroed();
             if libc::fstatat64(libc::AT_FDCWD, path.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
@@ -417,6 +420,27 @@ impl FidPaths {
         r.extend_from_slice(&(st.st_mtime as u32).to_le_bytes());
         r.extend_from_slice(&st.st_ino.to_le_bytes());
         Some(r)
+    }
+}
+
+/// What a guest controls in the server's own parsing, for `fuzz/`: `data`
+/// split into a request and a reply, fed to the open-flag rewrite and the
+/// fid-path tracker. (Tsymlink's handler is left out: it creates files.)
+/// Beyond "no panic": a fid's path is always absolute and never holds `..`.
+#[doc(hidden)]
+pub fn fuzz_parsers(data: &[u8]) {
+    let split = usize::from(data.first().copied().unwrap_or(0)).min(data.len());
+    let (request, reply) = data.split_at(split);
+    let mut request = request.to_vec();
+    force_nonblocking_open(&mut request);
+    let mut paths = FidPaths::default();
+    paths.observe(&[0, 0, 0, 0, 104, 0, 0, 0, 0, 0, 0], &[0, 0, 0, 0, RATTACH]);
+    for chunk in request.chunks(32) {
+        paths.observe(chunk, reply);
+        paths.observe(&request, chunk);
+    }
+    for p in paths.paths.values() {
+        assert!(p.starts_with('/') && !p.split('/').any(|c| c == ".."), "{p}");
     }
 }
 
@@ -497,8 +521,13 @@ fn jail(dir: &Path, read_only: bool) -> Result<(), String> {
             std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1")).map_err(|e| format!("gid_map: {e}"))?;
         }
         let slash = c"/";
-        if libc::mount(std::ptr::null(), slash.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null())
-            != 0
+        if libc::mount(
+            std::ptr::null(),
+            slash.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
         {
             return Err(errno_text("making mounts private"));
         }
@@ -562,7 +591,10 @@ fn drop_capabilities() -> Result<(), String> {
             }
         }
         let mut header = Header { version: 0x2008_0522, pid: 0 };
-        let data = [Data { effective: KEEP, permitted: KEEP, inheritable: 0 }, Data { effective: 0, permitted: 0, inheritable: 0 }];
+        let data = [
+            Data { effective: KEEP, permitted: KEEP, inheritable: 0 },
+            Data { effective: 0, permitted: 0, inheritable: 0 },
+        ];
         if libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) != 0 {
             return Err(errno_text("dropping capabilities"));
         }
