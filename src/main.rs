@@ -900,16 +900,22 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
         Ok(o) => exit_code_for(&o.reason),
         Err(e) => error_code(e),
     };
+    print_timeline(&args, &timeline, &outcome);
+    code
+}
+
+/// `--timeline`'s report at the end of a run (booted or restored): the
+/// timeline with its last mark, and how much guest memory was touched.
+fn print_timeline(args: &RunArgs, timeline: &Timeline, outcome: &Result<ember::vmm::RunOutcome, VmmError>) {
     timeline.mark("ember: exit");
     match args.timeline {
         Some(TimelineFormat::Table) => eprint!("{}", timeline.render_table()),
         Some(TimelineFormat::Json) => eprintln!("{}", timeline.render_json()),
         None => {}
     }
-    if let (Some(_), Ok(o)) = (args.timeline, &outcome) {
+    if let (Some(_), Ok(o)) = (args.timeline, outcome) {
         eprintln!("ember: guest memory touched: {} KiB", o.guest_resident_bytes >> 10);
     }
-    code
 }
 
 fn run(args: RunArgs, start: Instant) -> u8 {
@@ -1003,15 +1009,7 @@ fn run(args: RunArgs, start: Instant) -> u8 {
             eprint!("{}", ember::stats::render_table(&o.stats));
         }
     }
-    timeline.mark("ember: exit");
-    match args.timeline {
-        Some(TimelineFormat::Table) => eprint!("{}", timeline.render_table()),
-        Some(TimelineFormat::Json) => eprintln!("{}", timeline.render_json()),
-        None => {}
-    }
-    if let (Some(_), Ok(o)) = (args.timeline, &outcome) {
-        eprintln!("ember: guest memory touched: {} KiB", o.guest_resident_bytes >> 10);
-    }
+    print_timeline(&args, &timeline, &outcome);
     code
 }
 

@@ -27,7 +27,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::boot::{self, BootError, BootInfo, KernelFormat};
-use crate::bus::{Bus, BusError};
+use crate::bus::{Bus, BusDevice, BusError};
 use crate::config::KernelSource;
 use crate::config::NetBackendConfig;
 use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, ShareConfig, VmConfig};
@@ -1005,27 +1005,28 @@ fn create_devices(
     };
     let serial = Arc::new(Mutex::new(serial));
     let i8042 = Arc::new(Mutex::new(I8042::new(control.clone())));
+    // The port-I/O map (layout.rs has the numbers): first port, count, name, device.
+    let fixed: [(u16, u16, &'static str, Arc<Mutex<dyn BusDevice>>); 5] = [
+        (layout::COM1_PORT, 8, "serial (COM1)", serial.clone()),
+        (layout::I8042_DATA_PORT, 5, "i8042", i8042.clone()),
+        (
+            layout::EXIT_PORT,
+            layout::EXIT_PORT_LEN,
+            "exit device",
+            Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
+        ),
+        (
+            layout::ACPI_SLEEP_CONTROL_PORT,
+            layout::ACPI_SLEEP_PORT_LEN,
+            "ACPI sleep registers",
+            Arc::new(Mutex::new(AcpiSleep::new(control.clone()))),
+        ),
+        (layout::PCI_CONF1_PORT, layout::PCI_CONF1_PORT_LEN, "PCI host bridge", Arc::new(Mutex::new(PciHost::new()))),
+    ];
     let mut pio = Bus::with_control(control.clone());
-    pio.insert(u64::from(layout::COM1_PORT), 8, "serial (COM1)", serial.clone())?;
-    pio.insert(u64::from(layout::I8042_DATA_PORT), 5, "i8042", i8042.clone())?;
-    pio.insert(
-        u64::from(layout::EXIT_PORT),
-        u64::from(layout::EXIT_PORT_LEN),
-        "exit device",
-        Arc::new(Mutex::new(ExitDevice::new(control.clone()))),
-    )?;
-    pio.insert(
-        u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
-        u64::from(layout::ACPI_SLEEP_PORT_LEN),
-        "ACPI sleep registers",
-        Arc::new(Mutex::new(AcpiSleep::new(control.clone()))),
-    )?;
-    pio.insert(
-        u64::from(layout::PCI_CONF1_PORT),
-        u64::from(layout::PCI_CONF1_PORT_LEN),
-        "PCI host bridge",
-        Arc::new(Mutex::new(PciHost::new())),
-    )?;
+    for (port, len, name, device) in fixed {
+        pio.insert(u64::from(port), u64::from(len), name, device)?;
+    }
     for extra in spec.extra_pio {
         pio.insert(u64::from(extra.port), u64::from(extra.len), extra.name, extra.device.clone())?;
     }

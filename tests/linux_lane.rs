@@ -755,6 +755,14 @@ fn a_saved_guest_restores_runs_a_command_and_reads_its_disk() {
     let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "echo", "a b", "'c'"]) else { return };
     assert_eq!(o.status, 0, "{}", show(&o));
     assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), "a b 'c'\n", "{}", show(&o));
+    // Its timers run: a sleep ends (the armed TSC deadline is restored after the LAPIC), and so
+    // poweroff, which waits on timers, ends the VM with 0.
+    let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "sh", "-c", "sleep 1; echo slept"]) else {
+        return;
+    };
+    assert_eq!((o.status, o.stdout_lossy().trim()), (0, "slept"), "{}", show(&o));
+    let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "poweroff"]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
     // It was saved with its ACPI tables, as a booted guest has them.
     let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "ls", "/sys/firmware/acpi/tables"]) else {
         return;

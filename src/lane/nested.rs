@@ -529,8 +529,10 @@ impl Drop for OuterMachine {
 
 fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) -> Command {
     let rw: Vec<String> = config.writable.iter().map(|p| p.display().to_string()).collect();
+    // loglevel=4: the outer kernel's errors and worse (a soft lockup, a hung task, an RCU stall, a
+    // panic) land in console.log, whose tail a wedged or dead machine's error shows (#15).
     let mut append =
-        format!("console=ttyS0 quiet loglevel=0 panic=-1 ember_lanedir={} ember_rw={}", dir.display(), rw.join(","));
+        format!("console=ttyS0 quiet loglevel=4 panic=-1 ember_lanedir={} ember_rw={}", dir.display(), rw.join(","));
     if config.window.is_some() {
         append.push_str(" ember_window=1");
     }

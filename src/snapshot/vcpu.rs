@@ -114,12 +114,23 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState) -> Result<(), String> {
     fd.set_debug_regs(&s.debugregs.to().ok_or_else(|| bad("debug registers"))?).map_err(e("DEBUGREGS"))?;
     if !s.lapic.0.is_empty() {
         fd.set_lapic(&s.lapic.to().ok_or_else(|| bad("LAPIC"))?).map_err(e("LAPIC"))?;
+        // The armed TSC deadline, again: KVM ignores MSR_IA32_TSC_DEADLINE while the LAPIC timer
+        // is not in TSC-deadline mode (arch/x86/kvm/lapic.c, kvm_set_lapic_tscdeadline_msr), and
+        // until KVM_SET_LAPIC just now it was in its reset state, so the write above was dropped.
+        // Without this the restored guest's one-shot clock event never fires again: no timer
+        // interrupt, `sleep 1` never returns, and reboot or poweroff hang in their waits.
+        if let Some(&deadline) = s.msrs.iter().find(|(index, _)| *index == MSR_IA32_TSC_DEADLINE) {
+            write_msrs(fd, &[deadline])?;
+        }
     }
     fd.set_mp_state(s.mp_state.to().ok_or_else(|| bad("MP state"))?).map_err(e("MP_STATE"))?;
     fd.set_regs(&s.regs.to().ok_or_else(|| bad("registers"))?).map_err(e("REGS"))?;
     fd.set_vcpu_events(&s.events.to().ok_or_else(|| bad("vCPU events"))?).map_err(e("VCPU_EVENTS"))?;
     Ok(())
 }
+
+/// The LAPIC timer's deadline in TSC-deadline mode (Intel SDM vol. 3A 10.5.4.1; AMD has it too).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// TR's type as an AMD CPU caches it. KVM_GET_SREGS on SVM reports TR as a busy TSS (type 11)
 /// whatever the VMCB holds (arch/x86/kvm/svm/svm.c, `svm_get_segment`: "the busy flag in the tr
