@@ -10,6 +10,7 @@
 //! the guest's virtio-9p device (`virtio/p9.rs`).
 
 pub mod acpi_sleep;
+pub mod child;
 pub mod exit;
 pub mod frame_stream;
 pub mod i8042;

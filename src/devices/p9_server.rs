@@ -44,6 +44,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::devices::child::ChildProcess;
+
 /// The first argument that turns the ember binary into a file server.
 pub const SERVER_ARG: &str = "__ember-9p-server";
 /// The descriptor the server finds its socket on.
@@ -85,10 +87,9 @@ pub enum FsServerError {
 ///
 /// The event loop's seccomp filter shapes this: the socket is used through
 /// a `File` (read(2)/write(2), not send/recv), and the server is stopped and
-/// reaped through a pidfd, as passt is (devices/passt.rs).
+/// reaped through a pidfd when dropped ([`ChildProcess`]).
 pub struct FsServer {
-    pid: u32,
-    pidfd: OwnedFd,
+    process: ChildProcess,
     sock: File,
     broken: bool,
 }
@@ -131,23 +132,11 @@ impl FsServer {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| fail(format!("running {}: {e}", SERVER_ARG)))?;
+        let child = cmd.spawn().map_err(|e| fail(format!("running {}: {e}", SERVER_ARG)))?;
         drop(theirs);
-        let pid = child.id();
-        // SAFETY: pidfd_open on our own child, not yet reaped.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-        if pidfd < 0 {
-            let e = io::Error::last_os_error();
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(fail(format!("pidfd_open: {e}")));
-        }
-        // The Child handle is not needed: the pidfd stops and reaps.
-        std::mem::forget(child);
-        // SAFETY: a fresh descriptor, owned from here on.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let process = ChildProcess::adopt(child).map_err(|e| fail(format!("pidfd_open: {e}")))?;
         let _ = ours.set_read_timeout(Some(REPLY_TIMEOUT));
-        let server = FsServer { pid, pidfd, sock: File::from(OwnedFd::from(ours)), broken: false };
+        let server = FsServer { process, sock: File::from(OwnedFd::from(ours)), broken: false };
         // The server says `ok` once jailed, or why it could not be (dropping
         // `server` then stops and reaps it).
         let mut sock = &server.sock;
@@ -167,37 +156,14 @@ impl FsServer {
         let r = write_frame(&mut self.sock, request).and_then(|()| read_frame(&mut self.sock));
         if r.is_err() {
             self.broken = true;
-            self.terminate();
+            self.process.terminate();
         }
         r
     }
 
     /// The server's process id (for logs).
     pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    fn terminate(&self) {
-        // SAFETY: signals the process the pidfd refers to, our child.
-        unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGTERM, std::ptr::null::<u8>(), 0)
-        };
-    }
-}
-
-impl Drop for FsServer {
-    fn drop(&mut self) {
-        self.terminate();
-        // SAFETY: reaps the process the pidfd refers to; `info` is ours to fill.
-        unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            loop {
-                let r = libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED);
-                if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                    break;
-                }
-            }
-        }
+        self.process.pid()
     }
 }
 

@@ -24,8 +24,9 @@
 //!   root, passt drops to user `nobody` before it opens the file, so the pipe
 //!   is made writable for others first (only the two processes hold it).
 //!
-//! Stopping: SIGTERM through a pidfd, then waitid(P_PIDFD): the sandboxed
-//! main thread may only signal and reap the children it holds pidfds for.
+//! Stopping: SIGTERM through a pidfd, then waitid(P_PIDFD)
+//! ([`crate::devices::child`]): the sandboxed main thread may only signal and
+//! reap the children it holds pidfds for.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -36,6 +37,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+use crate::devices::child::ChildProcess;
 
 use thiserror::Error;
 
@@ -314,8 +317,7 @@ pub enum Endpoint {
 
 /// A running passt; stopped (SIGTERM) and reaped when dropped.
 pub struct Passt {
-    pid: u32,
-    pidfd: OwnedFd,
+    process: ChildProcess,
     /// The read end of passt's stderr, kept open and never read once passt
     /// is ready: its write end is non-blocking, so a chatty passt loses
     /// messages instead of blocking, and never gets SIGPIPE.
@@ -398,25 +400,16 @@ impl Passt {
         let spawned = cmd.spawn();
         // Ours went to the child with the Command; drop every copy we hold.
         drop(cmd);
-        let mut child = spawned.map_err(|e| match e.kind() {
+        let child = spawned.map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => PasstError::NotInstalled,
             _ => PasstError::Io { what: "starting passt", source: e },
         })?;
         drop(ready_w);
         drop(theirs);
-        let pid = child.id();
-        // SAFETY: pidfd_open on our own child, not yet reaped.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-        if pidfd < 0 {
-            let e = io::Error::last_os_error();
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(PasstError::Io { what: "pidfd_open", source: e });
-        }
-        // SAFETY: a fresh descriptor, owned from here on.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        let process = ChildProcess::adopt(child).map_err(|source| PasstError::Io { what: "pidfd_open", source })?;
+        let pid = process.pid();
         let mut stderr = File::from(err_r);
-        let passt = Passt { pid, pidfd, _stderr: stderr.try_clone().map_err(io_err("dup"))? };
+        let passt = Passt { process, _stderr: stderr.try_clone().map_err(io_err("dup"))? };
         // The PID line, or EOF. passt may keep the file open: stop at the newline.
         let mut line = Vec::new();
         let mut ready = File::from(ready_r);
@@ -430,8 +423,7 @@ impl Passt {
             }
         }
         if line.is_empty() {
-            // EOF without a PID: passt exited. Its last words say why.
-            let _ = child.wait();
+            // EOF without a PID: passt exited (dropping reaps it). Its last words say why.
             drop(passt);
             let mut msg = String::new();
             let _ = stderr.read_to_string(&mut msg);
@@ -444,8 +436,6 @@ impl Passt {
                 .to_string();
             return Err(PasstError::Failed(why));
         }
-        // The Child handle is not needed: the pidfd stops and reaps.
-        std::mem::forget(child);
         log::debug!("passt {pid} ready: {}", String::from_utf8_lossy(&line).trim());
         let endpoint = match ours {
             Some(s) => Endpoint::Socket(File::from(OwnedFd::from(s))),
@@ -456,29 +446,7 @@ impl Passt {
 
     /// passt's process ID.
     pub fn pid(&self) -> u32 {
-        self.pid
-    }
-}
-
-impl Drop for Passt {
-    fn drop(&mut self) {
-        // SAFETY: signals and reaps the process the pidfd refers to, our child.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGTERM,
-                std::ptr::null::<u8>(),
-                0,
-            );
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            loop {
-                let r = libc::waitid(libc::P_PIDFD, self.pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED);
-                if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                    break;
-                }
-            }
-        }
+        self.process.pid()
     }
 }
 
