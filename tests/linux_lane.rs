@@ -705,6 +705,40 @@ fn default_kernel_boots_systemd_and_poweroff_ends_the_vm() {
 }
 
 /// A scratch directory in /tmp, which the nested lane's machine shares writable.
+/// A saved default guest with a tap keeps its network: in a network namespace
+/// made on the lane's machine (tap etap0, 10.0.0.1/24), the guest is saved with
+/// `--net tap=etap0`, then restored (the tap reopened by name) to configure
+/// eth0 and ping the namespace's address; ping needs the restored guest's
+/// timers too.
+#[test]
+fn a_saved_guest_with_a_tap_pings_after_restore() {
+    let Some(mut l) = lane() else { return };
+    let dir = TmpDir::new("snapnet");
+    let ember_bin = env!("CARGO_BIN_EXE_ember");
+    let saved = dir.s("saved");
+    let script = format!(
+        r#"
+modprobe tun 2>/dev/null
+NS=ember-snet-$$
+ip netns add $NS || exit 90
+trap 'ip netns del $NS' EXIT
+ip -n $NS link set lo up
+ip -n $NS tuntap add dev etap0 mode tap || exit 91
+ip -n $NS addr add 10.0.0.1/24 dev etap0
+ip -n $NS link set etap0 up
+ip netns exec $NS {ember_bin} run --save-snapshot {saved} --net tap=etap0 || exit 92
+ip netns exec $NS {ember_bin} run --from-snapshot {saved} -- sh -c   'ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 3 10.0.0.1'
+"#
+    );
+    let inv = Invocation::new(["-c", script.as_str()]);
+    let o = l
+        .run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("the snapshot network script: {e}"));
+    drop(l);
+    assert_eq!(o.status, 0, "{}", show(&o));
+    assert!(o.stdout_lossy().contains("3 packets transmitted, 3 packets received"), "{}", show(&o));
+}
+
 struct TmpDir(std::path::PathBuf);
 
 impl TmpDir {
