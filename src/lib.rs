@@ -24,7 +24,8 @@
 //!   stream of length-prefixed frames (`devices/frame_stream.rs`) to the passt
 //!   that `--net user` starts and stops (`devices/passt.rs`); behind
 //!   virtio-9p, a shared folder's file server, a jailed child process
-//!   (`devices/p9_server.rs`).
+//!   (`devices/p9_server.rs`); both helpers are held through pidfds
+//!   (`devices/child.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.

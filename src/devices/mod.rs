@@ -7,7 +7,8 @@
 //! `frame_stream.rs` (length-prefixed frames, passt's protocol) and
 //! `passt.rs` (starting and stopping passt for `--net user`). A shared
 //! folder's file server is `p9_server.rs` (a jailed child process), behind
-//! the guest's virtio-9p device (`virtio/p9.rs`).
+//! the guest's virtio-9p device (`virtio/p9.rs`). `child.rs` holds both kinds
+//! of helper process through a pidfd.
 
 pub mod acpi_sleep;
 pub mod child;
