@@ -173,7 +173,27 @@ fn piped_stdin_arrives_exact_and_then_ends() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || stdin.write_all(&data));
+    // A run that never sees the end of its input would hang CI: after 300 s
+    // (a run takes seconds) it is killed, and the test fails saying so.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pid = child.id() as i32;
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..3000 {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    return false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            // SAFETY: signals our own child, not yet reaped (the test waits for it).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            true
+        })
+    };
     let o = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(!watchdog.join().unwrap(), "the run did not end within 300 s: its input's end was never seen");
     writer.join().unwrap().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{}", show(&o));

@@ -124,6 +124,12 @@ fn read_in(fd: OwnedFd, shared: &Shared) {
     let mut chunk = vec![0u8; 16 << 10];
     let mut hung_up = false;
     loop {
+        // Looked at before every read, not only while waiting: a reader whose
+        // waits always end with room (the guest consuming quickly) would
+        // otherwise never look, and could sleep through the whole hang-up.
+        if !hung_up {
+            hung_up = poll(&fd, 0, 0).is_some_and(|r| r & libc::POLLHUP != 0);
+        }
         if hung_up && poll(&fd, libc::POLLIN, 0).is_none_or(|r| r & libc::POLLIN == 0) {
             return end(shared, None);
         }
@@ -137,9 +143,9 @@ fn read_in(fd: OwnedFd, shared: &Shared) {
         }
         let mut s = shared.lock();
         while s.buf.len() >= STDIN_BUFFER && !s.closed {
-            let (guard, timeout) = shared.room.wait_timeout(s, HUP_POLL).unwrap_or_else(|p| p.into_inner());
+            let (guard, _) = shared.room.wait_timeout(s, HUP_POLL).unwrap_or_else(|p| p.into_inner());
             s = guard;
-            if timeout.timed_out() && !hung_up {
+            if !hung_up {
                 hung_up = poll(&fd, 0, 0).is_some_and(|r| r & libc::POLLHUP != 0);
             }
         }
