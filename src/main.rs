@@ -1167,6 +1167,10 @@ fn main() -> ExitCode {
     if argv.get(1).is_some_and(|a| a == ember::devices::p9_server::SERVER_ARG) {
         return ExitCode::from(ember::devices::p9_server::server_main(&argv[2..]).clamp(0, 255) as u8);
     }
+    // Inside the Linux lane's outer machine: the idle VMs that keep KVM's static keys still (lane/keeper.rs).
+    if argv.get(1).is_some_and(|a| a == ember::lane::keeper::KEEPER_ARG) {
+        return ExitCode::from(ember::lane::keeper::keeper_main().clamp(0, 255) as u8);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

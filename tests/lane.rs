@@ -8,14 +8,16 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use ember::lane::{Invocation, KvmFlavour, LaneError, LinuxLane};
+use ember::lane::{Invocation, KvmFlavour, LaneConfig, LaneError, LinuxLane};
 
 static LANE: OnceLock<Mutex<LinuxLane>> = OnceLock::new();
 
 fn lane() -> MutexGuard<'static, LinuxLane> {
     LANE.get_or_init(|| {
         let t = Instant::now();
-        let lane = LinuxLane::start(Path::new("/bin/sh")).unwrap_or_else(|e| panic!("Linux lane: {e}"));
+        // The outer machine's KVM keeper is the real ember (`ember __kvm-keeper`, lane/keeper.rs).
+        let config = LaneConfig { keeper: Some(env!("CARGO_BIN_EXE_ember").into()), ..LaneConfig::default() };
+        let lane = LinuxLane::start_with(Path::new("/bin/sh"), config).unwrap_or_else(|e| panic!("Linux lane: {e}"));
         eprintln!("lane started in {:?}: {}", t.elapsed(), lane.describe());
         Mutex::new(lane)
     })
@@ -137,6 +139,48 @@ fn real_ember_demo() {
     let out = lane().run(&Invocation::new(["-c", r#"exec "$0" demo"#, ember])).unwrap();
     eprintln!("ember demo in the lane: status {} in {:?}", out.status, out.elapsed);
     assert_eq!(out.status, 0, "stdout: {}\nstderr: {}", out.stdout_lossy(), out.stderr_lossy());
+}
+
+/// The outer machine's KVM keeper holds KVM's static keys still: booting and ending inner VMs (1 and
+/// 2 vCPUs) rewrites no kernel text in the outer machine (a kprobe on `__jump_label_update`, through
+/// tracefs). Without the keeper, 3 boots made 12 such updates (#15, lane/keeper.rs).
+#[test]
+fn inner_boots_rewrite_no_outer_kernel_text() {
+    if !nested() {
+        eprintln!("SKIPPED: the lane is direct here; the host's kernel is not the lane's to probe");
+        return;
+    }
+    let ember = env!("CARGO_BIN_EXE_ember");
+    let script = r#"
+        ember="$0"
+        # The keeper starts in the background at boot: wait until it holds its two vCPUs, its last
+        # step (nothing else holds a VM here between runs).
+        held=0
+        for i in $(seq 300); do
+            held=$(ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c 'kvm-vcpu')
+            [ "$held" -ge 2 ] && break
+            sleep 0.2
+        done
+        [ "$held" -ge 2 ] || { echo "no keeper holding 2 vCPUs (held $held)"; exit 2; }
+        mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
+        cd /sys/kernel/tracing || { echo "no tracefs"; exit 3; }
+        echo 'p:emberjl __jump_label_update comm=$comm' >> kprobe_events || { echo "no kprobe"; exit 3; }
+        echo > trace
+        echo stacktrace > events/kprobes/emberjl/trigger
+        echo 1 > events/kprobes/emberjl/enable
+        "$ember" run -- true || exit 4
+        "$ember" run --cpus 2 -- true || exit 4
+        sleep 2  # KVM's deferred keys are released one second after their last user
+        echo 0 > events/kprobes/emberjl/enable
+        echo "updates: $(grep -c 'emberjl:' trace)"
+        grep -v '^#' trace | head -80
+        echo '!stacktrace' > events/kprobes/emberjl/trigger
+        echo '-:emberjl' >> kprobe_events
+    "#;
+    let out = lane().run(&Invocation::new(["-c", script, ember])).unwrap();
+    let stdout = out.stdout_lossy();
+    assert_eq!(out.status, 0, "stdout: {stdout}\nstderr: {}", out.stderr_lossy());
+    assert!(stdout.contains("updates: 0\n"), "the outer kernel patched its text during inner boots:\n{stdout}");
 }
 
 /// A lane that cannot start says why instead of passing silently: an outer CPU without SVM.

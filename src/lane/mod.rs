@@ -12,6 +12,7 @@
 //!
 //! Code map:
 //! - [`flavour`]: which KVM the host has, and whether Linux guests need the nested lane.
+//! - [`keeper`]: idle VMs the outer machine holds so inner boots never flip KVM's static keys.
 //! - [`nested`]: the outer machine: artifacts (`guest-kernels/lane/build-outer.sh`), QEMU, the agent.
 //! - [`warm`]: the per-user daemon that keeps one outer machine running between `ember run`s, and gives
 //!   each run write access to exactly the host paths it names.
@@ -46,6 +47,7 @@
 //! (PR_SET_PDEATHSIG) and its work dir is removed by the next lane that starts.
 
 pub mod flavour;
+pub mod keeper;
 pub mod nested;
 pub mod warm;
 pub mod wire;
@@ -196,6 +198,9 @@ pub struct LaneConfig {
     /// machine's virtio-serial port `ember.net0`, which the inner ember opens as
     /// `--net stream=/dev/virtio-ports/ember.net0` ([`USER_NET_PORT`]; default none).
     pub user_net: Option<PathBuf>,
+    /// The ember binary the outer machine runs as its KVM keeper ([`keeper`]): `ember_keeper=` on its
+    /// command line. [`LinuxLane`] and the warm daemon set it to the ember they serve (default none).
+    pub keeper: Option<PathBuf>,
 }
 
 /// Inside the outer machine: the virtio-serial port that carries `--net user`'s frames to the host's
@@ -229,6 +234,7 @@ impl Default for LaneConfig {
             window: None,
             cached: Vec::new(),
             user_net: None,
+            keeper: None,
         }
     }
 }
@@ -260,6 +266,8 @@ impl LinuxLane {
         if !ember_bin.is_file() {
             return Err(LaneError::Unavailable(format!("no ember binary at {}", ember_bin.display())));
         }
+        let mut config = config;
+        config.keeper.get_or_insert_with(|| ember_bin.clone());
         let flavour = KvmFlavour::detect();
         let nested = config.force_nested.unwrap_or(flavour.needs_nested_lane());
         let kind = if nested {

@@ -540,6 +540,10 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) ->
     if !cached.is_empty() {
         append.push_str(&format!(" ember_cached={}", cached.join(",")));
     }
+    // A path the kernel command line cannot carry as one word gets no keeper (the lane still works).
+    if let Some(k) = config.keeper.as_ref().and_then(|k| k.to_str()).filter(|k| !k.contains(char::is_whitespace)) {
+        append.push_str(&format!(" ember_keeper={k}"));
+    }
     let mut cmd = Command::new(&a.qemu);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", &config.cpu_model])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)])

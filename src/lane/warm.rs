@@ -469,6 +469,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
         host_taps: opts.taps.clone(),
         user_net: opts.user_net.clone(),
         window: Some(window.clone()),
+        keeper: std::env::current_exe().ok(),
         cached,
         ..LaneConfig::default()
     };
