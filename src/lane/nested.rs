@@ -540,8 +540,10 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) ->
     if !cached.is_empty() {
         append.push_str(&format!(" ember_cached={}", cached.join(",")));
     }
-    // A path the kernel command line cannot carry as one word gets no keeper (the lane still works).
-    if let Some(k) = config.keeper.as_ref().and_then(|k| k.to_str()).filter(|k| !k.contains(char::is_whitespace)) {
+    // A path the kernel command line cannot carry as one word gets no keeper (the lane still works);
+    // `EMBER_LANE_KEEPER=0` turns it off, to measure what it saves.
+    let keeper = config.keeper.as_ref().filter(|_| std::env::var_os("EMBER_LANE_KEEPER").is_none_or(|v| v != "0"));
+    if let Some(k) = keeper.and_then(|k| k.to_str()).filter(|k| !k.contains(char::is_whitespace)) {
         append.push_str(&format!(" ember_keeper={k}"));
     }
     let mut cmd = Command::new(&a.qemu);
