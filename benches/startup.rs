@@ -3,7 +3,9 @@
 //! same `-m`. Runs are interleaved (ember, qemu, ember, qemu, ...) so drift on a
 //! noisy machine hits both; we report medians, min, max, p95 and ratios.
 //!
-//! Then: where ember's own time goes (its `--timeline=json` events, medians).
+//! Then: the host kernel's share (ember as the host's only VM, against ember while another VM is
+//! resident, against `/bin/true`), and where ember's own time goes (its `--timeline=json` events,
+//! medians).
 //!
 //! `ember bench` is the full comparison (containers, density, reports); this
 //! is the quick VMM-only check.
@@ -122,6 +124,30 @@ fn main() {
     } else {
         println!("\n(qemu-system-x86_64 not found: install qemu-system-x86 to compare)");
     }
+
+    // The host kernel's share. A VM's creation and teardown flip KVM static keys when it is the only
+    // VM on the host (`preempt_notifier_key`, `kvm_has_noapic_vcpu`: lane/keeper.rs), and each flip
+    // rewrites kernel text on every CPU. On a host that already runs a VM nothing flips. Interleaved:
+    // ember alone, ember while this process holds two idle VMs (the lane keeper's), and /bin/true
+    // (process start and exit, no VM).
+    let mut alone = Vec::new();
+    let mut resident = Vec::new();
+    let mut process = Vec::new();
+    for _ in 0..runs {
+        alone.push(ms(measure(&mut ember_cmd(&guest)).exit));
+        let held = ember::lane::keeper::hold().expect("two idle VMs");
+        resident.push(ms(measure(&mut ember_cmd(&guest)).exit));
+        drop(held);
+        let l = launch(Command::new("/bin/true").arg("x"), "", None, |_| {}).expect("spawn /bin/true");
+        process.push(ms(l.exit));
+    }
+    let (a, r, p) = (stats(alone.clone()).0, stats(resident.clone()).0, stats(process).0);
+    println!("\n## The host kernel's share ({runs} interleaved runs, exit ms, medians)\n");
+    println!("| ember, the only VM | ember, another VM resident | /bin/true |");
+    println!("|---|---|---|");
+    println!("| {a:.2} | {r:.2} | {p:.2} |");
+    let pair = stats(resident.iter().zip(&alone).map(|(r, a)| r / a).collect()).0;
+    println!("\nresident / alone (median of pairwise ratios): {pair:.2}; static-key flips cost about {:.2} ms", a - r);
 
     // Where ember's time goes, from its own timeline.
     let mut events: BTreeMap<String, Vec<f64>> = BTreeMap::new();

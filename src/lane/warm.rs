@@ -528,7 +528,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
                     }
                 });
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
+            // Nothing to accept: sleep in poll(2) until a client connects, or a quarter second passes
+            // to look at the flags below (an idle daemon wakes 4 times a second, not 50).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, Duration::from_millis(250)),
             Err(_) => thread::sleep(Duration::from_millis(100)),
         }
         let dead = warm.dead.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -557,6 +559,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
     warm.machine.lock().unwrap_or_else(|p| p.into_inner()).kill();
     let _ = fs::remove_dir_all(&warm.window);
     Ok(())
+}
+
+/// Waits until `fd` is readable (a listener: a client is waiting) or `timeout` passes.
+fn wait_readable(fd: &impl AsRawFd, timeout: Duration) {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
 }
 
 /// Removes the socket at `path` if it is still the one this daemon bound (inode `ino`): a new daemon
