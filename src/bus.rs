@@ -75,7 +75,7 @@ impl Bus {
             Ok(device) => Some(device),
             Err(_) => {
                 if let Some(c) = &self.control {
-                    c.stop(StopReason::VmmError(format!(
+                    c.stop(StopReason::EmberFailed(format!(
                         "the {} device failed (it panicked): the VM cannot go on",
                         slot.name
                     )));
@@ -210,7 +210,7 @@ mod tests {
         assert_eq!(b, [0xff]);
         assert!(bus.write(0x10, &[1]));
         match control.reason() {
-            Some(StopReason::VmmError(what)) => assert!(what.contains("panicky"), "{what}"),
+            Some(StopReason::EmberFailed(what)) => assert!(what.contains("panicky"), "{what}"),
             r => panic!("{r:?}"),
         }
     }

@@ -259,9 +259,14 @@ pub enum ConfigError {
     /// A `--serial` value we do not know.
     #[error("--serial `{0}` is not understood: use stdio, none or file:PATH")]
     BadSerial(String),
-    /// A `--disk` value we do not understand.
-    #[error("--disk `{0}` is not understood: write PATH[,ro][,id=NAME] (NAME: at most 20 bytes)")]
-    BadDisk(String),
+    /// A `--disk` (or `--root-disk`) value we do not understand.
+    #[error("{flag} `{value}` is not understood: write PATH[,ro][,id=NAME] (NAME: at most 20 bytes)")]
+    BadDisk {
+        /// The option it was given to.
+        flag: &'static str,
+        /// The value, as written.
+        value: String,
+    },
     /// More virtio devices than interrupt lines.
     #[error("{0} virtio devices asked for; ember has interrupt lines for at most {max}", max = MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
@@ -452,9 +457,14 @@ pub fn parse_share(text: &str) -> Result<ShareConfig, ConfigError> {
     Ok(ShareConfig { host, guest: guest.to_string(), read_only })
 }
 
-/// Parses `PATH[,ro][,id=NAME]` (options in any order after the path).
+/// Parses `--disk PATH[,ro][,id=NAME]` (options in any order after the path).
 pub fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
-    let bad = || ConfigError::BadDisk(text.to_string());
+    parse_disk_as("--disk", text)
+}
+
+/// [`parse_disk`] for the option `flag` (`--root-disk` takes the same syntax), which errors name.
+pub fn parse_disk_as(flag: &'static str, text: &str) -> Result<DiskConfig, ConfigError> {
+    let bad = || ConfigError::BadDisk { flag, value: text.to_string() };
     let mut parts = text.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
     let mut disk = DiskConfig { path: PathBuf::from(path), read_only: false, id: None };

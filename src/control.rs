@@ -27,8 +27,9 @@ pub enum StopReason {
     /// The user asked to quit (Ctrl-a x, SIGINT, SIGTERM, SIGHUP): the signal number,
     /// or 0 for the console escape.
     UserQuit(i32),
-    /// The VMM itself failed while running.
-    VmmError(String),
+    /// ember itself failed while the VM ran (a device or vCPU thread, KVM_RUN): not the guest's
+    /// doing. (Named apart from `vmm::VmmError`, which is a VM that could not be built.)
+    EmberFailed(String),
 }
 
 /// Shared stop flag, reason and wake-up event.
@@ -94,7 +95,7 @@ impl VmControl {
             StopReason::PowerOff => "guest: power off",
             StopReason::GuestCrash(_) => "guest: crash",
             StopReason::UserQuit(_) => "user",
-            StopReason::VmmError(_) => "ember",
+            StopReason::EmberFailed(_) => "ember",
         };
         Some(((*lock(&self.requested_at))?, who))
     }

@@ -396,7 +396,7 @@ pub fn run(
             }
         }
     }
-    Ok(control.reason().unwrap_or(StopReason::VmmError("the VM stopped without a reason".into())))
+    Ok(control.reason().unwrap_or(StopReason::EmberFailed("the VM stopped without a reason".into())))
 }
 
 /// Locks a device's transport; a poisoned lock (the device panicked in a
@@ -406,7 +406,7 @@ fn lock_or_stop<'a>(m: &'a Mutex<MmioTransport>, control: &VmControl) -> Option<
     match m.lock() {
         Ok(guard) => Some(guard),
         Err(_) => {
-            control.stop(StopReason::VmmError("a virtio device failed (it panicked): the VM cannot go on".into()));
+            control.stop(StopReason::EmberFailed("a virtio device failed (it panicked): the VM cannot go on".into()));
             None
         }
     }

@@ -310,16 +310,49 @@ impl RunArgs {
 /// resets at once (ember reports a crash), no boot chatter.
 const DEFAULT_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet";
 
+/// Why `ember run` could not make a VM out of its command line (exit 125): one typed error per
+/// cause, printed once, with its causes, by [`chain`] as `ember: ...`.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// Options that do not go together.
+    #[error("{0}")]
+    Usage(String),
+    /// A value or limit `config` checks.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// `--memory`'s value.
+    #[error("--memory")]
+    Memory(#[source] config::ConfigError),
+    /// Pulling or preparing the image.
+    #[error(transparent)]
+    Image(#[from] ember::image::ImageError),
+    /// The default guest (building it, or encoding the command for its init).
+    #[error(transparent)]
+    Guest(#[from] ember::guest::GuestError),
+    /// `--net user`: passt, or the host's addresses it hands out.
+    #[error(transparent)]
+    Passt(#[from] ember::devices::passt::PasstError),
+    /// A file or directory the run makes for itself.
+    #[error("cannot create {0}")]
+    Create(PathBuf, #[source] std::io::Error),
+}
+
+impl RunError {
+    fn usage(msg: impl Into<String>) -> RunError {
+        RunError::Usage(msg.into())
+    }
+}
+
 /// A run's own temporary files (an image run's initrd, a `dir:` image's disk),
 /// in a private directory under the temp dir (which the Linux lane shares),
 /// removed when the run ends.
 struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new() -> Result<Scratch, String> {
+    fn new() -> Result<Scratch, RunError> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let dir = std::env::temp_dir().join(format!("ember-run-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir(&dir).map_err(|e| RunError::Create(dir.clone(), e))?;
         Ok(Scratch(dir))
     }
 }
@@ -350,11 +383,11 @@ fn prepare_image(
     a: &RunArgs,
     image: &str,
     cmd: &[std::ffi::OsString],
-) -> Result<(Scratch, ember::image::spec::RunSpec, PathBuf), String> {
+) -> Result<(Scratch, ember::image::spec::RunSpec, PathBuf), RunError> {
     use ember::image;
     let scratch = Scratch::new()?;
     let opts = image::PullOptions { insecure: a.insecure_registry.clone(), refresh: false };
-    let prepared = image::prepare(image, &opts, &scratch.0).map_err(|e| chain(&e))?;
+    let prepared = image::prepare(image, &opts, &scratch.0)?;
     let run = image::spec::RunOptions {
         env: a.env.clone(),
         env_files: a.env_file.clone(),
@@ -364,11 +397,11 @@ fn prepare_image(
         hostname: a.hostname.clone(),
         name: a.name.clone(),
     };
-    let spec = image::spec::make_spec(&prepared.config, &run, cmd).map_err(|e| chain(&e))?;
+    let spec = image::spec::make_spec(&prepared.config, &run, cmd)?;
     Ok((scratch, spec, prepared.rootfs))
 }
 
-fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
+fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
     let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let (image, command) = a.image_and_command(&raw);
     if image.is_none() {
@@ -381,15 +414,18 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
             (a.hostname.is_some(), "--hostname"),
         ];
         if let Some((_, flag)) = docker_only.iter().find(|(given, _)| *given) {
-            return Err(format!("{flag} applies to container images: ember run [OPTIONS] IMAGE [CMD...]"));
+            return Err(RunError::usage(format!(
+                "{flag} applies to container images: ember run [OPTIONS] IMAGE [CMD...]"
+            )));
         }
     } else if a.root_disk.is_some() {
-        return Err("--root-disk cannot be combined with an image: the image is the root".into());
+        return Err(RunError::usage("--root-disk cannot be combined with an image: the image is the root"));
     }
     if a.save_snapshot.is_some() && (image.is_some() || !command.is_empty()) {
-        return Err("--save-snapshot saves the default guest before it runs a command: give the command to \
-                    `ember run --from-snapshot DIR -- CMD`"
-            .into());
+        return Err(RunError::usage(
+            "--save-snapshot saves the default guest before it runs a command: give the command to \
+             `ember run --from-snapshot DIR -- CMD`",
+        ));
     }
     // The image first: its errors come before any kernel build.
     let prepared = match &image {
@@ -403,7 +439,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     let (kernel, mut initrd) = match &a.kernel {
         Some(k) => (k.clone(), a.initrd.clone()),
         None => {
-            let g = ember::guest::default_guest(false).map_err(|e| format!("{e}"))?;
+            let g = ember::guest::default_guest(false)?;
             // A root disk carries the whole user space; the initramfs would shadow it.
             let initrd =
                 if a.root_disk.is_some() { a.initrd.clone() } else { Some(a.initrd.clone().unwrap_or(g.initramfs)) };
@@ -413,9 +449,11 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     let mut scratch = None;
     let mut image_disk = None;
     if let Some((s, spec, rootfs)) = prepared {
-        let base = initrd.clone().ok_or("an image run needs an initramfs with ember's init (--initrd)")?;
+        let base = initrd
+            .clone()
+            .ok_or_else(|| RunError::usage("an image run needs an initramfs with ember's init (--initrd)"))?;
         let combined = s.0.join("initrd");
-        ember::image::spec::write_initrd(&base, &spec, &combined).map_err(|e| chain(&e))?;
+        ember::image::spec::write_initrd(&base, &spec, &combined)?;
         timeline.mark("image: run spec appended to the initramfs");
         initrd = Some(combined);
         image_disk = Some(format!("{},ro,id=ember-image", rootfs.display()));
@@ -431,15 +469,15 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
     if image.is_none() && !command.is_empty() {
         use std::os::unix::ffi::OsStrExt;
         let args: Vec<&[u8]> = command.iter().map(|s| s.as_bytes()).collect();
-        let argv = ember::guest::encode_argv(&args).map_err(|e| e.to_string())?;
+        let argv = ember::guest::encode_argv(&args)?;
         cfg.cmdline = format!("{} {argv}", cfg.cmdline);
     }
     cfg.cpus = match u8::try_from(a.cpus) {
         Ok(n) => n,
-        Err(_) => return Err(config::ConfigError::TooManyCpus(a.cpus).to_string()),
+        Err(_) => return Err(config::ConfigError::TooManyCpus(a.cpus).into()),
     };
-    cfg.mem_size_bytes = config::parse_size(&a.memory).map_err(|e| format!("--memory: {e}"))?;
-    cfg.serial = config::parse_serial(&a.serial).map_err(|e| e.to_string())?;
+    cfg.mem_size_bytes = config::parse_size(&a.memory).map_err(RunError::Memory)?;
+    cfg.serial = config::parse_serial(&a.serial)?;
     cfg.observe.stats = a.stats;
     cfg.observe.trace_exits = a.trace_exits.unwrap_or(0);
     cfg.irqchip = match a.irqchip {
@@ -448,18 +486,18 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, String> {
         IrqchipArg::Off => IrqchipMode::Off,
     };
     if let Some(d) = &image_disk {
-        cfg.disks.push(config::parse_disk(d).map_err(|e| e.to_string())?);
+        cfg.disks.push(config::parse_disk(d)?);
     }
     if let Some(root) = &a.root_disk {
-        let disk = config::parse_disk(root).map_err(|e| e.to_string().replace("--disk", "--root-disk"))?;
+        let disk = config::parse_disk_as("--root-disk", root)?;
         cfg.cmdline = format!("{} root=/dev/vda {}", cfg.cmdline, if disk.read_only { "ro" } else { "rw" });
         cfg.disks.push(disk);
     }
     for d in &a.disk {
-        cfg.disks.push(config::parse_disk(d).map_err(|e| e.to_string())?);
+        cfg.disks.push(config::parse_disk(d)?);
     }
     for v in &a.volume {
-        cfg.shares.push(config::parse_share(v).map_err(|e| e.to_string())?);
+        cfg.shares.push(config::parse_share(v)?);
     }
     cfg.nets = nets(a, image.is_some())?;
     // The default guest's init configures eth0 from ember.net= (see
@@ -512,18 +550,17 @@ const IMAGE_RUNS_GET_USER_NET: bool = true;
 /// The VM's NICs from `--net` and `-p`: `none` drops the image run's default
 /// user network; `-p` goes to the user network, whose guest addresses are
 /// taken from this host's default route (where passt will run).
-fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, String> {
+fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, RunError> {
     let mut nets = Vec::new();
     let mut none = false;
     for n in &a.net {
         if n == "none" {
             none = true;
         } else {
-            nets.push(config::parse_net(n).map_err(|e| e.to_string())?);
+            nets.push(config::parse_net(n)?);
         }
     }
-    let publish =
-        a.publish.iter().map(|p| config::parse_publish(p).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    let publish = a.publish.iter().map(|p| config::parse_publish(p)).collect::<Result<Vec<_>, _>>()?;
     let is_user = |n: &config::NetConfig| matches!(n.backend, config::NetBackendConfig::User { .. });
     // An image run's default network is best effort: without passt or a
     // default route the image runs without a network, as with --net none.
@@ -534,7 +571,7 @@ fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, String> {
                 mac: None,
             }),
             Err(e) if publish.is_empty() => log::info!("no default network for the image: {e}"),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
     let user = nets.iter_mut().find(|n| is_user(n));
@@ -542,16 +579,16 @@ fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, String> {
         Some(config::NetConfig { backend: config::NetBackendConfig::User { publish: p, guest }, .. }) => {
             *p = publish;
             // Said first: without passt, nothing else about the network matters.
-            ember::devices::passt::find_binary().map_err(|e| e.to_string())?;
+            ember::devices::passt::find_binary()?;
             if guest.is_none() {
-                *guest = Some(ember::devices::passt::GuestIpv4::from_host().map_err(|e| e.to_string())?);
+                *guest = Some(ember::devices::passt::GuestIpv4::from_host()?);
             }
         }
-        _ if !publish.is_empty() => return Err(config::ConfigError::PublishWithoutUser.to_string()),
+        _ if !publish.is_empty() => return Err(config::ConfigError::PublishWithoutUser.into()),
         _ => {}
     }
     if none && !nets.is_empty() && nets.iter().any(is_user) {
-        return Err("--net none cannot be combined with --net user".into());
+        return Err(RunError::usage("--net none cannot be combined with --net user"));
     }
     Ok(nets)
 }
@@ -671,7 +708,7 @@ fn exit_code_for(reason: &StopReason) -> u8 {
             130
         }
         StopReason::UserQuit(sig) => 128u8.wrapping_add(*sig as u8),
-        StopReason::VmmError(what) => {
+        StopReason::EmberFailed(what) => {
             eprintln!("ember: {what}");
             EXIT_VMM_ERROR
         }
@@ -720,7 +757,7 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
         let scratch = match Scratch::new() {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("ember: {e}");
+                eprintln!("ember: {}", chain(&e));
                 return Some(EXIT_VMM_ERROR);
             }
         };
@@ -800,8 +837,8 @@ fn snapshot_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 
 /// `ember run --save-snapshot DIR`: the state and memory files, created (and the memory file
 /// sized) now, before the sandbox, for the event loop to fill at the snapshot point.
-fn open_snapshot_files(dir: &std::path::Path, mem_bytes: u64) -> Result<(std::fs::File, std::fs::File), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("--save-snapshot: cannot create {}: {e}", dir.display()))?;
+fn open_snapshot_files(dir: &std::path::Path, mem_bytes: u64) -> Result<(std::fs::File, std::fs::File), RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| RunError::Create(dir.to_path_buf(), e))?;
     let (state, memory) = snapshot_files(dir);
     let open = |p: &std::path::Path| {
         std::fs::OpenOptions::new()
@@ -810,10 +847,10 @@ fn open_snapshot_files(dir: &std::path::Path, mem_bytes: u64) -> Result<(std::fs
             .read(true)
             .write(true)
             .open(p)
-            .map_err(|e| format!("--save-snapshot: cannot create {}: {e}", p.display()))
+            .map_err(|e| RunError::Create(p.to_path_buf(), e))
     };
     let (state, memory) = (open(&state)?, open(&memory)?);
-    memory.set_len(mem_bytes).map_err(|e| format!("--save-snapshot: cannot size the memory file: {e}"))?;
+    memory.set_len(mem_bytes).map_err(|e| RunError::Create(snapshot_files(dir).1, e))?;
     Ok((state, memory))
 }
 
@@ -925,8 +962,8 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     let timeline = Arc::new(Timeline::new(start));
     let mut plan = match build_config(&args, &timeline) {
         Ok(p) => p,
-        Err(msg) => {
-            eprintln!("ember: {msg}");
+        Err(e) => {
+            eprintln!("ember: {}", chain(&e));
             return EXIT_VMM_ERROR;
         }
     };
@@ -940,8 +977,8 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     let save = match args.save_snapshot.as_deref().map(|d| open_snapshot_files(d, plan.cfg.mem_size_bytes)).transpose()
     {
         Ok(s) => s,
-        Err(msg) => {
-            eprintln!("ember: {msg}");
+        Err(e) => {
+            eprintln!("ember: --save-snapshot: {}", chain(&e));
             return EXIT_VMM_ERROR;
         }
     };

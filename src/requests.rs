@@ -162,7 +162,7 @@ impl Controller<'_> {
                             log::info!("{note}");
                             self.control.stop(StopReason::GuestExit(0));
                         }
-                        Err(e) => self.control.stop(StopReason::VmmError(format!("cannot save the snapshot: {e}"))),
+                        Err(e) => self.control.stop(StopReason::EmberFailed(format!("cannot save the snapshot: {e}"))),
                     }
                     saved
                 }

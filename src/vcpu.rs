@@ -454,7 +454,7 @@ impl Vcpu {
                     Seen::bare(ExitKind::Interrupted)
                 }
                 Err(e) => {
-                    self.control.stop(StopReason::VmmError(format!("KVM_RUN failed on vCPU {id}: {e}")));
+                    self.control.stop(StopReason::EmberFailed(format!("KVM_RUN failed on vCPU {id}: {e}")));
                     Seen::bare(ExitKind::Other)
                 }
             };
@@ -514,7 +514,7 @@ pub fn run_catching<T>(control: &VmControl, who: &str, f: impl FnOnce() -> T) ->
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".into());
-            control.stop(StopReason::VmmError(format!("{who} failed: internal error in ember: {what}")));
+            control.stop(StopReason::EmberFailed(format!("{who} failed: internal error in ember: {what}")));
             None
         }
     }
@@ -626,7 +626,7 @@ mod tests {
         assert!(control.is_stopped());
         assert_eq!(
             control.reason(),
-            Some(StopReason::VmmError("vCPU 3 failed: internal error in ember: device bug".into()))
+            Some(StopReason::EmberFailed("vCPU 3 failed: internal error in ember: device bug".into()))
         );
         assert_eq!(run_catching(&control, "vCPU 0", || 7), Some(7));
     }

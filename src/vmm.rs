@@ -647,7 +647,7 @@ impl Vmm {
                             return VcpuReport::default();
                         }
                         if let Err(e) = sandbox::enter(ThreadKind::Vcpu, seccomp) {
-                            control.stop(StopReason::VmmError(format!("vCPU {i}: {e}")));
+                            control.stop(StopReason::EmberFailed(format!("vCPU {i}: {e}")));
                             return VcpuReport::default();
                         }
                         let _ = wait.recv();
@@ -672,7 +672,7 @@ impl Vmm {
             hook(started.clone());
         }
         if let Err(e) = started {
-            self.control.stop(StopReason::VmmError(e.clone()));
+            self.control.stop(StopReason::EmberFailed(e.clone()));
             drop(gates);
             stop_vcpus(handles);
             return Err(VmmError::Start(e));
@@ -696,9 +696,11 @@ impl Vmm {
             let sources = event_loop::Sources { queues, taps: &self.tap_events, requests: controller.as_mut() };
             event_loop::run(&self.control, console, &signals, sources, seccomp, move || drop(gates))
         })
-        .unwrap_or_else(|| Ok(self.control.reason().unwrap_or(StopReason::VmmError("the event loop failed".into()))));
+        .unwrap_or_else(|| {
+            Ok(self.control.reason().unwrap_or(StopReason::EmberFailed("the event loop failed".into())))
+        });
         if result.is_err() {
-            self.control.stop(StopReason::VmmError("the event loop failed".into()));
+            self.control.stop(StopReason::EmberFailed("the event loop failed".into()));
         }
         if let Some((at, why)) = self.control.requested() {
             self.timeline.mark_at(format!("{why}: stop requested"), at);

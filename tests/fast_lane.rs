@@ -412,7 +412,7 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
     });
     let outcome = rx.recv_timeout(common::RUN_TIMEOUT).expect("the VM stopped (it used to run on without its vCPU)");
     match outcome.reason {
-        StopReason::VmmError(what) => {
+        StopReason::EmberFailed(what) => {
             assert!(what.contains("vCPU 0 failed") && what.contains("a bug in a device"), "{what}")
         }
         r => panic!("expected an ember error, got {r:?}"),

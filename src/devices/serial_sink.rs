@@ -132,7 +132,7 @@ impl StdoutSink {
         let stop = control.clone();
         spawn_with_signals_blocked(thread_name, move || {
             if let Err(e) = sandbox::enter(ThreadKind::SerialOut, seccomp) {
-                stop.stop(StopReason::VmmError(format!("the serial output thread: {e}")));
+                stop.stop(StopReason::EmberFailed(format!("the serial output thread: {e}")));
             }
             write_out(File::from(fd), &for_thread)
         })?;

@@ -67,7 +67,7 @@ impl StdinSource {
         let for_thread = shared.clone();
         spawn_with_signals_blocked("console-in", move || {
             if let Err(e) = sandbox::enter(ThreadKind::StdinCopy, seccomp) {
-                control.stop(StopReason::VmmError(format!("the stdin thread: {e}")));
+                control.stop(StopReason::EmberFailed(format!("the stdin thread: {e}")));
             }
             read_in(fd, &for_thread);
         })?;
