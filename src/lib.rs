@@ -18,7 +18,8 @@
 //! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, the
 //!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), an empty PCI
 //!   bus's host bridge (`devices/pci_host.rs`: config mechanism #1), and
-//!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-net,
+//!   virtio-mmio (`devices/virtio/`: the transport, the split-virtqueue walk
+//!   every device shares (`virtio/queue.rs`), virtio-blk, virtio-net,
 //!   virtio-rng, virtio-console, virtio-9p), and the host ends behind
 //!   virtio-net (`devices/net_backend.rs`): a tap (`devices/tap.rs`), or a
 //!   stream of length-prefixed frames (`devices/frame_stream.rs`) to the passt

@@ -49,10 +49,11 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::Queue;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::queue::{drain_queue, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::config::DiskConfig;
 use crate::host_file::{Allow, open_image};
@@ -337,156 +338,6 @@ fn ofd_lock(file: &File, read_only: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Why a descriptor chain cannot be served: both break the queue (DEVICE_NEEDS_RESET).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ChainError {
-    /// A loop, more descriptors than the queue holds, a head or next index
-    /// past the table, a table outside guest RAM, or more than 4 GiB in all
-    /// (virtio 1.2, 2.7.5.2).
-    Broken,
-    /// A descriptor with VIRTQ_DESC_F_INDIRECT: ember does not offer
-    /// VIRTIO_RING_F_INDIRECT_DESC, and "the driver MUST NOT set the
-    /// VIRTQ_DESC_F_INDIRECT flag unless the VIRTIO_F_INDIRECT_DESC feature was
-    /// negotiated" (virtio 1.2, 2.7.5.3.1). Followed, one such descriptor
-    /// would make a request of up to 65536 more descriptors.
-    Indirect,
-}
-
-impl std::fmt::Display for ChainError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ChainError::Broken => "loops, is too long or leaves guest RAM",
-            ChainError::Indirect => "uses an indirect table, and VIRTIO_RING_F_INDIRECT_DESC was not negotiated",
-        })
-    }
-}
-
-/// Walks the chain that starts at descriptor `head` of `queue`'s table, in
-/// order. Our own walk rather than virtio-queue's iterator, which follows
-/// indirect tables on its own: a chain here is at most `queue.size()`
-/// descriptors of the table itself (virtio 1.2, 2.7.5).
-pub(crate) fn collect_chain(queue: &Queue, mem: &GuestMemoryMmap, head: u16) -> Result<Vec<Descriptor>, ChainError> {
-    let size = queue.size();
-    let mut descs = Vec::new();
-    let mut index = head;
-    let mut bytes: u32 = 0;
-    loop {
-        if index >= size || descs.len() >= usize::from(size) {
-            return Err(ChainError::Broken);
-        }
-        let at = queue.desc_table().checked_add(16 * u64::from(index)).map(GuestAddress).ok_or(ChainError::Broken)?;
-        let d: Descriptor = mem.read_obj(at).map_err(|_| ChainError::Broken)?;
-        if d.refers_to_indirect_table() {
-            return Err(ChainError::Indirect);
-        }
-        bytes = bytes.checked_add(d.len()).ok_or(ChainError::Broken)?;
-        descs.push(d);
-        if !d.has_next() {
-            return Ok(descs);
-        }
-        index = d.next();
-    }
-}
-
-/// Pops and serves the available chains of `queue` with `serve`, with
-/// notifications off while it works (the driver need not notify a queue
-/// being drained); shared by the block, entropy and network (transmit) devices.
-///
-/// One call serves at most `queue.size()` chains, as Cloud Hypervisor's block
-/// device does: a guest that keeps posting requests must not hold the one
-/// event loop (stdin, signals, other devices) for as long as it likes. With
-/// chains left, the answer is [`QueueOutcome::More`] and notifications stay
-/// off: the event loop calls again after its other sources.
-pub(crate) fn drain_queue(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    name: &str,
-    mut serve: impl FnMut(&[Descriptor]) -> u32,
-) -> QueueOutcome {
-    drain_queue_while(queue, mem, name, &mut (), |_| true, |_, descs| serve(descs))
-}
-
-/// [`drain_queue`] for a device that can run out of room on the host side:
-/// before each chain `ready(ctx)` is asked; false leaves the chain (and the
-/// rest) in the ring, with notifications off, for a later call (virtio-net on
-/// a stream that holds a frame back resumes when the stream is writable).
-pub(crate) fn drain_queue_while<C: ?Sized>(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    name: &str,
-    ctx: &mut C,
-    ready: impl Fn(&C) -> bool,
-    mut serve: impl FnMut(&mut C, &[Descriptor]) -> u32,
-) -> QueueOutcome {
-    let budget = queue.size();
-    // Chains served, plus rounds that found the avail index moved: a ring
-    // that moves under the device without giving it a chain (a used ring laid
-    // over the avail ring: re-enabling notifications rewrites avail.idx)
-    // must not keep it here either.
-    let mut served: u16 = 0;
-    let mut used = false;
-    let more = loop {
-        if queue.disable_notification(mem).is_err() {
-            guest_warn!("{name}: used ring is not writable");
-            return QueueOutcome::NeedsReset;
-        }
-        loop {
-            if served >= budget {
-                break;
-            }
-            if !ready(ctx) {
-                return finish(queue, mem, used, false);
-            }
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    guest_warn!("{name}: available ring is broken: {e}");
-                    return QueueOutcome::NeedsReset;
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let descs = match collect_chain(queue, mem, head) {
-                Ok(descs) => descs,
-                Err(e) => {
-                    guest_warn!("{name}: descriptor chain from head {head} {e}");
-                    return QueueOutcome::NeedsReset;
-                }
-            };
-            let len = serve(ctx, &descs);
-            if queue.add_used(mem, head, len).is_err() {
-                guest_warn!("{name}: cannot add head {head} to the used ring");
-                return QueueOutcome::NeedsReset;
-            }
-            served += 1;
-            used = true;
-        }
-        if served >= budget {
-            break true;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => served += 1, // more arrived while notifications were off
-            Ok(false) => break false,
-            Err(_) => return QueueOutcome::NeedsReset,
-        }
-    };
-    finish(queue, mem, used, more)
-}
-
-/// The outcome of a pass over `queue`: whether the driver wants an interrupt
-/// for the buffers used (`used`), and whether work is left (`more`).
-pub(crate) fn finish(queue: &mut Queue, mem: &GuestMemoryMmap, used: bool, more: bool) -> QueueOutcome {
-    let interrupt = match queue.needs_notification(mem) {
-        Ok(wanted) => wanted && used,
-        Err(_) => return QueueOutcome::NeedsReset,
-    };
-    match (more, interrupt) {
-        (true, interrupt) => QueueOutcome::More { interrupt },
-        (false, true) => QueueOutcome::Interrupt,
-        (false, false) => QueueOutcome::Quiet,
-    }
-}
-
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
@@ -526,21 +377,10 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {}
 }
 
-/// Copies `config[offset..]` into `data`; bytes past the end read as zero.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i))
-            .and_then(|o| config.get(o))
-            .copied()
-            .unwrap_or(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::queue::{ChainError, collect_chain};
     use crate::devices::virtio::testutil::{self, DATA, desc, publish, used};
     use std::io::{Read, Write};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT as NEXT, VRING_DESC_F_WRITE as WRITE};
@@ -767,57 +607,6 @@ mod tests {
         let (out, st, u) = r.run(&[0, 3, 6, 9, 12]);
         assert_eq!((out, st), (QueueOutcome::Interrupt, OK));
         assert_eq!(u, (0..5).map(|c| (3 * c, 513)).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn a_drain_serves_at_most_a_queue_of_chains_per_call() {
-        // A guest that posts a new request for each one served (here: the
-        // closure publishes head 0 again) gets 16 (the queue size) per call;
-        // the rest waits for the next call and none is lost.
-        let mem = testutil::memory();
-        let mut q = testutil::queue(16);
-        desc(&mem, 0, DATA, 512, 0, 0);
-        let mut avail = 0u16;
-        publish(&mem, &mut avail, &[0; 16]);
-        let mut published = 16;
-        let mut served = 0;
-        let mut call = |q: &mut Queue| {
-            drain_queue(q, &mem, "test", |_| {
-                served += 1;
-                if published < 40 {
-                    publish(&mem, &mut avail, &[0]);
-                    published += 1;
-                }
-                0
-            })
-        };
-        assert_eq!(call(&mut q), QueueOutcome::More { interrupt: true });
-        assert_eq!(call(&mut q), QueueOutcome::More { interrupt: true });
-        assert_eq!(call(&mut q), QueueOutcome::Interrupt);
-        assert_eq!(call(&mut q), QueueOutcome::Quiet);
-        assert_eq!(served, 40);
-        assert_eq!(used(&mem).0, 40);
-    }
-
-    #[test]
-    fn a_used_ring_over_the_avail_ring_does_not_hold_the_device() {
-        // Found by fuzz/virtio_blk: used.flags over avail.idx, so each
-        // disable/enable of notifications moves avail.idx and the drain saw
-        // "more" forever without a chain to serve. The budget counts those rounds.
-        let mem = testutil::memory();
-        let mut q = Queue::new(16).unwrap();
-        q.set_desc_table_address(Some(testutil::DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(testutil::AVAIL as u32 + 2), Some(0));
-        q.set_used_ring_address(Some(testutil::AVAIL as u32 + 4), Some(0));
-        q.set_ready(true);
-        desc(&mem, 0, DATA, 512, 0, 0);
-        let mut served = 0;
-        let out = drain_queue(&mut q, &mem, "test", |_| {
-            served += 1;
-            0
-        });
-        assert!(matches!(out, QueueOutcome::More { .. } | QueueOutcome::NeedsReset), "{out:?}");
-        assert!(served <= 16);
     }
 
     #[test]
