@@ -54,8 +54,10 @@
 //!
 //! Data path of one virtio-blk request: the guest's QUEUE_NOTIFY write is an
 //! ioeventfd -> `event_loop.rs` (`Token::Queue`) -> `devices/virtio/mmio.rs`
-//! (notify) -> `devices/virtio/block.rs` (parse, pread/pwrite, add_used) ->
-//! interrupt through an irqfd.
+//! (notify) -> `devices/virtio/block.rs` (pop the chain) ->
+//! `devices/virtio/block/request.rs` (parse and check: `Request::parse`) ->
+//! `block.rs` again (`Block::execute`: pread/pwrite; status byte, add_used)
+//! -> interrupt through an irqfd.
 //!
 //! Data path of one byte the command writes to stdout (`--output split`):
 //! the guest's write to its console port queues a chain -> ioeventfd ->

@@ -18,7 +18,10 @@
 //! - anything else: VIRTIO_BLK_S_UNSUPP.
 //!
 //! Data path: ioeventfd -> `event_loop.rs` -> `mmio.rs` (notify) ->
-//! [`Block::process_queue`] (here: parse, pread/pwrite, add_used) -> irqfd.
+//! [`Block::process_queue`] (here: pop a chain) -> [`Request::parse`]
+//! (`block/request.rs`: a typed request, or the reason it is refused) ->
+//! [`Block::execute`] (pread/pwrite, fdatasync) -> the status byte, add_used
+//! -> irqfd.
 //!
 //! The guest is not trusted. A chain whose walk does not end (a loop, more
 //! descriptors than the queue has, a descriptor outside guest RAM) or a head
@@ -44,8 +47,6 @@ use std::path::PathBuf;
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -53,10 +54,13 @@ use virtio_queue::Queue;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
+use self::request::{DiskLimits, InvalidRequest, Outcome, Request, RequestError, RequestType, Status};
 use super::queue::{drain_queue, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::config::DiskConfig;
 use crate::host_file::{Allow, open_image};
+
+pub mod request;
 
 /// Sector size of the virtio-blk protocol (5.2.6: `sector` counts 512 bytes).
 pub const SECTOR_SIZE: u64 = 512;
@@ -64,8 +68,6 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request we announce (header and status take two descriptors).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// `struct virtio_blk_outhdr`: type (u32), reserved (u32), sector (u64).
-const OUTHDR_SIZE: u32 = 16;
 /// Our configuration space: capacity, size_max, seg_max, geometry, blk_size
 /// (`struct virtio_blk_config` up to blk_size).
 const CONFIG_SIZE: usize = 24;
@@ -121,14 +123,6 @@ pub struct Block {
     config: [u8; CONFIG_SIZE],
 }
 
-/// How one request ended.
-enum Answer {
-    /// The status byte was written; this many bytes of data went to the guest.
-    Answered(u32),
-    /// No status byte to write to: return the chain with length 0.
-    Drop,
-}
-
 impl Block {
     /// Opens and locks the image of `disk`.
     pub fn open(disk: &DiskConfig) -> Result<Block, BlockError> {
@@ -180,109 +174,83 @@ impl Block {
         self.capacity_sectors
     }
 
-    /// Serves one request; `descs` is its whole chain, in order.
-    fn handle(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> Answer {
-        let Some((status, rest)) = descs.split_last() else { return Answer::Drop };
-        if !status.is_write_only() || status.len() == 0 || rest.is_empty() {
-            guest_warn!("virtio-blk: request without a writable status byte: returned unanswered");
-            return Answer::Drop;
-        }
-        let status_addr = match status.addr().0.checked_add(u64::from(status.len()) - 1).map(vm_memory::GuestAddress) {
-            Some(a) if mem.address_in_range(a) => a,
-            _ => {
-                guest_warn!("virtio-blk: status byte at {:#x} is outside guest RAM", status.addr().0);
-                return Answer::Drop;
-            }
-        };
-        let (status_code, data_len) = self.execute(rest, mem);
-        if mem.write_obj(status_code as u8, status_addr).is_err() {
-            return Answer::Drop;
-        }
-        Answer::Answered(data_len)
+    /// What [`Request::parse`] checks a request against.
+    pub fn limits(&self) -> DiskLimits {
+        DiskLimits { capacity_sectors: self.capacity_sectors, read_only: self.read_only }
     }
 
-    /// Runs the request made of header + data descriptors; returns the status
-    /// and how many bytes were written into the guest's buffers.
-    fn execute(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> (u32, u32) {
-        let ioerr = (VIRTIO_BLK_S_IOERR, 0);
-        let (header, data) = descs.split_first().expect("the caller passes at least the header");
-        if header.is_write_only() || header.len() < OUTHDR_SIZE {
-            guest_warn!("virtio-blk: header descriptor is write-only or shorter than 16 bytes");
-            return ioerr;
+    /// Serves one chain (`descs`, in order): parse, execute, write the status
+    /// byte. Returns the used length: the bytes written into the guest's
+    /// buffers plus the status byte, or 0 when there is no status byte to write.
+    fn serve(&mut self, descs: &[Descriptor], mem: &GuestMemoryMmap) -> u32 {
+        let (status, outcome) = match Request::parse(descs, mem, self.limits()) {
+            Ok(request) => (request.status, self.execute(&request, mem)),
+            Err(RequestError::Invalid { status, reason }) => {
+                // A write to a read-only disk is the driver's honest attempt, not a mistake.
+                if reason != InvalidRequest::ReadOnly {
+                    guest_warn!("virtio-blk: {reason}");
+                }
+                (status, Outcome::IOERR)
+            }
+            Err(e) => {
+                guest_warn!("virtio-blk: {e}");
+                return 0;
+            }
+        };
+        if mem.write_obj(outcome.status.byte(), status).is_err() {
+            return 0;
         }
-        let mut h = [0u8; OUTHDR_SIZE as usize];
-        if mem.read_slice(&mut h, header.addr()).is_err() {
-            guest_warn!("virtio-blk: header at {:#x} is outside guest RAM", header.addr().0);
-            return ioerr;
-        }
-        // The slices have the sizes of their types.
-        let kind = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
-        let sector = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-        match kind {
-            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-                let write = kind == VIRTIO_BLK_T_OUT;
-                if data.iter().any(|d| d.is_write_only() == write) {
-                    guest_warn!("virtio-blk: data buffer of the wrong direction for request type {kind}");
-                    return ioerr;
-                }
-                if write && self.read_only {
-                    return ioerr;
-                }
-                let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-                let in_range = sector.checked_add(total / SECTOR_SIZE).is_some_and(|end| end <= self.capacity_sectors);
-                if !total.is_multiple_of(SECTOR_SIZE) || !in_range {
-                    guest_warn!(
-                        "virtio-blk: {total} bytes at sector {sector}: not whole sectors, or past the end ({} sectors)",
-                        self.capacity_sectors
-                    );
-                    return ioerr;
-                }
-                let mut offset = sector * SECTOR_SIZE;
-                for d in data {
+        outcome.bytes_written + 1
+    }
+
+    /// Does the I/O of a parsed request (5.2.6); the caller writes the status byte.
+    pub fn execute(&mut self, request: &Request, mem: &GuestMemoryMmap) -> Outcome {
+        match request.request_type {
+            RequestType::In | RequestType::Out => {
+                let write = request.request_type == RequestType::Out;
+                let mut offset = request.sector * SECTOR_SIZE;
+                for d in request.data {
                     if let Err(e) = self.transfer(write, d, offset, mem) {
                         guest_warn!(
                             "virtio-blk: {} of {} bytes at {offset}: {e}",
                             if write { "write" } else { "read" },
                             d.len()
                         );
-                        return ioerr;
+                        return Outcome::IOERR;
                     }
                     offset += u64::from(d.len());
                 }
-                // `total` fits: a chain carries at most 2^32 bytes (2.7.5.2).
-                (VIRTIO_BLK_S_OK, if write { 0 } else { total as u32 })
+                // The length fits: a chain carries at most 2^32 bytes (2.7.5.2).
+                let total = offset - request.sector * SECTOR_SIZE;
+                Outcome::ok(if write { 0 } else { total as u32 })
             }
-            VIRTIO_BLK_T_FLUSH => {
+            RequestType::Flush => {
                 if self.read_only {
-                    return (VIRTIO_BLK_S_OK, 0);
+                    return Outcome::ok(0);
                 }
                 match self.file.sync_data() {
-                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                    Ok(()) => Outcome::ok(0),
                     Err(e) => {
                         log::error!("virtio-blk: fdatasync of the image failed: {e}");
-                        ioerr
+                        Outcome::IOERR
                     }
                 }
             }
-            VIRTIO_BLK_T_GET_ID => {
-                if data.is_empty() || data.iter().any(|d| !d.is_write_only()) {
-                    guest_warn!("virtio-blk: GET_ID without a writable buffer");
-                    return ioerr;
-                }
+            RequestType::GetId => {
                 let mut id: &[u8] = &self.id;
                 let mut written = 0;
-                for d in data {
+                for d in request.data {
                     let n = id.len().min(d.len() as usize);
                     if mem.write_slice(&id[..n], d.addr()).is_err() {
                         guest_warn!("virtio-blk: GET_ID buffer at {:#x} is outside guest RAM", d.addr().0);
-                        return ioerr;
+                        return Outcome::IOERR;
                     }
                     id = &id[n..];
                     written += n as u32;
                 }
-                (VIRTIO_BLK_S_OK, written)
+                Outcome::ok(written)
             }
-            _ => (VIRTIO_BLK_S_UNSUPP, 0),
+            RequestType::Unsupported(_) => Outcome { status: Status::Unsupp, bytes_written: 0 },
         }
     }
 
@@ -368,10 +336,7 @@ impl VirtioDevice for Block {
     fn activate(&mut self, _acked_features: u64) {}
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
-        drain_queue(queue, mem, "virtio-blk", |descs| match self.handle(descs, mem) {
-            Answer::Answered(data_len) => data_len + 1,
-            Answer::Drop => 0,
-        })
+        drain_queue(queue, mem, "virtio-blk", |descs| self.serve(descs, mem))
     }
 
     fn reset(&mut self) {}
@@ -383,6 +348,10 @@ mod tests {
     use crate::devices::virtio::queue::{ChainError, collect_chain};
     use crate::devices::virtio::testutil::{self, DATA, desc, publish, used};
     use std::io::{Read, Write};
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT as NEXT, VRING_DESC_F_WRITE as WRITE};
     use vm_memory::GuestAddress;
 
