@@ -15,7 +15,8 @@
 //! Running:
 //! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
 //! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
-//! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, the
+//! - [`devices`]: one interrupt type for all of them (`devices/irq.rs`:
+//!   `IrqLine`, an irqfd), the 16550 UART, the i8042 reset line, the exit device, the
 //!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), an empty PCI
 //!   bus's host bridge (`devices/pci_host.rs`: config mechanism #1), and
 //!   virtio-mmio (`devices/virtio/`: the transport, the split-virtqueue walk
