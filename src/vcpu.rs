@@ -6,10 +6,12 @@
 //! [`VmControl::stop`]. Port numbers and device logic never appear here.
 //!
 //! Stopping a vCPU that sits inside KVM_RUN (a halted AP, a guest spinning in
-//! its own code) takes a signal: the event loop sends `SIGRTMIN` to the
-//! thread; its handler sets `kvm_run.immediate_exit`, so KVM_RUN returns EINTR
-//! now, or at its next entry if the signal landed just before it (api.rst,
-//! "immediate_exit").
+//! its own code) takes a signal, [`kick_signal`] (`SIGRTMIN`), sent to the
+//! thread: by the main thread once its event loop has returned, until the
+//! thread ends (`stop_vcpus` in vmm.rs), and by the event loop's request
+//! handler to pause the VM (requests.rs). The handler sets
+//! `kvm_run.immediate_exit`, so KVM_RUN returns EINTR now, or at its next
+//! entry if the signal landed just before it (api.rst, "immediate_exit").
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -101,16 +103,6 @@ impl ExitCounts {
     pub fn total(&self) -> u64 {
         self.io_in + self.io_out + self.mmio_read + self.mmio_write + self.hlt + self.other
     }
-
-    /// Adds another vCPU's counts.
-    pub fn add(&mut self, o: &ExitCounts) {
-        self.io_in += o.io_in;
-        self.io_out += o.io_out;
-        self.mmio_read += o.mmio_read;
-        self.mmio_write += o.mmio_write;
-        self.hlt += o.hlt;
-        self.other += o.other;
-    }
 }
 
 /// The special registers of a vCPU when it stopped: which mode the guest
@@ -165,23 +157,23 @@ pub struct VcpuReport {
 }
 
 /// One exit, copied out of `kvm_run` for the observer (at most 8 data bytes).
-struct Seen {
+struct ObservedExit {
     kind: ExitKind,
     addr: u64,
     data: [u8; 8],
     len: usize,
 }
 
-impl Seen {
+impl ObservedExit {
     fn access(kind: ExitKind, addr: u64, d: &[u8]) -> Self {
         let len = d.len().min(8);
         let mut data = [0; 8];
         data[..len].copy_from_slice(&d[..len]);
-        Seen { kind, addr, data, len }
+        ObservedExit { kind, addr, data, len }
     }
 
     fn bare(kind: ExitKind) -> Self {
-        Seen { kind, addr: 0, data: [0; 8], len: 0 }
+        ObservedExit { kind, addr: 0, data: [0; 8], len: 0 }
     }
 }
 
@@ -357,7 +349,7 @@ impl Vcpu {
                     if !pio_out(&self.pio, port, data, size) {
                         log::debug!("vcpu{id}: OUT to unmapped port {port:#x} ignored");
                     }
-                    Seen::access(ExitKind::IoOut, u64::from(port), data)
+                    ObservedExit::access(ExitKind::IoOut, u64::from(port), data)
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     counts.io_in += 1;
@@ -366,22 +358,22 @@ impl Vcpu {
                     if !pio_in(&self.pio, port, data, size) {
                         log::debug!("vcpu{id}: IN from unmapped port {port:#x} reads 0xff");
                     }
-                    Seen::access(ExitKind::IoIn, u64::from(port), data)
+                    ObservedExit::access(ExitKind::IoIn, u64::from(port), data)
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     counts.mmio_read += 1;
                     if self.mmio.read(addr, data) {
-                        Seen::access(ExitKind::MmioRead, addr, data)
+                        ObservedExit::access(ExitKind::MmioRead, addr, data)
                     } else {
                         data.fill(0xff);
-                        let seen = Seen::access(ExitKind::MmioRead, addr, data);
+                        let seen = ObservedExit::access(ExitKind::MmioRead, addr, data);
                         self.bus_fault("read", addr, seen.len);
                         seen
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     counts.mmio_write += 1;
-                    let seen = Seen::access(ExitKind::MmioWrite, addr, data);
+                    let seen = ObservedExit::access(ExitKind::MmioWrite, addr, data);
                     if !self.mmio.write(addr, data) {
                         self.bus_fault("write", addr, seen.len);
                     }
@@ -395,7 +387,7 @@ impl Vcpu {
                              (the guest should write its status to the exit device instead)"
                         )));
                     }
-                    Seen::bare(ExitKind::Hlt)
+                    ObservedExit::bare(ExitKind::Hlt)
                 }
                 Ok(VcpuExit::Shutdown) => {
                     counts.other += 1;
@@ -403,7 +395,7 @@ impl Vcpu {
                     self.control.stop(StopReason::GuestCrash(format!(
                         "vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN) near RIP {rip:#x}"
                     )));
-                    Seen::bare(ExitKind::Shutdown)
+                    ObservedExit::bare(ExitKind::Shutdown)
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     counts.other += 1;
@@ -414,7 +406,7 @@ impl Vcpu {
                         _ => StopReason::GuestCrash(format!("vCPU {id}: KVM system event {kind}")),
                     };
                     self.control.stop(reason);
-                    Seen::bare(ExitKind::SystemEvent)
+                    ObservedExit::bare(ExitKind::SystemEvent)
                 }
                 Ok(VcpuExit::InternalError) => {
                     counts.other += 1;
@@ -431,31 +423,31 @@ impl Vcpu {
                     self.control.stop(StopReason::GuestCrash(format!(
                         "KVM internal error on vCPU {id} at RIP {rip:#x}: {what} (suberror {sub})"
                     )));
-                    Seen::bare(ExitKind::InternalError)
+                    ObservedExit::bare(ExitKind::InternalError)
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
                     self.control.stop(StopReason::GuestCrash(format!(
                         "KVM could not enter vCPU {id} (hardware reason {reason:#x} on host CPU {cpu})"
                     )));
-                    Seen::bare(ExitKind::FailEntry)
+                    ObservedExit::bare(ExitKind::FailEntry)
                 }
                 Ok(VcpuExit::Intr) => {
                     counts.other += 1;
-                    Seen::bare(ExitKind::Interrupted)
+                    ObservedExit::bare(ExitKind::Interrupted)
                 }
                 Ok(exit) => {
                     counts.other += 1;
                     log::warn!("vcpu{id}: unexpected exit {exit:?}, resuming");
-                    Seen::bare(ExitKind::Other)
+                    ObservedExit::bare(ExitKind::Other)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     counts.other += 1;
                     self.fd.set_kvm_immediate_exit(0);
-                    Seen::bare(ExitKind::Interrupted)
+                    ObservedExit::bare(ExitKind::Interrupted)
                 }
                 Err(e) => {
                     self.control.stop(StopReason::VmmError(format!("KVM_RUN failed on vCPU {id}: {e}")));
-                    Seen::bare(ExitKind::Other)
+                    ObservedExit::bare(ExitKind::Other)
                 }
             };
             if let (Some(o), Some(start)) = (observer.as_deref_mut(), start) {

@@ -568,24 +568,26 @@ mod tests {
         }
     }
 
-    struct T {
+    /// The transport under test, driven as the guest's driver would, with
+    /// its device's log and the other end of its interrupt.
+    struct Driver {
         t: MmioTransport,
         log: Arc<Mutex<Vec<String>>>,
         irq: EventFd,
     }
 
-    fn transport() -> T {
+    fn transport() -> Driver {
         let log = Arc::new(Mutex::new(Vec::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = Probe { log: log.clone(), outcome: None };
-        T {
+        Driver {
             t: MmioTransport::new(Box::new(dev), testutil::memory(), IrqLine::Irqfd(irq.try_clone().unwrap())),
             log,
             irq,
         }
     }
 
-    impl T {
+    impl Driver {
         fn r(&mut self, off: u32) -> u32 {
             let mut b = [0u8; 4];
             self.t.read(u64::from(off), &mut b);
@@ -749,7 +751,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = Probe { log: log.clone(), outcome: Some(QueueOutcome::NeedsReset) };
-        let mut t = T {
+        let mut t = Driver {
             t: MmioTransport::new(Box::new(dev), testutil::memory(), IrqLine::Irqfd(irq.try_clone().unwrap())),
             log,
             irq,
@@ -773,7 +775,7 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = Probe { log: log.clone(), outcome: Some(QueueOutcome::More { interrupt: true }) };
-        let mut t = T {
+        let mut t = Driver {
             t: MmioTransport::new(Box::new(dev), testutil::memory(), IrqLine::Irqfd(irq.try_clone().unwrap())),
             log,
             irq,
