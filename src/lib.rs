@@ -13,7 +13,8 @@
 //! - [`layout`]: every guest address, port and IRQ.
 //!
 //! Running:
-//! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
+//! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`],
+//!   and one pure function (`vcpu::route`) says what every exit means.
 //! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
 //! - [`devices`]: one interrupt type for all of them (`devices/irq.rs`:
 //!   `IrqLine`, an irqfd), the 16550 UART, the i8042 reset line, the exit device, the
