@@ -2,8 +2,10 @@
 //!
 //! Any thread may decide the VM is over: a vCPU that sees a triple fault, the
 //! exit device, the i8042 reset line, the ACPI sleep control register, the console's `Ctrl-a x`, a signal. Each
-//! calls [`VmControl::stop`] with a [`StopReason`]; the first reason wins, the
-//! event loop wakes on `stop_evt`, kicks every vCPU out of KVM_RUN and joins them.
+//! calls [`VmControl::stop`] with a [`StopReason`]; the first reason wins. The
+//! event loop wakes on `stop_evt` and returns; then `Vmm::run`, on the same
+//! main thread, kicks every vCPU out of KVM_RUN and joins them (`stop_vcpus`
+//! in vmm.rs). A vCPU sees the flag ([`VmControl::is_stopped`]) at its next exit.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -70,10 +70,10 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1 interrupt line on the (in-kernel) PIC/IOAPIC.
 pub const COM1_IRQ: u32 = 4;
-/// i8042 keyboard controller data port (0x60) and command/status port (0x64).
+/// i8042 keyboard controller data port. The device spans 0x60..=0x64, so it
+/// also answers the command/status port 0x64, where command 0xfe pulses the
+/// CPU reset line.
 pub const I8042_DATA_PORT: u16 = 0x60;
-/// i8042 command/status port; command 0xfe pulses the CPU reset line.
-pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// ember's exit device: a write of 1, 2 or 4 bytes ends the VM; the low byte
 /// of the value becomes ember's exit code. See README, "The exit device".
 pub const EXIT_PORT: u16 = 0x501;

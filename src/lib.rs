@@ -13,12 +13,15 @@
 //! - [`layout`]: every guest address, port and IRQ.
 //!
 //! Running:
-//! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`].
+//! - [`vcpu`]: one thread per vCPU; the KVM_RUN loop routes exits to a [`bus`],
+//!   and one pure function (`vcpu::route`) says what every exit means.
 //! - [`bus`]: address range -> device, one bus for port I/O and one for MMIO.
-//! - [`devices`]: the 16550 UART, the i8042 reset line, the exit device, the
+//! - [`devices`]: one interrupt type for all of them (`devices/irq.rs`:
+//!   `IrqLine`, an irqfd), the 16550 UART, the i8042 reset line, the exit device, the
 //!   ACPI sleep registers (`devices/acpi_sleep.rs`: power off), an empty PCI
 //!   bus's host bridge (`devices/pci_host.rs`: config mechanism #1), and
-//!   virtio-mmio (`devices/virtio/`: the transport, virtio-blk, virtio-net,
+//!   virtio-mmio (`devices/virtio/`: the transport, the split-virtqueue walk
+//!   every device shares (`virtio/queue.rs`), virtio-blk, virtio-net,
 //!   virtio-rng, virtio-console, virtio-9p), and the host ends behind
 //!   virtio-net (`devices/net_backend.rs`): a tap (`devices/tap.rs`), or a
 //!   stream of length-prefixed frames (`devices/frame_stream.rs`) to the passt
@@ -53,8 +56,10 @@
 //!
 //! Data path of one virtio-blk request: the guest's QUEUE_NOTIFY write is an
 //! ioeventfd -> `event_loop.rs` (`Token::Queue`) -> `devices/virtio/mmio.rs`
-//! (notify) -> `devices/virtio/block.rs` (parse, pread/pwrite, add_used) ->
-//! interrupt through an irqfd.
+//! (notify) -> `devices/virtio/block.rs` (pop the chain) ->
+//! `devices/virtio/block/request.rs` (parse and check: `Request::parse`) ->
+//! `block.rs` again (`Block::execute`: pread/pwrite; status byte, add_used)
+//! -> interrupt through an irqfd.
 //!
 //! Data path of one byte the command writes to stdout (`--output split`):
 //! the guest's write to its console port queues a chain -> ioeventfd ->

@@ -3,13 +3,18 @@
 //!
 //! The loop only routes: port I/O exits to the PIO bus, MMIO exits to the MMIO
 //! bus, and the exits that end a VM (triple fault, internal error, reset) to
-//! [`VmControl::stop`]. Port numbers and device logic never appear here.
+//! [`VmControl::stop`]. Port numbers and device logic never appear here. What
+//! each exit means is one table, the pure function [`route`]: a [`RunExit`]
+//! in, the [`ExitKind`] it is counted as ([`ExitCounts::count`]) and the
+//! [`Action`] the loop takes out.
 //!
 //! Stopping a vCPU that sits inside KVM_RUN (a halted AP, a guest spinning in
-//! its own code) takes a signal: the event loop sends `SIGRTMIN` to the
-//! thread; its handler sets `kvm_run.immediate_exit`, so KVM_RUN returns EINTR
-//! now, or at its next entry if the signal landed just before it (api.rst,
-//! "immediate_exit").
+//! its own code) takes a signal, [`kick_signal`] (`SIGRTMIN`), sent to the
+//! thread: by the main thread once its event loop has returned, until the
+//! thread ends (`stop_vcpus` in vmm.rs), and by the event loop's request
+//! handler to pause the VM (requests.rs). The handler sets
+//! `kvm_run.immediate_exit`, so KVM_RUN returns EINTR now, or at its next
+//! entry if the signal landed just before it (api.rst, "immediate_exit").
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -92,24 +97,34 @@ pub struct ExitCounts {
     pub mmio_write: u64,
     /// HLT with no in-kernel LAPIC to handle it.
     pub hlt: u64,
-    /// Signals, system events and everything else.
+    /// Kicks, system events, the exits that end a VM and everything else.
     pub other: u64,
 }
 
 impl ExitCounts {
+    /// Counts one exit of `kind`. The one place that maps the exit kinds of
+    /// `--stats` ([`ExitKind`]) onto these counters: a new kind must be given
+    /// a counter here before ember compiles.
+    pub fn count(&mut self, kind: ExitKind) {
+        let counter = match kind {
+            ExitKind::IoIn => &mut self.io_in,
+            ExitKind::IoOut => &mut self.io_out,
+            ExitKind::MmioRead => &mut self.mmio_read,
+            ExitKind::MmioWrite => &mut self.mmio_write,
+            ExitKind::Hlt => &mut self.hlt,
+            ExitKind::Shutdown
+            | ExitKind::InternalError
+            | ExitKind::SystemEvent
+            | ExitKind::FailEntry
+            | ExitKind::Interrupted
+            | ExitKind::Other => &mut self.other,
+        };
+        *counter += 1;
+    }
+
     /// All exits.
     pub fn total(&self) -> u64 {
         self.io_in + self.io_out + self.mmio_read + self.mmio_write + self.hlt + self.other
-    }
-
-    /// Adds another vCPU's counts.
-    pub fn add(&mut self, o: &ExitCounts) {
-        self.io_in += o.io_in;
-        self.io_out += o.io_out;
-        self.mmio_read += o.mmio_read;
-        self.mmio_write += o.mmio_write;
-        self.hlt += o.hlt;
-        self.other += o.other;
     }
 }
 
@@ -164,24 +179,123 @@ pub struct VcpuReport {
     pub registers: Option<RegSnapshot>,
 }
 
-/// One exit, copied out of `kvm_run` for the observer (at most 8 data bytes).
-struct Seen {
-    kind: ExitKind,
+/// The access of one exit, copied out of `kvm_run` for the observer (at most
+/// 8 data bytes); [`route`] gives its kind.
+struct ObservedExit {
     addr: u64,
     data: [u8; 8],
     len: usize,
 }
 
-impl Seen {
-    fn access(kind: ExitKind, addr: u64, d: &[u8]) -> Self {
+impl ObservedExit {
+    /// An exit without an address or data.
+    const NONE: ObservedExit = ObservedExit { addr: 0, data: [0; 8], len: 0 };
+
+    fn access(addr: u64, d: &[u8]) -> Self {
         let len = d.len().min(8);
         let mut data = [0; 8];
         data[..len].copy_from_slice(&d[..len]);
-        Seen { kind, addr, data, len }
+        ObservedExit { addr, data, len }
     }
+}
 
-    fn bare(kind: ExitKind) -> Self {
-        Seen { kind, addr: 0, data: [0; 8], len: 0 }
+/// Why KVM_RUN returned, as [`route`] sees it: the exit without its data
+/// (KVM api.rst, 5 "The kvm_run structure", `exit_reason`; errno of KVM_RUN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// KVM_EXIT_IO, in (already served by the PIO bus).
+    IoIn,
+    /// KVM_EXIT_IO, out (already served by the PIO bus).
+    IoOut,
+    /// KVM_EXIT_MMIO read (already served by the MMIO bus).
+    MmioRead,
+    /// KVM_EXIT_MMIO write (already served by the MMIO bus).
+    MmioWrite,
+    /// KVM_EXIT_HLT.
+    Hlt,
+    /// KVM_EXIT_SHUTDOWN: a triple fault.
+    Shutdown,
+    /// KVM_EXIT_SYSTEM_EVENT of this type.
+    SystemEvent(u32),
+    /// KVM_EXIT_INTERNAL_ERROR.
+    InternalError,
+    /// KVM_EXIT_FAIL_ENTRY: the hardware reason and the host CPU.
+    FailEntry {
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+        /// The host CPU.
+        cpu: u32,
+    },
+    /// KVM_EXIT_INTR.
+    Intr,
+    /// KVM_RUN returned EINTR or EAGAIN: a kick (`immediate_exit`).
+    Kicked,
+    /// An exit ember does not expect (logged; the guest goes on).
+    Unexpected,
+    /// KVM_RUN failed with this errno.
+    RunFailed(i32),
+}
+
+/// What the vCPU loop does after an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Enter the guest again (after checking the stop and pause flags).
+    Continue,
+    /// A kick: clear `kvm_run.immediate_exit`, then go on as for `Continue`.
+    ClearKick,
+    /// End the VM ([`VmControl::stop`]).
+    Stop(Stop),
+}
+
+/// Why an exit ends the VM; `Vcpu::stop_reason` turns it into a
+/// [`StopReason`] with a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// HLT, and no interrupt controller can ever wake the vCPU.
+    HaltedForever,
+    /// A triple fault.
+    TripleFault,
+    /// KVM_SYSTEM_EVENT_RESET or KVM_SYSTEM_EVENT_SHUTDOWN: a reboot.
+    Reset,
+    /// Another system event.
+    SystemEvent(u32),
+    /// KVM's emulator or event delivery failed.
+    InternalError,
+    /// KVM could not enter the guest.
+    FailEntry {
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+        /// The host CPU.
+        cpu: u32,
+    },
+    /// KVM_RUN itself failed (errno).
+    RunFailed(i32),
+}
+
+/// The exit router: what an exit means for the loop, and the kind it is
+/// counted and observed as. A plain function, so that every exit's fate is
+/// written (and tested) in one table, without KVM. `hlt_is_final`: no
+/// in-kernel LAPIC, so nothing wakes a halted vCPU.
+pub fn route(exit: RunExit, hlt_is_final: bool) -> (ExitKind, Action) {
+    use Action::{ClearKick, Continue};
+    match exit {
+        RunExit::IoIn => (ExitKind::IoIn, Continue),
+        RunExit::IoOut => (ExitKind::IoOut, Continue),
+        RunExit::MmioRead => (ExitKind::MmioRead, Continue),
+        RunExit::MmioWrite => (ExitKind::MmioWrite, Continue),
+        RunExit::Hlt if hlt_is_final => (ExitKind::Hlt, Action::Stop(Stop::HaltedForever)),
+        RunExit::Hlt => (ExitKind::Hlt, Continue),
+        RunExit::Shutdown => (ExitKind::Shutdown, Action::Stop(Stop::TripleFault)),
+        RunExit::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_RESET | kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN) => {
+            (ExitKind::SystemEvent, Action::Stop(Stop::Reset))
+        }
+        RunExit::SystemEvent(kind) => (ExitKind::SystemEvent, Action::Stop(Stop::SystemEvent(kind))),
+        RunExit::InternalError => (ExitKind::InternalError, Action::Stop(Stop::InternalError)),
+        RunExit::FailEntry { reason, cpu } => (ExitKind::FailEntry, Action::Stop(Stop::FailEntry { reason, cpu })),
+        RunExit::Intr => (ExitKind::Interrupted, Continue),
+        RunExit::Kicked => (ExitKind::Interrupted, ClearKick),
+        RunExit::Unexpected => (ExitKind::Other, Continue),
+        RunExit::RunFailed(errno) => (ExitKind::Other, Action::Stop(Stop::RunFailed(errno))),
     }
 }
 
@@ -348,129 +462,120 @@ impl Vcpu {
             let result = self.fd.run();
             // The clock is read only when someone asked (--stats, --trace-exits).
             let start = observer.is_some().then(Instant::now);
-            let seen = match result {
+            // First the access, to the bus that owns it; then the router decides.
+            let (exit, seen) = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    counts.io_out += 1;
                     // SAFETY: `kvm_run` is this vCPU's live mapping and KVM filled
                     // its `io` member for this KVM_EXIT_IO.
                     let size = unsafe { (*kvm_run).__bindgen_anon_1.io.size };
                     if !pio_out(&self.pio, port, data, size) {
                         log::debug!("vcpu{id}: OUT to unmapped port {port:#x} ignored");
                     }
-                    Seen::access(ExitKind::IoOut, u64::from(port), data)
+                    (RunExit::IoOut, ObservedExit::access(u64::from(port), data))
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    counts.io_in += 1;
                     // SAFETY: as for IoOut.
                     let size = unsafe { (*kvm_run).__bindgen_anon_1.io.size };
                     if !pio_in(&self.pio, port, data, size) {
                         log::debug!("vcpu{id}: IN from unmapped port {port:#x} reads 0xff");
                     }
-                    Seen::access(ExitKind::IoIn, u64::from(port), data)
+                    (RunExit::IoIn, ObservedExit::access(u64::from(port), data))
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    counts.mmio_read += 1;
-                    if self.mmio.read(addr, data) {
-                        Seen::access(ExitKind::MmioRead, addr, data)
-                    } else {
+                    let mapped = self.mmio.read(addr, data);
+                    if !mapped {
                         data.fill(0xff);
-                        let seen = Seen::access(ExitKind::MmioRead, addr, data);
-                        self.bus_fault("read", addr, seen.len);
-                        seen
                     }
+                    let seen = ObservedExit::access(addr, data);
+                    if !mapped {
+                        self.bus_fault("read", addr, seen.len);
+                    }
+                    (RunExit::MmioRead, seen)
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    counts.mmio_write += 1;
-                    let seen = Seen::access(ExitKind::MmioWrite, addr, data);
+                    let seen = ObservedExit::access(addr, data);
                     if !self.mmio.write(addr, data) {
                         self.bus_fault("write", addr, seen.len);
                     }
-                    seen
+                    (RunExit::MmioWrite, seen)
                 }
-                Ok(VcpuExit::Hlt) => {
-                    counts.hlt += 1;
-                    if self.hlt_is_final {
-                        self.control.stop(StopReason::GuestCrash(format!(
-                            "vCPU {id} executed HLT and this VM has no interrupt controller to wake it \
-                             (the guest should write its status to the exit device instead)"
-                        )));
-                    }
-                    Seen::bare(ExitKind::Hlt)
-                }
-                Ok(VcpuExit::Shutdown) => {
-                    counts.other += 1;
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                    self.control.stop(StopReason::GuestCrash(format!(
-                        "vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN) near RIP {rip:#x}"
-                    )));
-                    Seen::bare(ExitKind::Shutdown)
-                }
-                Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    counts.other += 1;
-                    let reason = match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_RESET | kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
-                            StopReason::Reset
-                        }
-                        _ => StopReason::GuestCrash(format!("vCPU {id}: KVM system event {kind}")),
-                    };
-                    self.control.stop(reason);
-                    Seen::bare(ExitKind::SystemEvent)
-                }
-                Ok(VcpuExit::InternalError) => {
-                    counts.other += 1;
-                    // SAFETY: KVM filled the `internal` member of the union for
-                    // KVM_EXIT_INTERNAL_ERROR, which is the exit we are handling.
-                    let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                    let what = match sub {
-                        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
-                        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
-                        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
-                        _ => "unknown suberror",
-                    };
-                    self.control.stop(StopReason::GuestCrash(format!(
-                        "KVM internal error on vCPU {id} at RIP {rip:#x}: {what} (suberror {sub})"
-                    )));
-                    Seen::bare(ExitKind::InternalError)
-                }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    self.control.stop(StopReason::GuestCrash(format!(
-                        "KVM could not enter vCPU {id} (hardware reason {reason:#x} on host CPU {cpu})"
-                    )));
-                    Seen::bare(ExitKind::FailEntry)
-                }
-                Ok(VcpuExit::Intr) => {
-                    counts.other += 1;
-                    Seen::bare(ExitKind::Interrupted)
-                }
+                Ok(VcpuExit::Hlt) => (RunExit::Hlt, ObservedExit::NONE),
+                Ok(VcpuExit::Shutdown) => (RunExit::Shutdown, ObservedExit::NONE),
+                Ok(VcpuExit::SystemEvent(kind, _)) => (RunExit::SystemEvent(kind), ObservedExit::NONE),
+                Ok(VcpuExit::InternalError) => (RunExit::InternalError, ObservedExit::NONE),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => (RunExit::FailEntry { reason, cpu }, ObservedExit::NONE),
+                Ok(VcpuExit::Intr) => (RunExit::Intr, ObservedExit::NONE),
                 Ok(exit) => {
-                    counts.other += 1;
                     log::warn!("vcpu{id}: unexpected exit {exit:?}, resuming");
-                    Seen::bare(ExitKind::Other)
+                    (RunExit::Unexpected, ObservedExit::NONE)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    counts.other += 1;
-                    self.fd.set_kvm_immediate_exit(0);
-                    Seen::bare(ExitKind::Interrupted)
+                    (RunExit::Kicked, ObservedExit::NONE)
                 }
-                Err(e) => {
-                    self.control.stop(StopReason::EmberFailed(format!("KVM_RUN failed on vCPU {id}: {e}")));
-                    Seen::bare(ExitKind::Other)
-                }
+                Err(e) => (RunExit::RunFailed(e.errno()), ObservedExit::NONE),
             };
+            let (kind, action) = route(exit, self.hlt_is_final);
+            counts.count(kind);
+            match action {
+                Action::Continue => {}
+                Action::ClearKick => self.fd.set_kvm_immediate_exit(0),
+                Action::Stop(stop) => {
+                    let reason = self.stop_reason(stop);
+                    self.control.stop(reason);
+                }
+            }
             if let (Some(o), Some(start)) = (observer.as_deref_mut(), start) {
                 let took = start.elapsed();
-                let device = match seen.kind {
+                let device = match kind {
                     ExitKind::IoIn | ExitKind::IoOut => self.pio.device_name(seen.addr),
                     ExitKind::MmioRead | ExitKind::MmioWrite => self.mmio.device_name(seen.addr),
                     _ => None,
                 };
-                let exit = Exit { kind: seen.kind, addr: seen.addr, data: &seen.data[..seen.len], device };
+                let exit = Exit { kind, addr: seen.addr, data: &seen.data[..seen.len], device };
                 o.observe(&exit, took);
             }
         }
         let registers = if self.snapshot_registers { self.snapshot() } else { None };
         VcpuReport { counts, stats: observer.and_then(|o| o.stats.map(Box::new)), registers }
+    }
+
+    /// The message of an exit that ends the VM. Reads RIP (KVM_GET_REGS) and
+    /// KVM's internal-error suberror only for the exits whose message has them.
+    fn stop_reason(&mut self, stop: Stop) -> StopReason {
+        let id = self.id;
+        StopReason::GuestCrash(match stop {
+            Stop::Reset => return StopReason::Reset,
+            Stop::RunFailed(errno) => {
+                let e = kvm_ioctls::Error::new(errno);
+                return StopReason::EmberFailed(format!("KVM_RUN failed on vCPU {id}: {e}"));
+            }
+            Stop::HaltedForever => format!(
+                "vCPU {id} executed HLT and this VM has no interrupt controller to wake it \
+                 (the guest should write its status to the exit device instead)"
+            ),
+            Stop::TripleFault => format!("vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN) near RIP {:#x}", self.rip()),
+            Stop::SystemEvent(kind) => format!("vCPU {id}: KVM system event {kind}"),
+            Stop::InternalError => {
+                // SAFETY: KVM filled the `internal` member of the union for
+                // KVM_EXIT_INTERNAL_ERROR, the exit being handled (no KVM_RUN since).
+                let sub = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let what = match sub {
+                    kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+                    kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+                    kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+                    _ => "unknown suberror",
+                };
+                format!("KVM internal error on vCPU {id} at RIP {:#x}: {what} (suberror {sub})", self.rip())
+            }
+            Stop::FailEntry { reason, cpu } => {
+                format!("KVM could not enter vCPU {id} (hardware reason {reason:#x} on host CPU {cpu})")
+            }
+        })
+    }
+
+    /// The guest's instruction pointer, for a message (0 if KVM cannot say).
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }
 
     /// Reads the special registers (one KVM_GET_SREGS and one KVM_GET_REGS).
@@ -629,6 +734,59 @@ mod tests {
             Some(StopReason::EmberFailed("vCPU 3 failed: internal error in ember: device bug".into()))
         );
         assert_eq!(run_catching(&control, "vCPU 0", || 7), Some(7));
+    }
+
+    #[test]
+    fn every_exit_has_one_route() {
+        use Action::{ClearKick, Continue};
+        let reset = kvm_bindings::KVM_SYSTEM_EVENT_RESET;
+        let off = kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN;
+        let crash = kvm_bindings::KVM_SYSTEM_EVENT_CRASH;
+        let fail = RunExit::FailEntry { reason: 7, cpu: 1 };
+        for (exit, lapic, want) in [
+            (RunExit::IoIn, true, (ExitKind::IoIn, Continue)),
+            (RunExit::IoOut, true, (ExitKind::IoOut, Continue)),
+            (RunExit::MmioRead, true, (ExitKind::MmioRead, Continue)),
+            (RunExit::MmioWrite, true, (ExitKind::MmioWrite, Continue)),
+            (RunExit::Hlt, true, (ExitKind::Hlt, Continue)),
+            (RunExit::Hlt, false, (ExitKind::Hlt, Action::Stop(Stop::HaltedForever))),
+            (RunExit::Shutdown, true, (ExitKind::Shutdown, Action::Stop(Stop::TripleFault))),
+            (RunExit::SystemEvent(reset), true, (ExitKind::SystemEvent, Action::Stop(Stop::Reset))),
+            (RunExit::SystemEvent(off), true, (ExitKind::SystemEvent, Action::Stop(Stop::Reset))),
+            (RunExit::SystemEvent(crash), true, (ExitKind::SystemEvent, Action::Stop(Stop::SystemEvent(crash)))),
+            (RunExit::InternalError, true, (ExitKind::InternalError, Action::Stop(Stop::InternalError))),
+            (fail, true, (ExitKind::FailEntry, Action::Stop(Stop::FailEntry { reason: 7, cpu: 1 }))),
+            (RunExit::Intr, true, (ExitKind::Interrupted, Continue)),
+            (RunExit::Kicked, true, (ExitKind::Interrupted, ClearKick)),
+            (RunExit::Unexpected, true, (ExitKind::Other, Continue)),
+            (RunExit::RunFailed(libc::EFAULT), true, (ExitKind::Other, Action::Stop(Stop::RunFailed(libc::EFAULT)))),
+        ] {
+            assert_eq!(route(exit, !lapic), want, "{exit:?}, in-kernel LAPIC {lapic}");
+        }
+    }
+
+    #[test]
+    fn every_exit_kind_is_counted_once() {
+        let all = [
+            ExitKind::IoIn,
+            ExitKind::IoOut,
+            ExitKind::MmioRead,
+            ExitKind::MmioWrite,
+            ExitKind::Hlt,
+            ExitKind::Shutdown,
+            ExitKind::InternalError,
+            ExitKind::SystemEvent,
+            ExitKind::FailEntry,
+            ExitKind::Interrupted,
+            ExitKind::Other,
+        ];
+        let mut counts = ExitCounts::default();
+        for (n, kind) in all.into_iter().enumerate() {
+            counts.count(kind);
+            assert_eq!(counts.total(), n as u64 + 1, "{kind:?}");
+        }
+        let one = ExitCounts { io_in: 1, io_out: 1, mmio_read: 1, mmio_write: 1, hlt: 1, other: 6 };
+        assert_eq!(counts, one);
     }
 
     #[test]

@@ -11,7 +11,8 @@ use ember::bus::BusDevice;
 use ember::control::VmControl;
 use ember::devices::i8042::I8042;
 use ember::devices::pci_host::PciHost;
-use ember::devices::serial::{IrqLine, Serial, SerialOutput};
+use ember::devices::irq::IrqLine;
+use ember::devices::serial::{Serial, SerialOutput};
 use ember::timeline::Timeline;
 use libfuzzer_sys::fuzz_target;
 

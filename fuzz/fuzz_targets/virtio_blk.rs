@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use ember::bus::BusDevice;
 use ember::config::DiskConfig;
 use ember::devices::virtio::block::Block;
+use ember::devices::irq::IrqLine;
 use ember::devices::virtio::mmio::MmioTransport;
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_config::{
@@ -50,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
     let disk = DiskConfig { path: image().clone(), read_only: data[0] & 1 != 0, id: None };
     let Ok(block) = Block::open(&disk) else { return };
     let irq = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
-    let mut t = MmioTransport::new(Box::new(block), mem, irq);
+    let mut t = MmioTransport::new(Box::new(block), mem, IrqLine::Irqfd(irq));
 
     // The Linux driver's sequence (virtio 1.2, 3.1.1 and 4.2.3.2), with the
     // queue size and ring addresses from the input's first words.

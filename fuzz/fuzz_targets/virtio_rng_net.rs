@@ -17,6 +17,7 @@ use std::os::fd::FromRawFd;
 use ember::bus::BusDevice;
 use ember::devices::net_backend::NetBackend;
 use ember::devices::tap::Tap;
+use ember::devices::irq::IrqLine;
 use ember::devices::virtio::mmio::MmioTransport;
 use ember::devices::virtio::net::Net;
 use ember::devices::virtio::rng::{MAX_BYTES_PER_REQUEST, Rng};
@@ -128,7 +129,7 @@ fuzz_target!(|data: &[u8]| {
         (Box::new(Rng::new()), 1)
     };
     let irq = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
-    let mut t = MmioTransport::new(device, mem.clone(), irq);
+    let mut t = MmioTransport::new(device, mem.clone(), IrqLine::Irqfd(irq));
 
     let status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
     w(&mut t, VIRTIO_MMIO_STATUS, status);

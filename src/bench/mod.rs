@@ -271,14 +271,15 @@ mod tests {
 
     fn args(extra: &[&str]) -> BenchArgs {
         use clap::Parser;
+        /// A command line that holds only the bench arguments.
         #[derive(clap::Parser)]
-        struct T {
+        struct BenchCli {
             #[command(flatten)]
             a: BenchArgs,
         }
         let mut v = vec!["t"];
         v.extend_from_slice(extra);
-        T::parse_from(v).a
+        BenchCli::parse_from(v).a
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! Protocol (also in README, "The exit device"): a write of 1, 2 or 4 bytes to
 //! I/O port `layout::EXIT_PORT` (0x501) ends the VM; the low byte of the value
 //! is ember's exit status. Reads return 0. From a Linux guest's user space the
-//! init writes one byte to /dev/port at offset 0x501; a freestanding guest does
-//! `mov al, STATUS; out 0x501, al` (via DX, the port is above 0xff).
+//! init runs `ember-exit STATUS` (guest-kernels/ember-exit.c), which takes the
+//! one port with ioperm(2) and does `outb` (not /dev/port, which needs
+//! CONFIG_DEVPORT: see guest-kernels/README.md); a freestanding guest does `mov al,
+//! STATUS; out dx, al` with DX = 0x501 (the port is above 0xff).
 //! A 2- or 4-byte write spans the ports after 0x501, so the device sits in a
 //! slot of `layout::EXIT_PORT_LEN` ports; writes at 0x502-0x504 alone do nothing.
 //!

@@ -1,6 +1,7 @@
 //! Emulated devices. Each file is one device as the guest sees it; devices
 //! know nothing of KVM: they get bytes from the bus and raise interrupts through
-//! an `EventFd` (an irqfd when the in-kernel irqchip exists).
+//! an [`irq::IrqLine`] (an irqfd when the in-kernel irqchip exists): the UART
+//! and every virtio-mmio transport alike.
 //!
 //! The host ends of virtio-net live apart from what the guest sees
 //! (`virtio/net.rs`): `net_backend.rs` (tap or stream), `tap.rs`,
@@ -15,6 +16,7 @@ pub mod child;
 pub mod exit;
 pub mod frame_stream;
 pub mod i8042;
+pub mod irq;
 pub mod net_backend;
 pub mod p9_server;
 pub mod passt;

@@ -5,7 +5,8 @@
 //! read-back, MCR loopback -> MSR, FIFO bits in IIR; see the tests below).
 //! ember adds what sits around the chip:
 //!
-//! - the interrupt line: an irqfd on IRQ 4 when the in-kernel irqchip exists;
+//! - the interrupt line: an [`IrqLine`] (an irqfd on IRQ 4) when the in-kernel
+//!   irqchip exists;
 //! - the output side ([`SerialOutput`]): bytes the guest writes to THR go to
 //!   stdout or a file, and are watched for the boot timeline (first byte,
 //!   "Run /init") and for "Kernel panic" (so the reset that follows counts
@@ -19,32 +20,15 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
+use vm_superio::Serial as Uart16550;
 use vm_superio::serial::SerialEvents;
-use vm_superio::{Serial as Uart16550, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::control::VmControl;
+use crate::devices::irq::IrqLine;
 use crate::snapshot::devices::SerialState;
 use crate::timeline::Timeline;
-
-/// The guest's interrupt line for the UART.
-pub enum IrqLine {
-    /// An eventfd registered as a KVM irqfd.
-    Irqfd(EventFd),
-    /// No interrupt controller: the guest polls LSR.
-    None,
-}
-
-impl Trigger for IrqLine {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        match self {
-            IrqLine::Irqfd(fd) => fd.write(1),
-            IrqLine::None => Ok(()),
-        }
-    }
-}
 
 /// Tells the event loop that the receive FIFO has been drained.
 pub struct InputEvents {
@@ -219,7 +203,7 @@ impl Serial {
     /// A UART raising `irq`, writing to `out`, signalling `drained` when the
     /// guest has read every queued input byte (or has just become ready to).
     pub fn new(irq: IrqLine, out: SerialOutput, drained: Option<Arc<EventFd>>) -> Self {
-        let irq_driven = matches!(irq, IrqLine::Irqfd(_));
+        let irq_driven = irq.is_connected();
         let events = InputEvents { drained: drained.clone() };
         Serial { uart: Uart16550::with_events(irq, events, out), irq_driven, lcr: 0, ier: 0, mcr: 0, drained }
     }
@@ -249,7 +233,7 @@ impl Serial {
         drained: Option<Arc<EventFd>>,
         state: &SerialState,
     ) -> Result<Self, String> {
-        let irq_driven = matches!(irq, IrqLine::Irqfd(_));
+        let irq_driven = irq.is_connected();
         let events = InputEvents { drained: drained.clone() };
         let regs = vm_superio::serial::SerialState {
             baud_divisor_low: state.baud_divisor_low,

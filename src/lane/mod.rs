@@ -239,7 +239,8 @@ impl Default for LaneConfig {
     }
 }
 
-enum Kind {
+/// Where the lane runs its guests: on this host's KVM, or inside the nested outer machine.
+enum GuestHost {
     Direct,
     Nested { machine: Option<Box<OuterMachine>>, boots: u32, last_boot: Duration },
 }
@@ -249,7 +250,7 @@ pub struct LinuxLane {
     ember_bin: PathBuf,
     config: LaneConfig,
     flavour: KvmFlavour,
-    kind: Kind,
+    host: GuestHost,
 }
 
 impl LinuxLane {
@@ -270,28 +271,20 @@ impl LinuxLane {
         config.keeper.get_or_insert_with(|| ember_bin.clone());
         let flavour = KvmFlavour::detect();
         let nested = config.force_nested.unwrap_or(flavour.needs_nested_lane());
-        let kind = if nested {
+        let host = if nested {
             let machine = OuterMachine::boot(&config, 0)?;
             let last_boot = machine.boot_time;
             log::info!("lane: outer machine ready in {last_boot:?} (kernel {})", machine.release);
-            Kind::Nested { machine: Some(Box::new(machine)), boots: 1, last_boot }
+            GuestHost::Nested { machine: Some(Box::new(machine)), boots: 1, last_boot }
         } else {
-            Kind::Direct
+            GuestHost::Direct
         };
-        Ok(LinuxLane { ember_bin, config, flavour, kind })
+        Ok(LinuxLane { ember_bin, config, flavour, host })
     }
 
     /// Sets the per-invocation timeout for later runs.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.config.timeout = timeout;
-    }
-
-    /// How long the outer machine took to boot (zero for the direct lane).
-    pub fn boot_time(&self) -> Duration {
-        match &self.kind {
-            Kind::Direct => Duration::ZERO,
-            Kind::Nested { last_boot, .. } => *last_boot,
-        }
     }
 
     /// Runs ember with `inv` under the configured timeout.
@@ -333,15 +326,15 @@ impl LinuxLane {
         timeout: Duration,
         progress: Option<&mut dyn FnMut(&[u8])>,
     ) -> Result<Outcome, LaneError> {
-        match &mut self.kind {
-            Kind::Direct => {
+        match &mut self.host {
+            GuestHost::Direct => {
                 let out = run_direct(program, inv, timeout);
                 if let (Some(f), Ok(o)) = (progress, &out) {
                     f(&o.stderr);
                 }
                 out
             }
-            Kind::Nested { machine, boots, last_boot } => {
+            GuestHost::Nested { machine, boots, last_boot } => {
                 if machine.is_none() {
                     let m = OuterMachine::boot(&self.config, 0)?;
                     *boots += 1;
@@ -360,9 +353,9 @@ impl LinuxLane {
 
     /// Which lane this is, in one line.
     pub fn describe(&self) -> String {
-        match &self.kind {
-            Kind::Direct => format!("direct: {}", self.flavour),
-            Kind::Nested { machine, boots, last_boot } => {
+        match &self.host {
+            GuestHost::Direct => format!("direct: {}", self.flavour),
+            GuestHost::Nested { machine, boots, last_boot } => {
                 let release = machine.as_ref().map_or("(stopped)", |m| m.release.as_str());
                 format!(
                     "nested: QEMU TCG {}, kvm_amd npt=1, {} GiB, {} vCPUs, outer kernel {release}, booted in {:.1} s{}; host: {}",

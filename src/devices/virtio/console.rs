@@ -51,11 +51,11 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::block::{collect_chain, finish};
+use super::queue::{finish, merge, pop_chain};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::devices::serial_sink::StdoutSink;
 use crate::devices::stdin_source::StdinSource;
@@ -208,7 +208,7 @@ impl Console {
     fn process_control_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, ()> {
         let mut used = false;
         for _ in 0..queue.size() {
-            let Some((head, descs)) = pop(queue, mem)? else { break };
+            let Some((head, descs)) = pop_chain(queue, mem, "virtio-console")? else { break };
             let mut msg = [0u8; CONTROL_LEN];
             let mut got = 0;
             for d in descs.iter().filter(|d| !d.is_write_only()) {
@@ -234,7 +234,7 @@ impl Console {
     fn process_control_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, ()> {
         let mut used = false;
         while let Some(msg) = self.pending.front() {
-            let Some((head, descs)) = pop(queue, mem)? else { break };
+            let Some((head, descs)) = pop_chain(queue, mem, "virtio-console")? else { break };
             let mut written = 0usize;
             for d in descs.iter().filter(|d| d.is_write_only()) {
                 let n = (d.len() as usize).min(msg.len() - written);
@@ -273,7 +273,7 @@ impl Console {
                     blocked = true;
                     break;
                 }
-                let (head, descs) = match pop(queue, mem) {
+                let (head, descs) = match pop_chain(queue, mem, "virtio-console") {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(()) => return QueueOutcome::NeedsReset,
@@ -317,7 +317,7 @@ impl Console {
                 return QueueOutcome::NeedsReset;
             }
             while served < queue.size() && source.has_data() {
-                let (head, descs) = match pop(queue, mem) {
+                let (head, descs) = match pop_chain(queue, mem, "virtio-console") {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(()) => return QueueOutcome::NeedsReset,
@@ -396,26 +396,6 @@ impl Console {
     }
 }
 
-/// The next available chain of `queue`, or None; Err for a broken ring or chain.
-fn pop(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<(u16, Vec<Descriptor>)>, ()> {
-    let chain = match queue.iter(mem) {
-        Ok(mut it) => it.next(),
-        Err(e) => {
-            guest_warn!("virtio-console: available ring is broken: {e}");
-            return Err(());
-        }
-    };
-    let Some(chain) = chain else { return Ok(None) };
-    let head = chain.head_index();
-    match collect_chain(queue, mem, head) {
-        Ok(descs) => Ok(Some((head, descs))),
-        Err(e) => {
-            guest_warn!("virtio-console: descriptor chain from head {head} {e}");
-            Err(())
-        }
-    }
-}
-
 /// The readable bytes of a chain, at most [`MAX_CHAIN_BYTES`].
 fn read_chain(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Vec<u8> {
     let mut out = Vec::new();
@@ -453,18 +433,6 @@ fn write_chain(descs: &[Descriptor], mem: &GuestMemoryMmap, bytes: &[u8]) -> usi
         written += n;
     }
     written
-}
-
-/// The stronger of two outcomes, for a call that served several queues.
-fn merge(a: QueueOutcome, b: QueueOutcome) -> QueueOutcome {
-    use QueueOutcome::*;
-    match (a, b) {
-        (NeedsReset, _) | (_, NeedsReset) => NeedsReset,
-        (More { interrupt: x }, More { interrupt: y }) => More { interrupt: x || y },
-        (More { interrupt }, o) | (o, More { interrupt }) => More { interrupt: interrupt || o == Interrupt },
-        (Interrupt, _) | (_, Interrupt) => Interrupt,
-        (Quiet, Quiet) => Quiet,
-    }
 }
 
 impl VirtioDevice for Console {
@@ -695,13 +663,5 @@ mod tests {
         mem.read_slice(&mut got[8..], GuestAddress(DATA + 0x100)).unwrap();
         assert_eq!(&got, data);
         assert_eq!(c.pending.back().map(|m| &m[..]), Some(&ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 0)[..]), "then the end");
-    }
-
-    #[test]
-    fn merge_keeps_the_strongest() {
-        use QueueOutcome::*;
-        assert_eq!(merge(Quiet, Interrupt), Interrupt);
-        assert_eq!(merge(More { interrupt: false }, Interrupt), More { interrupt: true });
-        assert_eq!(merge(Quiet, NeedsReset), NeedsReset);
     }
 }

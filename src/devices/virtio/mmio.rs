@@ -33,6 +33,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::bus::BusDevice;
+use crate::devices::irq::IrqLine;
 use crate::snapshot::devices::TransportState;
 
 /// "virt" in little endian (4.2.2).
@@ -51,7 +52,7 @@ pub struct MmioTransport {
     /// Whether every QUEUE_NUM and ring address written since the last reset
     /// was one a queue can have (checked again at QUEUE_READY).
     queue_setup_valid: Vec<bool>,
-    irq: EventFd,
+    irq: IrqLine,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -66,9 +67,9 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// Wraps `device`; `irq` is signalled (an irqfd under KVM) whenever
-    /// INTERRUPT_STATUS gains a bit.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: EventFd) -> Self {
+    /// Wraps `device`; `irq` is triggered (an irqfd under KVM) whenever
+    /// INTERRUPT_STATUS gains a bit (virtio 1.2, 4.2.3.4).
+    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: IrqLine) -> Self {
         let queues: Vec<Queue> = device
             .queue_max_sizes()
             .iter()
@@ -261,7 +262,7 @@ impl MmioTransport {
 
     fn raise(&mut self, bit: u32) {
         self.interrupt_status |= bit;
-        if let Err(e) = self.irq.write(1) {
+        if let Err(e) = self.irq.trigger() {
             log::error!("virtio-mmio: cannot signal the interrupt: {e}");
         }
     }
@@ -567,20 +568,26 @@ mod tests {
         }
     }
 
-    struct T {
+    /// The transport under test, driven as the guest's driver would, with
+    /// its device's log and the other end of its interrupt.
+    struct Driver {
         t: MmioTransport,
         log: Arc<Mutex<Vec<String>>>,
         irq: EventFd,
     }
 
-    fn transport() -> T {
+    fn transport() -> Driver {
         let log = Arc::new(Mutex::new(Vec::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = Probe { log: log.clone(), outcome: None };
-        T { t: MmioTransport::new(Box::new(dev), testutil::memory(), irq.try_clone().unwrap()), log, irq }
+        Driver {
+            t: MmioTransport::new(Box::new(dev), testutil::memory(), IrqLine::Irqfd(irq.try_clone().unwrap())),
+            log,
+            irq,
+        }
     }
 
-    impl T {
+    impl Driver {
         fn r(&mut self, off: u32) -> u32 {
             let mut b = [0u8; 4];
             self.t.read(u64::from(off), &mut b);
@@ -744,7 +751,11 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = Probe { log: log.clone(), outcome: Some(QueueOutcome::NeedsReset) };
-        let mut t = T { t: MmioTransport::new(Box::new(dev), testutil::memory(), irq.try_clone().unwrap()), log, irq };
+        let mut t = Driver {
+            t: MmioTransport::new(Box::new(dev), testutil::memory(), IrqLine::Irqfd(irq.try_clone().unwrap())),
+            log,
+            irq,
+        };
         assert!(t.negotiate(V1));
         t.setup_queue(0, 8, testutil::DESC);
         t.driver_ok();
@@ -764,7 +775,11 @@ mod tests {
         let log = Arc::new(Mutex::new(Vec::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = Probe { log: log.clone(), outcome: Some(QueueOutcome::More { interrupt: true }) };
-        let mut t = T { t: MmioTransport::new(Box::new(dev), testutil::memory(), irq.try_clone().unwrap()), log, irq };
+        let mut t = Driver {
+            t: MmioTransport::new(Box::new(dev), testutil::memory(), IrqLine::Irqfd(irq.try_clone().unwrap())),
+            log,
+            irq,
+        };
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         t.t.set_queue_event(0, evt.try_clone().unwrap());
         assert!(t.negotiate(V1));

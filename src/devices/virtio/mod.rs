@@ -5,7 +5,8 @@
 //! virtqueues and the interrupt; a device ([`block::Block`], [`net::Net`], [`rng::Rng`])
 //! only says who it is and serves its queues, through [`VirtioDevice`]
 //! ([`console::Console`] carries the guest command's stdout and stderr,
-//! [`p9::P9`] a shared folder).
+//! [`p9::P9`] a shared folder). They walk their queues with the helpers of
+//! [`queue`] (chains, drains, outcomes).
 //! A device with a host-side event source ([`net::Net`]'s tap) names its
 //! descriptor with [`VirtioDevice::host_fd`]; the event loop watches it
 //! (`Token::Tap`) and calls [`mmio::MmioTransport::host_event`].
@@ -19,8 +20,8 @@
 //!
 //! Everything read from the guest (descriptors, addresses, lengths, indices,
 //! register values) is untrusted: memory goes through vm-memory's
-//! bounds-checked accessors, chains through `block::collect_chain` (bounded by
-//! the queue size; indirect tables, never offered, are refused), one
+//! bounds-checked accessors, chains through `queue::collect_chain` (bounded
+//! by the queue size; indirect tables, never offered, are refused), one
 //! notification serves at most one queue's worth of chains, and a mistake is
 //! answered as the spec says; it never panics or stops ember.
 
@@ -29,6 +30,7 @@ pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod p9;
+pub mod queue;
 pub mod rng;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -53,7 +53,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::block::{collect_chain, drain_queue_while, finish, read_config_bytes};
+use super::queue::{collect_chain, drain_queue_while, finish, merge, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::devices::net_backend::NetBackend;
 use crate::devices::tap::VNET_HDR_LEN;
@@ -342,19 +342,6 @@ impl Net {
             }
         }
         finish(queue, mem, used, false)
-    }
-}
-
-/// One outcome for two queues served in one call: a reset wins, then
-/// "more", and an interrupt if either wants one.
-fn merge(a: QueueOutcome, b: QueueOutcome) -> QueueOutcome {
-    use QueueOutcome::*;
-    let irq = |o: QueueOutcome| matches!(o, Interrupt | More { interrupt: true });
-    match (a, b) {
-        (NeedsReset, _) | (_, NeedsReset) => NeedsReset,
-        (More { .. }, _) | (_, More { .. }) => More { interrupt: irq(a) || irq(b) },
-        _ if irq(a) || irq(b) => Interrupt,
-        _ => Quiet,
     }
 }
 

@@ -31,7 +31,7 @@ use virtio_queue::Queue;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use super::block::{drain_queue, read_config_bytes};
+use super::queue::{drain_queue, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::devices::p9_server::{self, FsServer, MAX_MESSAGE};
 

@@ -20,7 +20,7 @@ use virtio_queue::Queue;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
-use super::block::drain_queue;
+use super::queue::drain_queue;
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 
 /// Size of the request queue.
