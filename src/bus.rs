@@ -108,8 +108,10 @@ impl Bus {
     fn find(&self, addr: u64, size: usize) -> Option<(&Slot, u64)> {
         let (&base, slot) = self.slots.range(..=addr).next_back()?;
         let offset = addr - base;
-        // The whole access must fall inside the device.
-        (offset.checked_add(size as u64)? <= slot.len).then_some((slot, offset))
+        // The whole access must fall inside the device, and start inside it:
+        // an empty access at `base + len` is past the device, not its last
+        // byte (found by fuzz/buses).
+        (offset < slot.len && offset.checked_add(size as u64)? <= slot.len).then_some((slot, offset))
     }
 
     /// Name of the device at `addr`, for statistics and messages.
@@ -185,6 +187,17 @@ mod tests {
         assert!(!bus.read(0x10e, &mut b), "4 bytes at 0x10e run past the device");
         assert!(!bus.write(u64::MAX, &b));
         assert!(bus.read(0x10c, &mut b));
+    }
+
+    #[test]
+    fn an_empty_access_just_past_a_device_misses() {
+        let mut bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(0x100, 0x10, "d", dev.clone()).unwrap();
+        assert!(!bus.write(0x110, &[]), "0x110 is past the device");
+        assert!(!bus.read(0x110, &mut []));
+        assert!(bus.write(0x10f, &[]), "an empty access inside the device reaches it");
+        assert_eq!(dev.lock().unwrap().writes, vec![(0xf, vec![])]);
     }
 
     struct Panicky;

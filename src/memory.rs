@@ -42,8 +42,15 @@ pub enum MemoryError {
 }
 
 /// The guest-physical RAM ranges for `size` bytes of RAM: `(start, length)`.
+/// None for 0 bytes: a region of length 0 is no region (vm-memory's
+/// `last_addr` would underflow, and `register_guest_memory` would find no
+/// first byte); mapping it is then an error, not a panic later (found by
+/// fuzz/boot_tables; a snapshot's state file names any size, and `restore`
+/// maps it before anything else looks at it).
 pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
-    if size <= MMIO_GAP_START {
+    if size == 0 {
+        Vec::new()
+    } else if size <= MMIO_GAP_START {
         vec![(GuestAddress(0), size as usize)]
     } else {
         vec![(GuestAddress(0), MMIO_GAP_START as usize), (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize)]
@@ -262,6 +269,13 @@ mod tests {
                 assert_eq!(region.start_addr().raw_value() as usize % HOST_RAM_ALIGN, 0);
             }
         }
+    }
+
+    #[test]
+    fn no_memory_is_an_error_not_an_empty_region() {
+        assert!(ram_ranges(0).is_empty());
+        assert!(create_guest_memory(0).is_err());
+        assert!(create_guest_memory(4096).is_ok());
     }
 
     #[test]

@@ -1106,8 +1106,8 @@ fn mounts_param(shares: &[ShareConfig]) -> String {
     format!("ember.mounts={}", fields.join(","))
 }
 
-/// The guest address and IRQ of virtio-mmio device `i`.
-fn virtio_slot(i: usize) -> (u64, u32) {
+/// The guest address and IRQ of virtio-mmio device `i` (public for fuzz/boot_tables).
+pub fn virtio_slot(i: usize) -> (u64, u32) {
     (layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE, layout::VIRTIO_IRQ_START + i as u32)
 }
 

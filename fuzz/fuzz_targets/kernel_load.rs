@@ -6,6 +6,9 @@
 //! boot_params (or PVH start info) where the vCPU setup will look for them.
 #![no_main]
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -21,17 +24,27 @@ const CMDLINE: &str = "console=ttyS0 quiet";
 /// `XEN_HVM_START_MAGIC_VALUE` (xen/include/public/arch-x86/hvm/start_info.h).
 const PVH_MAGIC: u32 = 0x336e_c578;
 
-fn scratch(name: &str) -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("ember-fuzz-kernel-{}", std::process::id()));
-        std::fs::create_dir_all(&d).expect("scratch dir");
-        d
-    });
-    static KERNEL: OnceLock<PathBuf> = OnceLock::new();
-    static INITRD: OnceLock<PathBuf> = OnceLock::new();
+/// The kernel or the initrd: an unnamed file (O_TMPFILE, open(2)) reached by
+/// its /proc/self/fd path, so no run, however it ends, leaves files in /tmp.
+fn scratch(name: &str) -> &'static (File, PathBuf) {
+    fn unnamed() -> (File, PathBuf) {
+        // SAFETY: open(2) with a valid C string; the descriptor is owned below.
+        let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
+        assert!(fd >= 0, "O_TMPFILE in /tmp: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor from open(2), owned by this File only.
+        (unsafe { File::from_raw_fd(fd) }, PathBuf::from(format!("/proc/self/fd/{fd}")))
+    }
+    static KERNEL: OnceLock<(File, PathBuf)> = OnceLock::new();
+    static INITRD: OnceLock<(File, PathBuf)> = OnceLock::new();
     let cell = if name == "kernel" { &KERNEL } else { &INITRD };
-    cell.get_or_init(|| dir.join(name))
+    cell.get_or_init(unnamed)
+}
+
+/// Replaces the contents of a scratch file.
+fn put(name: &str, bytes: &[u8]) {
+    let f = &scratch(name).0;
+    f.set_len(0).expect("truncate");
+    f.write_all_at(bytes, 0).expect("write");
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -46,14 +59,14 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => (rest, None),
     };
-    std::fs::write(scratch("kernel"), kernel).expect("write the kernel");
+    put("kernel", kernel);
     if let Some(i) = initrd {
-        std::fs::write(scratch("initrd"), i).expect("write the initrd");
+        put("initrd", i);
     }
-    let src = KernelSource::Path(scratch("kernel").clone());
+    let src = KernelSource::Path(scratch("kernel").1.clone());
     let format = boot::probe_kernel(&src);
     let mem = memory::create_guest_memory(mem_size).expect("guest memory");
-    let loaded = boot::load_kernel(&mem, &src, initrd.map(|_| scratch("initrd").as_path()), CMDLINE);
+    let loaded = boot::load_kernel(&mem, &src, initrd.map(|_| scratch("initrd").1.as_path()), CMDLINE);
     let Ok(info) = loaded else { return };
     assert!(format.is_ok(), "loaded what the probe refused");
     let ram_end = memory::low_ram_end(&mem);

@@ -5,13 +5,15 @@
 //! disk image (a temporary file) must never be written past its end.
 #![no_main]
 
+use std::fs::File;
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ember::bus::BusDevice;
 use ember::config::DiskConfig;
-use ember::devices::virtio::block::Block;
 use ember::devices::irq::IrqLine;
+use ember::devices::virtio::block::Block;
 use ember::devices::virtio::mmio::MmioTransport;
 use libfuzzer_sys::fuzz_target;
 use virtio_bindings::virtio_config::{
@@ -26,13 +28,21 @@ const MEM_SIZE: usize = 256 << 10;
 /// The image: 64 sectors.
 const IMAGE_SIZE: u64 = 64 * 512;
 
+/// The image: an unnamed file (O_TMPFILE, open(2)) opened through its
+/// /proc/self/fd path, so no run, however it ends, leaves a file in /tmp.
 fn image() -> &'static PathBuf {
-    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("ember-fuzz-blk-{}.img", std::process::id()));
-        std::fs::write(&path, vec![0u8; IMAGE_SIZE as usize]).expect("write the image");
-        path
-    })
+    static IMAGE: OnceLock<(File, PathBuf)> = OnceLock::new();
+    &IMAGE
+        .get_or_init(|| {
+            // SAFETY: open(2) with a valid C string; the descriptor is owned below.
+            let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
+            assert!(fd >= 0, "O_TMPFILE in /tmp: {}", std::io::Error::last_os_error());
+            // SAFETY: a fresh descriptor from open(2), owned by this File only.
+            let f = unsafe { File::from_raw_fd(fd) };
+            f.set_len(IMAGE_SIZE).expect("size the image");
+            (f, PathBuf::from(format!("/proc/self/fd/{fd}")))
+        })
+        .1
 }
 
 fn w(t: &mut MmioTransport, reg: u32, value: u32) {

@@ -305,12 +305,17 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
                     libc::SYS_read,
                     libc::SYS_recvfrom,
                     libc::SYS_sendto,
-                    libc::SYS_setsockopt,
                     libc::SYS_ftruncate,
                     libc::SYS_fsync,
                 ],
             );
             map.insert(libc::SYS_ioctl, ioctls(&[libc::FIONBIO])?);
+            // setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO) only: the write timeout
+            // api/http.rs sets on a client (socket(7)); no other option, no
+            // other level.
+            let sol_socket = Cond::new(1, Len::Dword, Op::Eq, libc::SOL_SOCKET as u64)?;
+            let sndtimeo = Cond::new(2, Len::Dword, Op::Eq, libc::SO_SNDTIMEO as u64)?;
+            map.insert(libc::SYS_setsockopt, vec![SeccompRule::new(vec![sol_socket, sndtimeo])?]);
         }
         // std::io::copy: read/write, or the kernel's copy calls after an fstat; the console's
         // stdin reader (devices/stdin_source.rs) also polls for a hang-up.
@@ -503,6 +508,30 @@ mod tests {
     #[ignore = "run by the tests below in a child process"]
     fn sandbox_child() {
         let Ok(what) = std::env::var("EMBER_SANDBOX_CHILD") else { return };
+        if let Some(option) = what.strip_prefix("api-setsockopt-").map(str::to_owned) {
+            // The API thread's one socket option, then another (made before
+            // the filter: the API thread may not create sockets).
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let t = std::thread::spawn(move || {
+                enter(ThreadKind::Api, SeccompMode::On).unwrap();
+                let name = if option == "sndtimeo" { libc::SO_SNDTIMEO } else { libc::SO_RCVBUF };
+                let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+                let len = if option == "sndtimeo" { std::mem::size_of_val(&tv) } else { 4 };
+                // SAFETY: setsockopt reads `len` bytes of a live timeval on our own socket.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&a),
+                        libc::SOL_SOCKET,
+                        name,
+                        (&raw const tv).cast(),
+                        len as u32,
+                    )
+                };
+                eprintln!("setsockopt {option}: {rc}");
+            });
+            t.join().unwrap();
+            std::process::exit(0);
+        }
         let t = std::thread::spawn(move || {
             enter(ThreadKind::Vcpu, SeccompMode::On).unwrap();
             match what.as_str() {
@@ -564,5 +593,15 @@ mod tests {
         let (code, err) = child("ioctl");
         assert_eq!(code, 125, "{err}");
         assert!(err.contains("the vCPU thread made system call ioctl (16)"), "{err}");
+    }
+
+    #[test]
+    fn the_api_thread_sets_its_write_timeout_and_no_other_socket_option() {
+        let (code, err) = child("api-setsockopt-sndtimeo");
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("setsockopt sndtimeo: 0"), "{err}");
+        let (code, err) = child("api-setsockopt-rcvbuf");
+        assert_eq!(code, 125, "{err}");
+        assert!(err.contains("the API thread made system call setsockopt (54)"), "{err}");
     }
 }

@@ -348,6 +348,7 @@ mod tests {
     use crate::devices::virtio::queue::{ChainError, collect_chain};
     use crate::devices::virtio::testutil::{self, DATA, desc, publish, used};
     use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
         VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -365,29 +366,42 @@ mod tests {
         mem: GuestMemoryMmap,
         q: Queue,
         dev: Block,
+        /// The image: an unnamed file, so nothing is left behind however the test ends.
+        _file: File,
         path: PathBuf,
         avail: u16,
     }
 
+    /// A file with no name (O_TMPFILE, open(2)) holding `bytes`, and a path
+    /// that opens it (/proc/self/fd/N) for as long as the `File` lives.
+    fn unnamed_file(bytes: &[u8]) -> (File, PathBuf) {
+        let dir = std::ffi::CString::new(std::env::temp_dir().into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: open(2) with a valid C string; the descriptor is owned below.
+        let fd = unsafe { libc::open(dir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
+        assert!(fd >= 0, "O_TMPFILE: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor from open(2), owned by this File only.
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        f.write_all(bytes).unwrap();
+        let path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+        (f, path)
+    }
+
+    /// Removes a named test file when dropped, also when the test panics.
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
     fn rig(read_only: bool) -> Rig {
-        let dir = std::env::temp_dir();
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = dir.join(format!("ember-blk-test-{}-{n}.img", std::process::id()));
-        let mut f = File::create(&path).unwrap();
         let mut img = vec![0u8; 8 * 512];
         for (i, b) in img.iter_mut().enumerate() {
             *b = (i / 512) as u8 + b'a';
         }
-        f.write_all(&img).unwrap();
+        let (file, path) = unnamed_file(&img);
         let dev = Block::open(&DiskConfig { path: path.clone(), read_only, id: Some("test-disk".into()) }).unwrap();
-        Rig { mem: testutil::memory(), q: testutil::queue(16), dev, path, avail: 0 }
-    }
-
-    impl Drop for Rig {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        Rig { mem: testutil::memory(), q: testutil::queue(16), dev, _file: file, path, avail: 0 }
     }
 
     impl Rig {
@@ -614,6 +628,7 @@ mod tests {
         let cfg = |p: &std::path::Path, ro| DiskConfig { path: p.to_path_buf(), read_only: ro, id: None };
         assert!(matches!(Block::open(&cfg(&missing, false)), Err(BlockError::Open { .. })));
         let odd = dir.join(format!("ember-blk-test-odd-{}.img", std::process::id()));
+        let _remove = RemoveOnDrop(odd.clone());
         std::fs::write(&odd, [0u8; 513]).unwrap();
         let e = Block::open(&cfg(&odd, false)).err().unwrap();
         assert!(matches!(e, BlockError::Size { size: 513, .. }), "{e}");
@@ -649,6 +664,5 @@ mod tests {
         let r1 = Block::open(&cfg(&odd, true)).unwrap();
         // Without `,id=`, the serial is the file name, cut to 20 bytes.
         assert_eq!(&r1.id[..], &odd.file_name().unwrap().as_encoded_bytes()[..20]);
-        let _ = std::fs::remove_file(&odd);
     }
 }

@@ -238,7 +238,11 @@ impl Console {
             let mut written = 0usize;
             for d in descs.iter().filter(|d| d.is_write_only()) {
                 let n = (d.len() as usize).min(msg.len() - written);
-                if n == 0 || mem.write_slice(&msg[written..written + n], d.addr()).is_err() {
+                // An empty buffer is skipped, not the end of the chain (2.7.4).
+                if n == 0 {
+                    continue;
+                }
+                if mem.write_slice(&msg[written..written + n], d.addr()).is_err() {
                     break;
                 }
                 written += n;
@@ -420,12 +424,20 @@ fn read_chain(descs: &[Descriptor], mem: &GuestMemoryMmap) -> Vec<u8> {
 }
 
 /// Writes `bytes` into the write-only descriptors of a chain; returns how many fit.
+///
+/// An empty descriptor is skipped: the chain goes on after it (virtio 1.2,
+/// 2.7.4, nothing forbids one), and stopping there dropped the bytes the
+/// caller had already taken for the rest of the chain (found by
+/// fuzz/console_rx).
 fn write_chain(descs: &[Descriptor], mem: &GuestMemoryMmap, bytes: &[u8]) -> usize {
     let mut written = 0;
     for d in descs.iter().filter(|d| d.is_write_only()) {
+        if written == bytes.len() {
+            break;
+        }
         let n = (d.len() as usize).min(bytes.len() - written);
         if n == 0 {
-            break;
+            continue;
         }
         if mem.write_slice(&bytes[written..written + n], d.addr()).is_err() {
             break;
@@ -528,6 +540,7 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
+    const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 
     fn pipe() -> (std::fs::File, OwnedFd) {
         let mut fds = [0; 2];
@@ -663,5 +676,34 @@ mod tests {
         mem.read_slice(&mut got[8..], GuestAddress(DATA + 0x100)).unwrap();
         assert_eq!(&got, data);
         assert_eq!(c.pending.back().map(|m| &m[..]), Some(&ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 0)[..]), "then the end");
+    }
+
+    #[test]
+    fn an_empty_buffer_in_a_chain_loses_no_bytes() {
+        let mem = testutil::memory();
+        let bytes = b"0123456789";
+        desc(&mem, 0, DATA, 4, W | NEXT, 1);
+        desc(&mem, 1, DATA + 0x100, 0, W | NEXT, 2);
+        desc(&mem, 2, DATA + 0x200, 64, W, 0);
+        let mut q = testutil::queue(16);
+        let mut avail = 0;
+        publish(&mem, &mut avail, &[0]);
+        let (_, descs) = pop_chain(&mut q, &mem, "test").unwrap().unwrap();
+        assert_eq!(write_chain(&descs, &mem, bytes), bytes.len(), "the empty buffer ended the chain");
+        let mut got = [0u8; 10];
+        mem.read_slice(&mut got[..4], GuestAddress(DATA)).unwrap();
+        mem.read_slice(&mut got[4..], GuestAddress(DATA + 0x200)).unwrap();
+        assert_eq!(&got, bytes);
+
+        // A control message, the same way.
+        let (mut c, _r, _s) = console();
+        c.handle_control(ctrl(0, VIRTIO_CONSOLE_DEVICE_READY, 1));
+        let mut q = testutil::queue(16);
+        let mut avail = 0;
+        desc(&mem, 0, DATA, 0, W | NEXT, 1);
+        desc(&mem, 1, DATA + 0x100, 8, W, 0);
+        publish(&mem, &mut avail, &[0]);
+        assert_eq!(c.process_control_rx(&mut q, &mem), Ok(true));
+        assert_eq!(used(&mem).1, vec![(0, 8)], "the message was cut by the empty buffer");
     }
 }

@@ -98,9 +98,14 @@ impl P9 {
         };
         let mut written = 0usize;
         for d in descs.iter().filter(|d| d.is_write_only()) {
-            let n = (d.len() as usize).min(reply.len() - written);
-            if n == 0 {
+            if written == reply.len() {
                 break;
+            }
+            let n = (d.len() as usize).min(reply.len() - written);
+            // An empty buffer is skipped, not the end of the chain (virtio 1.2
+            // 2.7.4; as in console.rs, where fuzz/console_rx found it).
+            if n == 0 {
+                continue;
             }
             if mem.write_slice(&reply[written..written + n], d.addr()).is_err() {
                 guest_warn!("virtio-9p: reply buffer at {:#x}+{n} is outside guest RAM", d.addr().0);
