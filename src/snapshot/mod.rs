@@ -194,6 +194,32 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Whether ember can build this machine at all: a state file is input, and one that says 0
+    /// vCPUs, no RAM or more devices than interrupt lines must be refused, not half-built (a VM
+    /// without a vCPU would wait forever). The same limits as `VmConfig::validate`.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        let bad = |why: String| {
+            Err(SnapshotError::State(format!("the snapshot describes a machine ember cannot build: {why}")))
+        };
+        if self.cpus == 0 || self.cpus > crate::config::MAX_CPUS {
+            return bad(format!("{} vCPUs (1 to {})", self.cpus, crate::config::MAX_CPUS));
+        }
+        if self.mem_size_bytes < (2 << 20) || !self.mem_size_bytes.is_multiple_of(4096) {
+            return bad(format!("{} bytes of RAM (at least 2 MiB, whole pages)", self.mem_size_bytes));
+        }
+        if self.virtio_count() > crate::config::MAX_VIRTIO_DEVICES {
+            return bad(format!(
+                "{} virtio devices (at most {})",
+                self.virtio_count(),
+                crate::config::MAX_VIRTIO_DEVICES
+            ));
+        }
+        if self.virtio_count() > 0 && !self.irqchip {
+            return bad("virtio devices without an in-kernel irqchip".into());
+        }
+        Ok(())
+    }
+
     /// How many virtio-mmio slots the machine uses.
     pub fn virtio_count(&self) -> usize {
         self.disks.len() + self.nets.len() + usize::from(self.rng)
@@ -303,7 +329,10 @@ fn parse_header_and_body(
     if body.len() as u64 != len || Sha256::digest(&body)[..] != header[20..52] {
         return Err(SnapshotError::Checksum(name.into()));
     }
-    serde_json::from_slice(&body).map_err(|e| SnapshotError::Decode { path: name.into(), why: e.to_string() })
+    let snap: Snapshot =
+        serde_json::from_slice(&body).map_err(|e| SnapshotError::Decode { path: name.into(), why: e.to_string() })?;
+    snap.machine.check()?;
+    Ok(snap)
 }
 
 #[cfg(test)]
@@ -353,6 +382,26 @@ mod tests {
         let e = parse(&v2).unwrap_err();
         assert!(e.to_string().contains("format version 2; this ember reads version 1"), "{e}");
         assert!(matches!(parse(b"{\"not\": \"a snapshot\"}"), Err(SnapshotError::NotASnapshot(_))));
+    }
+
+    /// A well-formed, checksummed state file that describes an impossible machine.
+    #[test]
+    fn a_machine_ember_cannot_build_is_refused() {
+        for m in [
+            Machine { cpus: 0, ..sample().machine },
+            Machine { mem_size_bytes: 0, ..sample().machine },
+            Machine { mem_size_bytes: (16 << 20) + 1, ..sample().machine },
+            Machine { rng: true, irqchip: false, ..sample().machine },
+        ] {
+            let snap = Snapshot { machine: m.clone(), vcpus: vec![], ..sample() };
+            let mut out = Vec::new();
+            write_state(&snap, &mut out, "state").unwrap();
+            let e = parse(&out).expect_err("refused");
+            assert!(e.to_string().contains("cannot build"), "{m:?}: {e}");
+        }
+        let mut out = Vec::new();
+        write_state(&sample(), &mut out, "state").unwrap();
+        assert!(parse(&out).is_ok());
     }
 
     #[test]
