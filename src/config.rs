@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::bus::BusDevice;
-pub use crate::devices::passt::{GuestIpv4, Publish};
+pub use crate::host::passt::{GuestIpv4, Publish};
 use crate::layout;
 use crate::stats::ExitObservation;
 
@@ -49,7 +49,7 @@ pub struct DiskConfig {
 }
 
 /// One shared folder: `-v HOSTDIR:GUESTDIR[:ro|:rw]` (a virtio-9p device
-/// whose server runs jailed in HOSTDIR, devices/p9_server.rs).
+/// whose server runs jailed in HOSTDIR, host/p9_server.rs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShareConfig {
     /// The directory on the host (absolute once parsed).
@@ -88,7 +88,7 @@ pub enum NetBackendConfig {
         /// Create the tap (it must not exist) and remove it when ember exits.
         create: bool,
     },
-    /// User-mode networking: a passt ember starts for this VM (devices/passt.rs).
+    /// User-mode networking: a passt ember starts for this VM (host/passt.rs).
     User {
         /// Host ports published to guest ports (`-p`).
         publish: Vec<Publish>,
@@ -321,7 +321,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     if first == "user" {
         user = true;
     } else if let Some(name) = first.strip_prefix("tap=") {
-        if !crate::devices::tap::valid_name(name) {
+        if !crate::host::tap::valid_name(name) {
             return Err(bad());
         }
         tap = Some((name.to_string(), false));
@@ -343,7 +343,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
             tap.get_or_insert_with(|| (String::new(), false)).1 = true;
         } else if let Some(name) = opt.strip_prefix("tap=").filter(|_| !user && stream.is_none()) {
             let t = tap.get_or_insert_with(|| (String::new(), false));
-            if !t.0.is_empty() || !crate::devices::tap::valid_name(name) {
+            if !t.0.is_empty() || !crate::host::tap::valid_name(name) {
                 return Err(bad());
             }
             t.0 = name.to_string();
@@ -366,7 +366,7 @@ pub fn parse_net(text: &str) -> Result<NetConfig, ConfigError> {
     } else if let Some(path) = stream {
         let guest = match (ip, gw) {
             (Some((addr, prefix)), Some(gateway)) => {
-                Some(GuestIpv4 { addr, prefix, gateway, dns, mtu: mtu.unwrap_or(crate::devices::passt::MTU) })
+                Some(GuestIpv4 { addr, prefix, gateway, dns, mtu: mtu.unwrap_or(crate::host::passt::MTU) })
             }
             (None, None) if dns.is_none() && mtu.is_none() => None,
             _ => return Err(bad()),

@@ -414,7 +414,7 @@ fn lock_or_stop<'a>(m: &'a Mutex<MmioTransport>, control: &VmControl) -> Option<
 
 /// Moves as many pending bytes as fit into the UART. Returns false if a vCPU
 /// holds the UART: it may be waiting for room to print (stdout not read,
-/// devices/serial_sink.rs), and the loop must never wait for it, or it would
+/// host/serial_sink.rs), and the loop must never wait for it, or it would
 /// not hear the signal or the `Ctrl-a x` that ends that wait. It tries again
 /// shortly.
 fn feed(c: &ConsoleInput, pending: &mut VecDeque<u8>) -> bool {

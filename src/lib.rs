@@ -22,13 +22,15 @@
 //!   bus's host bridge (`devices/pci_host.rs`: config mechanism #1), and
 //!   virtio-mmio (`devices/virtio/`: the transport, the split-virtqueue walk
 //!   every device shares (`virtio/queue.rs`), virtio-blk, virtio-net,
-//!   virtio-rng, virtio-console, virtio-9p), and the host ends behind
-//!   virtio-net (`devices/net_backend.rs`): a tap (`devices/tap.rs`), or a
-//!   stream of length-prefixed frames (`devices/frame_stream.rs`) to the passt
-//!   that `--net user` starts and stops (`devices/passt.rs`); behind
-//!   virtio-9p, a shared folder's file server, a jailed child process
-//!   (`devices/p9_server.rs`); both helpers are held through pidfds
-//!   (`devices/child.rs`).
+//!   virtio-rng, virtio-console, virtio-9p): what the guest sees.
+//! - [`host`]: the host's ends of those devices, which the guest never sees:
+//!   behind virtio-net (`host/net_backend.rs`) a tap (`host/tap.rs`), or a
+//!   stream of length-prefixed frames (`host/frame_stream.rs`) to the passt
+//!   that `--net user` starts and stops (`host/passt.rs`); behind virtio-9p,
+//!   a shared folder's file server, a jailed child process
+//!   (`host/p9_server.rs`); both helpers held through pidfds
+//!   (`host/child.rs`); the writer threads behind the UART and the console
+//!   ports (`host/serial_sink.rs`) and the stdin reader (`host/stdin_source.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why.
@@ -64,14 +66,14 @@
 //! Data path of one byte the command writes to stdout (`--output split`):
 //! the guest's write to its console port queues a chain -> ioeventfd ->
 //! `event_loop.rs` -> `devices/virtio/console.rs` (copy into the port's sink)
-//! -> `devices/serial_sink.rs` (writer thread) -> ember's stdout. Piped stdin
-//! takes the way back: `devices/stdin_source.rs` (reader thread) -> eventfd ->
+//! -> `host/serial_sink.rs` (writer thread) -> ember's stdout. Piped stdin
+//! takes the way back: `host/stdin_source.rs` (reader thread) -> eventfd ->
 //! `event_loop.rs` (`Token::Tap`) -> `console.rs` (copy into the `ember.stdin`
 //! port's receive buffers; PORT_OPEN 0 at the end of the input).
 //!
 //! Data path of one shared-folder request (`-v`): the guest's notify ->
 //! `event_loop.rs` -> `devices/virtio/mmio.rs` -> `devices/virtio/p9.rs`
-//! (the chain's bytes) -> `devices/p9_server.rs` (socket to the jailed
+//! (the chain's bytes) -> `host/p9_server.rs` (socket to the jailed
 //! server process, the `p9` crate, the host's file system) -> the reply into
 //! the chain, add_used -> irqfd.
 //!
@@ -79,7 +81,7 @@
 //! (`Token::Tap`, edge-triggered) -> `devices/virtio/mmio.rs` (host_event) ->
 //! `devices/virtio/net.rs` (read, copy into receive buffers, add_used) -> irqfd.
 //! A transmitted frame takes the virtio-blk path to `net.rs`, which writes it to the tap.
-//! With `--net user` the tap is a socket to passt (`devices/frame_stream.rs`:
+//! With `--net user` the tap is a socket to passt (`host/frame_stream.rs`:
 //! the vnet header swapped for a 4-byte length), which turns frames into host
 //! sockets; a frame it cannot take whole yet waits there, and the event loop's
 //! writable event on the socket resumes the transmit queue.
@@ -112,6 +114,7 @@ pub mod demo;
 pub mod devices;
 pub mod event_loop;
 pub mod guest;
+pub mod host;
 pub mod host_file;
 pub mod image;
 pub mod lane;

@@ -331,7 +331,7 @@ enum RunError {
     Guest(#[from] ember::guest::GuestError),
     /// `--net user`: passt, or the host's addresses it hands out.
     #[error(transparent)]
-    Passt(#[from] ember::devices::passt::PasstError),
+    Passt(#[from] ember::host::passt::PasstError),
     /// A file or directory the run makes for itself.
     #[error("cannot create {0}")]
     Create(PathBuf, #[source] std::io::Error),
@@ -564,8 +564,8 @@ fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, RunError> {
     let is_user = |n: &config::NetConfig| matches!(n.backend, config::NetBackendConfig::User { .. });
     // An image run's default network is best effort: without passt or a
     // default route the image runs without a network, as with --net none.
-    if image && a.net.is_empty() && IMAGE_RUNS_GET_USER_NET && ember::devices::passt::find_binary().is_ok() {
-        match ember::devices::passt::GuestIpv4::from_host() {
+    if image && a.net.is_empty() && IMAGE_RUNS_GET_USER_NET && ember::host::passt::find_binary().is_ok() {
+        match ember::host::passt::GuestIpv4::from_host() {
             Ok(g) => nets.push(config::NetConfig {
                 backend: config::NetBackendConfig::User { publish: vec![], guest: Some(g) },
                 mac: None,
@@ -579,9 +579,9 @@ fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, RunError> {
         Some(config::NetConfig { backend: config::NetBackendConfig::User { publish: p, guest }, .. }) => {
             *p = publish;
             // Said first: without passt, nothing else about the network matters.
-            ember::devices::passt::find_binary()?;
+            ember::host::passt::find_binary()?;
             if guest.is_none() {
-                *guest = Some(ember::devices::passt::GuestIpv4::from_host()?);
+                *guest = Some(ember::host::passt::GuestIpv4::from_host()?);
             }
         }
         _ if !publish.is_empty() => return Err(config::ConfigError::PublishWithoutUser.into()),
@@ -762,7 +762,7 @@ fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
             }
         };
         let sock = scratch.0.join("passt.sock");
-        match ember::devices::passt::Passt::start(&guest, publish, Some(&sock)) {
+        match ember::host::passt::Passt::start(&guest, publish, Some(&sock)) {
             Ok((p, _)) => user_net = Some((p, sock, scratch)),
             Err(e) => {
                 eprintln!("ember: {}", chain(&e));
@@ -1199,10 +1199,10 @@ fn firecracker(fc: FirecrackerArgs, start: Instant) -> u8 {
 fn main() -> ExitCode {
     let start = Instant::now();
     // A shared folder's file server (`-v`): this binary, started by a VM's
-    // ember, jailed in the folder before it reads a request (devices/p9_server.rs).
+    // ember, jailed in the folder before it reads a request (host/p9_server.rs).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv.get(1).is_some_and(|a| a == ember::devices::p9_server::SERVER_ARG) {
-        return ExitCode::from(ember::devices::p9_server::server_main(&argv[2..]).clamp(0, 255) as u8);
+    if argv.get(1).is_some_and(|a| a == ember::host::p9_server::SERVER_ARG) {
+        return ExitCode::from(ember::host::p9_server::server_main(&argv[2..]).clamp(0, 255) as u8);
     }
     // Inside the Linux lane's outer machine: the idle VMs that keep KVM's static keys still (lane/keeper.rs).
     if argv.get(1).is_some_and(|a| a == ember::lane::keeper::KEEPER_ARG) {

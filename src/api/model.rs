@@ -435,7 +435,7 @@ impl VmResources {
 
     /// `PUT /network-interfaces/{id}`: adds or replaces.
     pub fn put_net(&mut self, n: NetworkInterface) -> Result<(), String> {
-        if !crate::devices::tap::valid_name(&n.host_dev_name) {
+        if !crate::host::tap::valid_name(&n.host_dev_name) {
             return Err(format!(
                 "host_dev_name `{}` is not a tap name (1 to 15 bytes, no `/`, `:` or spaces)",
                 n.host_dev_name

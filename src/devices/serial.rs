@@ -97,7 +97,7 @@ impl SerialOutput {
     }
 
     /// Takes at most `bytes` in all, then drops the rest with one warning
-    /// (`--serial file:`, [`crate::devices::serial_sink::SERIAL_FILE_LIMIT`]).
+    /// (`--serial file:`, [`crate::host::serial_sink::SERIAL_FILE_LIMIT`]).
     pub fn with_limit(mut self, bytes: u64) -> Self {
         self.limit = bytes;
         self

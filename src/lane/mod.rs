@@ -106,7 +106,7 @@ pub enum LaneError {
     },
     /// A host tap cannot be handed to the outer machine (missing, or existing despite `,create`).
     #[error(transparent)]
-    Tap(#[from] crate::devices::tap::TapError),
+    Tap(#[from] crate::host::tap::TapError),
     /// What the warm lane's daemon reported (already a whole message).
     #[error("{0}")]
     Daemon(String),

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, AgentMessage, LineBuffer, MarkerStripper, Redirect};
 use super::{Invocation, LaneConfig, LaneError, Outcome};
-use crate::devices::tap::{self, TapError};
+use crate::host::tap::{self, TapError};
 
 /// The outer machine's build script, embedded so an installed ember needs no source tree.
 const BUILD_SCRIPT: &str = include_str!("../../guest-kernels/lane/build-outer.sh");
@@ -600,7 +600,7 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) ->
     cmd
 }
 
-/// Refuses host taps the way ember's own open would (`devices::tap::Tap::open`): without `,create`
+/// Refuses host taps the way ember's own open would (`host::tap::Tap::open`): without `,create`
 /// the tap must exist (QEMU would silently create a fresh one), with `,create` it must not.
 fn check_host_taps(config: &LaneConfig) -> Result<(), LaneError> {
     for t in &config.host_taps {

@@ -54,7 +54,7 @@ pub enum ThreadKind {
     /// The thread that called `Vmm::run`: the event loop, then teardown and
     /// the exit report (`--stats`, `--timeline`).
     Main,
-    /// The serial console's stdout writer (devices/serial_sink.rs).
+    /// The serial console's stdout writer (host/serial_sink.rs).
     SerialOut,
     /// Copies a non-pollable stdin (a file, /dev/null) into a pipe (event_loop.rs).
     StdinCopy,
@@ -279,7 +279,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             map.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![kick])?]);
             // Stopping and reaping passt (`--net user`) at teardown: SIGTERM
             // through a pidfd, and waitid(P_PIDFD), so only a child ember
-            // holds a pidfd for (devices/passt.rs).
+            // holds a pidfd for (host/passt.rs).
             let term = Cond::new(1, Len::Dword, Op::Eq, libc::SIGTERM as u64)?;
             map.insert(libc::SYS_pidfd_send_signal, vec![SeccompRule::new(vec![term])?]);
             let by_pidfd = Cond::new(0, Len::Dword, Op::Eq, libc::P_PIDFD as u64)?;
@@ -318,7 +318,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
             map.insert(libc::SYS_setsockopt, vec![SeccompRule::new(vec![sol_socket, sndtimeo])?]);
         }
         // std::io::copy: read/write, or the kernel's copy calls after an fstat; the console's
-        // stdin reader (devices/stdin_source.rs) also polls for a hang-up.
+        // stdin reader (host/stdin_source.rs) also polls for a hang-up.
         ThreadKind::StdinCopy => allow(
             &mut map,
             &[

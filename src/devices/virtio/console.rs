@@ -57,8 +57,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{finish, merge, pop_chain};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
-use crate::devices::serial_sink::StdoutSink;
-use crate::devices::stdin_source::StdinSource;
+use crate::host::serial_sink::StdoutSink;
+use crate::host::stdin_source::StdinSource;
 
 /// Feature bit: the device has multiple ports and a control queue pair (5.3.3).
 pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1;

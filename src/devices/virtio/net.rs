@@ -1,7 +1,7 @@
 //! virtio-net (virtio 1.2, section 5.1): an Ethernet NIC in the guest (eth0
-//! in Linux) whose other end is on the host ([`crate::devices::net_backend`]):
-//! a tap interface ([`crate::devices::tap`]) or a stream of frames to passt
-//! ([`crate::devices::frame_stream`]).
+//! in Linux) whose other end is on the host ([`crate::host::net_backend`]):
+//! a tap interface ([`crate::host::tap`]) or a stream of frames to passt
+//! ([`crate::host::frame_stream`]).
 //!
 //! What the guest sees: device ID 1, two queues (0 receiveq1, 1 transmitq1),
 //! a configuration space with the MAC and the link status (always up), and
@@ -55,8 +55,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::queue::{collect_chain, drain_queue_while, finish, merge, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
-use crate::devices::net_backend::NetBackend;
-use crate::devices::tap::VNET_HDR_LEN;
+use crate::host::net_backend::NetBackend;
+use crate::host::tap::VNET_HDR_LEN;
 
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -560,7 +560,7 @@ mod tests {
         assert_eq!(rc, 0);
         // SAFETY: fresh descriptors from socketpair.
         let (a, b) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
-        let mut net = Net::new(NetBackend::Tap(crate::devices::tap::Tap::fake(a)), [0x52, 0x54, 0, 1, 2, 3]);
+        let mut net = Net::new(NetBackend::Tap(crate::host::tap::Tap::fake(a)), [0x52, 0x54, 0, 1, 2, 3]);
         net.activate(features);
         (net, b, testutil::memory(), testutil::queue(16))
     }

@@ -13,7 +13,7 @@
 //! to exact virtio-queue and vm-memory versions and which, like every
 //! passthrough server, must be jailed). The `p9` crate speaks through plain
 //! `Read`/`Write`, so its server can run in a separate, jailed process behind
-//! one socket ([`crate::devices::p9_server`]) and this device stays a
+//! one socket ([`crate::host::p9_server`]) and this device stays a
 //! 100-line byte mover. The price is speed (no DAX window, a round trip per
 //! 64 KiB): measured in the README.
 //!
@@ -33,7 +33,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::queue::{drain_queue, read_config_bytes};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
-use crate::devices::p9_server::{self, FsServer, MAX_MESSAGE};
+use crate::host::p9_server::{self, FsServer, MAX_MESSAGE};
 
 /// The virtio device ID of a 9P transport.
 pub const VIRTIO_ID_9P: u32 = 9;

@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::devices::child::ChildProcess;
+use crate::host::child::ChildProcess;
 
 /// The first argument that turns the ember binary into a file server.
 pub const SERVER_ARG: &str = "__ember-9p-server";

@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{StopReason, VmControl};
-use crate::devices::serial_sink::spawn_with_signals_blocked;
+use crate::host::serial_sink::spawn_with_signals_blocked;
 use crate::sandbox::{self, SeccompMode, ThreadKind};
 
 /// Input read ahead of the guest before the reader waits.

@@ -1,5 +1,5 @@
-//! The host end of a virtio-net device: a tap ([`crate::devices::tap`],
-//! `--net tap=NAME`) or a frame stream ([`crate::devices::frame_stream`]: to
+//! The host end of a virtio-net device: a tap ([`crate::host::tap`],
+//! `--net tap=NAME`) or a frame stream ([`crate::host::frame_stream`]: to
 //! passt for `--net user`, or to a socket or character device for
 //! `--net stream=PATH`).
 //!

@@ -1,5 +1,5 @@
 //! Ethernet frames over a byte stream, the host end of a virtio-net device
-//! whose other side is passt (`--net user`, [`crate::devices::passt`]) or any
+//! whose other side is passt (`--net user`, [`crate::host::passt`]) or any
 //! peer that speaks the same protocol (`--net stream=PATH`).
 //!
 //! The protocol is the one of QEMU's `-netdev stream` and passt's socket

@@ -3,7 +3,7 @@
 //! 0.0~git20230309; <https://passt.top>).
 //!
 //! passt is a user-mode network stack: it reads the guest's Ethernet frames
-//! from a stream ([`crate::devices::frame_stream`]) and turns them into
+//! from a stream ([`crate::host::frame_stream`]) and turns them into
 //! ordinary sockets on the host, so the guest needs no tap, bridge or root.
 //! It answers ARP, NDP, DHCP and DHCPv6 itself, gives the guest the host's own
 //! address and gateway (from the interface with the default route), and maps
@@ -25,7 +25,7 @@
 //!   is made writable for others first (only the two processes hold it).
 //!
 //! Stopping: SIGTERM through a pidfd, then waitid(P_PIDFD)
-//! ([`crate::devices::child`]): the sandboxed main thread may only signal and
+//! ([`crate::host::child`]): the sandboxed main thread may only signal and
 //! reap the children it holds pidfds for.
 
 use std::ffi::OsString;
@@ -38,7 +38,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::devices::child::ChildProcess;
+use crate::host::child::ChildProcess;
 
 use thiserror::Error;
 
