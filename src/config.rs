@@ -687,7 +687,7 @@ mod tests {
         let rel = parse_share(".:/src").unwrap();
         assert!(rel.host.is_absolute(), "a relative HOSTDIR is made absolute");
         for (bad, why) in [
-            (format!("{t}"), "HOSTDIR:GUESTDIR"),
+            (t.to_string(), "HOSTDIR:GUESTDIR"),
             (format!("{t}:rel"), "absolute"),
             (format!("{t}:/a/../b"), "`..`"),
             (format!("{t}:/a,b"), "commas"),

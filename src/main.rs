@@ -937,7 +937,7 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
         Ok(o) => exit_code_for(&o.reason),
         Err(e) => error_code(e),
     };
-    print_timeline(&args, &timeline, &outcome);
+    print_timeline(args, &timeline, &outcome);
     code
 }
 

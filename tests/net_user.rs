@@ -22,7 +22,7 @@ use netns::NetNs;
 
 /// A namespace with a veth pair (both ends inside) and an IPv4 default route.
 fn user_ns(tag: &str) -> Option<NetNs> {
-    if ember::devices::passt::find_binary().is_err() {
+    if ember::host::passt::find_binary().is_err() {
         skipped("passt is not installed (apt install passt): --net user tests not run");
         return None;
     }

@@ -34,7 +34,7 @@ fn lane() -> Option<MutexGuard<'static, LinuxLane>> {
             eprintln!("SKIPPED: /dev/kvm absent — --net user Linux tests not run");
             return None;
         }
-        if ember::devices::passt::find_binary().is_err() {
+        if ember::host::passt::find_binary().is_err() {
             eprintln!("SKIPPED: passt is not installed (apt install passt) — --net user Linux tests not run");
             return None;
         }
@@ -233,7 +233,7 @@ echo rc $rc1 $rc2
 #[test]
 fn published_port_is_on_the_host_loopback_in_either_lane() {
     use std::process::{Command, Stdio};
-    if !Path::new("/dev/kvm").exists() || ember::devices::passt::find_binary().is_err() {
+    if !Path::new("/dev/kvm").exists() || ember::host::passt::find_binary().is_err() {
         eprintln!("SKIPPED: no /dev/kvm or no passt");
         return;
     }

@@ -149,7 +149,7 @@ fn bad_nets_fail_at_start_up() {
         let ns = NetNs { name };
         ns.enter_this_thread();
         std::mem::forget(ns);
-        let tap = ember::devices::tap::Tap::open("ebad0", false).expect("open the tap");
+        let tap = ember::host::tap::Tap::open("ebad0", false).expect("open the tap");
         held_tx.send(()).unwrap();
         let _ = release_rx.recv();
         drop(tap);

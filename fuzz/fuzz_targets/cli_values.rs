@@ -83,7 +83,7 @@ fn net(text: &str) {
     }
     let Ok(n) = config::parse_net(text) else { return };
     if let config::NetBackendConfig::Tap { name, .. } = &n.backend {
-        assert!(ember::devices::tap::valid_name(name), "{text:?}");
+        assert!(ember::host::tap::valid_name(name), "{text:?}");
     }
     if let Some(m) = n.mac {
         assert_eq!(m[0] & 1, 0, "multicast MAC accepted: {text:?}");

@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use ember::bus::BusDevice;
 use ember::control::VmControl;
 use ember::devices::irq::IrqLine;
-use ember::devices::serial_sink::StdoutSink;
-use ember::devices::stdin_source::StdinSource;
+use ember::host::serial_sink::StdoutSink;
+use ember::host::stdin_source::StdinSource;
 use ember::devices::virtio::console::{
     Console, Port, VIRTIO_CONSOLE_DEVICE_ADD, VIRTIO_CONSOLE_DEVICE_READY, VIRTIO_CONSOLE_PORT_NAME,
     VIRTIO_CONSOLE_PORT_OPEN, VIRTIO_CONSOLE_PORT_READY,

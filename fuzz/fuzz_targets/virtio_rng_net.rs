@@ -16,8 +16,8 @@ use std::os::fd::FromRawFd;
 
 use ember::bus::BusDevice;
 use ember::devices::irq::IrqLine;
-use ember::devices::net_backend::NetBackend;
-use ember::devices::tap::Tap;
+use ember::host::net_backend::NetBackend;
+use ember::host::tap::Tap;
 use ember::devices::virtio::mmio::MmioTransport;
 use ember::devices::virtio::net::Net;
 use ember::devices::virtio::rng::{MAX_BYTES_PER_REQUEST, Rng};

@@ -342,6 +342,6 @@ mod tests {
         let mut buf = vec![0u8; VNET_HDR_LEN + MAX_STREAM_FRAME];
         assert!(s.read_frame(&mut buf).is_err());
         assert_eq!(s.read_frame(&mut buf).unwrap(), None);
-        assert!(s.write_frame(&mut vec![0u8; 40]).is_err());
+        assert!(s.write_frame(&mut [0u8; 40]).is_err());
     }
 }

@@ -468,7 +468,7 @@ const MOUNT_ATTR_NODEV: u64 = 0x4;
 
 /// Steps 1-4 of the module header, in this (single-threaded) process.
 fn jail(dir: &Path, read_only: bool) -> Result<(), String> {
-    // SAFETY (whole function): plain system calls on NUL-terminated paths and
+    // SAFETY: (the whole function) plain system calls on NUL-terminated paths and
     // properly sized structures; every result is checked.
     unsafe {
         let (uid, gid) = (libc::getuid(), libc::getgid());

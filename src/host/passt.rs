@@ -430,8 +430,7 @@ impl Passt {
             let why = msg
                 .lines()
                 .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("Failed to send") && !l.contains("Changing to nobody"))
-                .next_back()
+                .rfind(|l| !l.is_empty() && !l.starts_with("Failed to send") && !l.contains("Changing to nobody"))
                 .unwrap_or("it exited without a message")
                 .to_string();
             return Err(PasstError::Failed(why));

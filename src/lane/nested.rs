@@ -434,11 +434,11 @@ impl OuterMachine {
                     }
                     if let Some(f) = progress.as_mut() {
                         // The request dir is a 9p share without caching: the bytes are here as written.
-                        if let Ok(all) = fs::read(req.join("stderr")) {
-                            if all.len() > seen {
-                                f(&all[seen..]);
-                                seen = all.len();
-                            }
+                        if let Ok(all) = fs::read(req.join("stderr"))
+                            && all.len() > seen
+                        {
+                            f(&all[seen..]);
+                            seen = all.len();
                         }
                     }
                     if last_ping.elapsed() >= PING_EVERY {
