@@ -81,9 +81,11 @@ mkdir -p "$root"
 # cpio stops at the first trailer, so skip to the second archive: the first
 # "070701" magic after the first "TRAILER!!!".
 gzip -dc "$initramfs" >"$tmp/initramfs.cpio"
-trailer=$(grep -obUaF 'TRAILER!!!' "$tmp/initramfs.cpio" | head -n1 | cut -d: -f1)
+# Each awk reads its whole input: a reader that quits early (head, awk's exit) makes grep die of
+# SIGPIPE, which pipefail turns into this script's failure (exit 141, seen in CI).
+trailer=$(grep -obUaF 'TRAILER!!!' "$tmp/initramfs.cpio" | awk -F: 'NR == 1 { print $1 }')
 [ -n "$trailer" ] || die "no cpio trailer in $initramfs"
-start=$(grep -obUaF '070701' "$tmp/initramfs.cpio" | cut -d: -f1 | awk -v t="$trailer" '$1 > t { print; exit }')
+start=$(grep -obUaF '070701' "$tmp/initramfs.cpio" | cut -d: -f1 | awk -v t="$trailer" '$1 > t && !n++ { print }')
 [ -n "$start" ] || die "no second archive in $initramfs"
 tail -c +"$((start + 1))" "$tmp/initramfs.cpio" | (cd "$root" && cpio --quiet -id --no-absolute-filenames)
 rm "$tmp/initramfs.cpio"
