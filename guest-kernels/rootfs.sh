@@ -48,7 +48,7 @@ ensure_packages e2fsprogs cpio
 initramfs=$(bash "$here/initramfs.sh" | sed -n 's/^EMBER_INITRAMFS=//p')
 [ -f "$initramfs" ] || die "initramfs.sh printed no EMBER_INITRAMFS line"
 
-e2fs_version=$(mkfs.ext4 -V 2>&1 | head -n1)
+e2fs_version=$(mkfs.ext4 -V 2>&1 | sed -n 1p)
 key=$(
 	{
 		echo "$initramfs"
@@ -81,8 +81,8 @@ mkdir -p "$root"
 # cpio stops at the first trailer, so skip to the second archive: the first
 # "070701" magic after the first "TRAILER!!!".
 gzip -dc "$initramfs" >"$tmp/initramfs.cpio"
-# Each awk reads its whole input: a reader that quits early (head, awk's exit) makes grep die of
-# SIGPIPE, which pipefail turns into this script's failure (exit 141, seen in CI).
+# Each awk reads its whole input: a reader that quits early (head, awk's exit) makes the writer die
+# of SIGPIPE, which pipefail turns into this script's failure (exit 141, seen in CI; also above).
 trailer=$(grep -obUaF 'TRAILER!!!' "$tmp/initramfs.cpio" | awk -F: 'NR == 1 { print $1 }')
 [ -n "$trailer" ] || die "no cpio trailer in $initramfs"
 start=$(grep -obUaF '070701' "$tmp/initramfs.cpio" | cut -d: -f1 | awk -v t="$trailer" '$1 > t && !n++ { print }')

@@ -76,7 +76,7 @@ version() { dpkg-query -W -f='${Package} ${Version}\n' "$1" 2>/dev/null || echo 
 key=$(
 	{
 		for p in fio iperf3 libc6; do version "$p"; done
-		mkfs.ext4 -V 2>&1 | head -n1
+		mkfs.ext4 -V 2>&1 | sed -n 1p
 		echo "$libs"
 		cat "$self"
 	} | sha256sum | cut -c1-16

@@ -46,7 +46,7 @@ if ((${#missing[@]})); then
 fi
 
 # --- 2. which kernel: the one linux-image-amd64 depends on ---------------------------------------------
-kpkg="$(dpkg-query -W -f='${Depends}' linux-image-amd64 | tr ',|' '\n\n' | sed -n 's/^ *\(linux-image-[0-9][^ ]*\).*/\1/p' | head -n1)"
+kpkg="$(dpkg-query -W -f='${Depends}' linux-image-amd64 | tr ',|' '\n\n' | sed -n 's/^ *\(linux-image-[0-9][^ ]*\).*/\1/p' | sed -n 1p)"
 [[ -n "$kpkg" ]] || die "cannot tell which kernel linux-image-amd64 depends on"
 kver="${kpkg#linux-image-}"
 kernel="/boot/vmlinuz-$kver"
@@ -104,7 +104,7 @@ declare -A seen=()
 order=()
 dep_line() { # module name -> "path: dep dep ..." (names may use - or _)
     local alt="${1//_/[-_]}"
-    grep -E "/${alt}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" | head -n1
+    grep -E "/${alt}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" | sed -n 1p
 }
 add_module() {
     local name="$1" line path deps d
