@@ -199,3 +199,26 @@ fn outer_machine_without_svm_fails_clearly() {
     };
     assert!(err.contains("no SVM"), "{err}");
 }
+
+/// The outer machine's QEMU runs under its own seccomp filter on every thread (`-sandbox on` with
+/// spawn, privilege and resource calls denied: lane/nested.rs), and the machine still works under it.
+#[test]
+fn outer_machine_qemu_is_sandboxed() {
+    if !nested() {
+        eprintln!("direct lane: no outer machine, no QEMU to sandbox");
+        return;
+    }
+    let mut l = lane();
+    let pid = l.outer_machine_pid().expect("a nested lane has an outer machine");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("QEMU's threads");
+    let mut seen = 0;
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim);
+        assert_eq!(seccomp, Some("2"), "QEMU thread {:?} has no seccomp filter:\n{status}", task.file_name());
+        seen += 1;
+    }
+    assert!(seen > 1, "QEMU (pid {pid}) showed {seen} threads");
+    let out = l.run(&sh("echo still-working")).unwrap();
+    assert_eq!(out.stdout_lossy(), "still-working\n", "stderr: {}", out.stderr_lossy());
+}

@@ -351,6 +351,14 @@ impl LinuxLane {
         }
     }
 
+    /// The outer machine's QEMU process, when the lane is nested and its machine runs.
+    pub fn outer_machine_pid(&self) -> Option<u32> {
+        match &self.host {
+            GuestHost::Nested { machine: Some(m), .. } => Some(m.qemu_pid()),
+            _ => None,
+        }
+    }
+
     /// Which lane this is, in one line.
     pub fn describe(&self) -> String {
         match &self.host {

@@ -319,6 +319,11 @@ impl OuterMachine {
         Ok(())
     }
 
+    /// The QEMU process's id.
+    pub fn qemu_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The host directory holding this machine's sockets, logs and requests.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -547,6 +552,12 @@ fn qemu_command(config: &LaneConfig, a: &Artifacts, dir: &Path, slots: usize) ->
         append.push_str(&format!(" ember_keeper={k}"));
     }
     let mut cmd = Command::new(&a.qemu);
+    // QEMU's own seccomp filter (#11: the helpers ember starts get the least they need). `on` denies
+    // the syscalls a device model never needs (reboot, swapon, kexec, module loading, ...); on top,
+    // `obsolete` (old calls), `elevateprivileges` (setuid and friends), `spawn` (fork/exec: taps are
+    // opened with script=no, so QEMU starts nothing) and `resourcecontrol` (affinity, priorities).
+    // QEMU stays root: its 9p shares (security_model=none) must read what the user names.
+    cmd.args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", &config.cpu_model])
         .args(["-smp", &config.cpus.to_string(), "-m", &format!("{}M", config.memory_mib)])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
