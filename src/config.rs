@@ -187,6 +187,10 @@ pub struct VmConfig {
     /// stdout and stderr, while the serial console's output (kernel messages)
     /// is not shown (`ember run --output split`; devices/virtio/console.rs).
     pub split_output: bool,
+    /// The VM will be saved at its init's snapshot point (`ember run --save-snapshot`): with
+    /// `split_output`, its console also gets an `ember.stdin` port, left unconnected for the
+    /// restore to connect to its own stdin (or not: `ember run --from-snapshot`).
+    pub for_saving: bool,
     /// ACPI tables (x86/acpi.rs), with the virtio devices in the DSDT instead
     /// of on the command line; off (`--acpi=off`): the MP table and
     /// `virtio_mmio.device=` only, for kernels built without CONFIG_ACPI.
@@ -555,6 +559,7 @@ impl VmConfig {
             rng: RngMode::Auto,
             seccomp: crate::sandbox::SeccompMode::On,
             split_output: false,
+            for_saving: false,
             acpi: true,
         }
     }

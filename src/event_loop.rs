@@ -129,8 +129,8 @@ pub struct Sources<'a, 'b> {
 pub struct ConsoleInput {
     /// The UART that receives the bytes.
     pub serial: Arc<Mutex<Serial>>,
-    /// The descriptor to read host input from.
-    pub fd: RawFd,
+    /// The descriptor to read host input from; None: only `prefill` (stdin goes elsewhere).
+    pub fd: Option<RawFd>,
     /// Interpret `Ctrl-a x` (only on a terminal).
     pub escape: bool,
     /// The UART's drained eventfd.
@@ -254,9 +254,11 @@ pub fn run(
     let mut _pipe_keepalive = None;
     if let Some(c) = &console {
         add(c.drained.as_raw_fd(), Token::InputDrained)?;
-        let (fd, pipe) = pollable(&epoll, c.fd, seccomp)?;
-        input_fd = Some(fd);
-        _pipe_keepalive = pipe;
+        if let Some(fd) = c.fd {
+            let (fd, pipe) = pollable(&epoll, fd, seccomp)?;
+            input_fd = Some(fd);
+            _pipe_keepalive = pipe;
+        }
     }
     let mut stdin_polled = input_fd.is_some();
     let mut pending: VecDeque<u8> = console.as_ref().map(|c| c.prefill.iter().copied().collect()).unwrap_or_default();

@@ -534,11 +534,17 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
         }
     };
     if a.save_snapshot.is_some() {
-        // A known limit of a saved default guest, for now: a snapshot does not carry the
-        // virtio-console of split output, so it is saved with one console. (With ACPI tables its
-        // init once never reached the snapshot point: COM1 had no interrupt on a hardware-reduced
-        // machine until the DSDT named it, x86/acpi.rs.)
-        cfg.split_output = false;
+        // A saved default guest keeps the virtio-console of split output (its state is in the
+        // snapshot), whatever this run's terminal: each `--from-snapshot` run chooses whether the
+        // command's stdio use its ports (it tells the init: `restored_init_line`). The run that
+        // saves shows nothing of the guest's console either way.
+        cfg.for_saving = true;
+        if a.output == OutputArg::Auto {
+            cfg.split_output = a.kernel.is_none()
+                && a.initrd.is_none()
+                && a.root_disk.is_none()
+                && cfg.serial == config::SerialMode::Stdio;
+        }
     }
     Ok(Plan { cfg, _scratch: scratch, image_disk })
 }
@@ -883,7 +889,15 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
                 return EXIT_VMM_ERROR;
             }
         };
-        let inner: Vec<std::ffi::OsString> = raw.into_iter().skip(1).collect();
+        let mut inner: Vec<std::ffi::OsString> = raw.into_iter().skip(1).collect();
+        // The inner ember's stdio are never terminals: it gets `--output` as resolved here.
+        if args.output == OutputArg::Auto
+            && let Some(at) = inner.iter().position(|a| a == "run")
+        {
+            let serial = config::parse_serial(&args.serial).unwrap_or(config::SerialMode::Stdio);
+            let split = restore_splits_output(args, &serial);
+            inner.insert(at + 1, if split { "--output=split" } else { "--output=console" }.into());
+        }
         // The machine may write the saved VM's read-write disks (and nothing else).
         let writable: Vec<PathBuf> =
             machine.disks.iter().filter(|d| !d.read_only).map(|d| PathBuf::from(&d.path)).collect();
@@ -902,6 +916,7 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
             return EXIT_VMM_ERROR;
         }
     };
+    let split_output = restore_splits_output(args, &serial);
     let restore = ember::vmm::RestoreConfig {
         state,
         memory,
@@ -912,6 +927,7 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
             ember::sandbox::SeccompMode::On
         },
         resume: true,
+        split_output,
         tap_overrides: Vec::new(),
     };
     // The init reads one line: the command as `ember.argv=...`, or nothing for a shell.
@@ -929,6 +945,7 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
         }
     };
     let outcome = Vmm::restore(&restore, timeline.clone()).and_then(|mut vmm| {
+        let line = restored_init_line(&line, &vmm, restore.split_output);
         vmm.queue_console_input(format!("{line}\n").as_bytes());
         vmm.run()
     });
@@ -939,6 +956,34 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
     };
     print_timeline(args, &timeline, &outcome);
     code
+}
+
+/// Whether a restored guest's command writes to the console's ports (`--output`, as for a
+/// booted one: split unless ember's stdin and stdout are both terminals).
+fn restore_splits_output(args: &RunArgs, serial: &config::SerialMode) -> bool {
+    match args.output {
+        OutputArg::Split => true,
+        OutputArg::Console => false,
+        OutputArg::Auto => {
+            *serial == config::SerialMode::Stdio && !(ember::console::is_tty(0) && ember::console::is_tty(1))
+        }
+    }
+}
+
+/// The line a restored init reads at its snapshot point (guest-kernels/init, "The snapshot
+/// protocol"): the command's `ember.argv=...` (none: a shell), then how its stdio are wired when
+/// the guest was saved with console ports: `ember.stdin=port` (stdin is the `ember.stdin` port)
+/// or `ember.output=console` (everything on the serial console, as on a terminal).
+fn restored_init_line(argv: &str, vmm: &Vmm, split: bool) -> String {
+    let mut words: Vec<&str> = [argv].into_iter().filter(|w| !w.is_empty()).collect();
+    if vmm.has_console_ports() {
+        if !split {
+            words.push("ember.output=console");
+        } else if vmm.stdin_on_port() {
+            words.push("ember.stdin=port");
+        }
+    }
+    words.join(" ")
 }
 
 /// `--timeline`'s report at the end of a run (booted or restored): the

@@ -265,9 +265,15 @@ impl Vmm {
         let mut virtio = open_virtio_devices(cfg, rng, &mut passts)?;
         let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let mut port_sinks = Vec::new();
-        let stdin_port = cfg.split_output && linux && stdin_wants_port(&cfg.serial);
+        let stdin_port = cfg.split_output && linux && !cfg.for_saving && stdin_wants_port(&cfg.serial);
         if cfg.split_output && linux {
-            let (console, sinks) = create_console(&control, cfg.seccomp, stdin_port)?;
+            let mut ports = vec![("ember.stdout", PortHost::Stdout), ("ember.stderr", PortHost::Stderr)];
+            if stdin_port {
+                ports.push(("ember.stdin", PortHost::Stdin));
+            } else if cfg.for_saving {
+                ports.push(("ember.stdin", PortHost::Unconnected));
+            }
+            let (console, sinks) = create_console(&control, cfg.seccomp, &ports)?;
             virtio.push(("virtio-console", Box::new(console)));
             port_sinks = sinks;
             if virtio.len() > config::MAX_VIRTIO_DEVICES {
@@ -364,6 +370,7 @@ impl Vmm {
                 .collect(),
             rng,
             linux,
+            console: !port_sinks.is_empty(),
         };
         let spec = DeviceSpec {
             serial: &cfg.serial,
@@ -438,7 +445,33 @@ impl Vmm {
         cfg.mem_size_bytes = machine.mem_size_bytes;
         cfg.disks = machine.disk_configs();
         cfg.nets = machine.net_configs();
-        let virtio = open_virtio_devices(&cfg, machine.rng, &mut Vec::new())?;
+        let mut virtio = open_virtio_devices(&cfg, machine.rng, &mut Vec::new())?;
+        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
+        // The console of a split-output guest: the same ports, on this run's stdout and stderr;
+        // its input port on this run's stdin when that is how the command is fed, else unconnected.
+        let mut port_sinks = Vec::new();
+        let mut stdin_port = false;
+        if machine.console {
+            let saved = machine.console_ports(&snap.transports).ok_or_else(|| {
+                SnapshotError::State("the snapshot's machine has a console but no console state".into())
+            })?;
+            stdin_port = r.split_output && saved.iter().any(|p| p.input) && stdin_wants_port(&r.serial);
+            let ports: Vec<(&str, PortHost)> = saved
+                .iter()
+                .map(|p| {
+                    let host = match (p.input, p.name.as_str()) {
+                        (true, _) if stdin_port => PortHost::Stdin,
+                        (true, _) => PortHost::Unconnected,
+                        (false, "ember.stderr") => PortHost::Stderr,
+                        (false, _) => PortHost::Stdout,
+                    };
+                    (p.name.as_str(), host)
+                })
+                .collect();
+            let (console, sinks) = create_console(&control, r.seccomp, &ports)?;
+            virtio.push(("virtio-console", Box::new(console)));
+            port_sinks = sinks;
+        }
         timeline.mark("ember: snapshot read, devices reopened");
 
         // 1-2. /dev/kvm, the VM.
@@ -454,13 +487,12 @@ impl Vmm {
 
         // 4-5. Nothing to load: the kernel and its structures are in guest RAM.
         // 6. Devices, in their saved state.
-        let control = Arc::new(VmControl::new().map_err(|e| VmmError::Host("an eventfd", e))?);
         let spec = DeviceSpec {
             serial: &r.serial,
             irqchip: machine.irqchip,
             seccomp: r.seccomp,
             extra_pio: &[],
-            console_ports: false,
+            console_ports: machine.console && r.split_output,
         };
         let mut devices = create_devices(&vm, &mem, &spec, virtio, Some(&snap.serial), &control, &timeline)?;
         lock_device(&devices.i8042)?.restore_state(&snap.i8042);
@@ -497,7 +529,7 @@ impl Vmm {
             kernel_range: (0, 0),
             initrd: None,
         };
-        Ok(Vmm::assemble(
+        let mut vmm = Vmm::assemble(
             kvm,
             vm,
             mem,
@@ -510,9 +542,22 @@ impl Vmm {
             r.serial.clone(),
             r.seccomp,
             timeline,
+            port_sinks,
             Vec::new(),
-            Vec::new(),
-        ))
+        );
+        vmm.stdin_on_port = stdin_port;
+        Ok(vmm)
+    }
+
+    /// Whether the VM has the virtio-console of split output (a restored one: whether it was
+    /// saved with one).
+    pub fn has_console_ports(&self) -> bool {
+        self.machine.console
+    }
+
+    /// Whether the guest command's stdin is the console's `ember.stdin` port, fed from ember's stdin.
+    pub fn stdin_on_port(&self) -> bool {
+        self.stdin_on_port
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -611,9 +656,13 @@ impl Vmm {
             SerialMode::Stdio => RawTerminal::enable(stdin_fd),
             _ => None,
         };
-        let console = (self.serial_mode == SerialMode::Stdio && !self.stdin_on_port).then(|| ConsoleInput {
+        // With stdin on the console's port, the serial console only gets the bytes queued for it
+        // (a restored init's command line), not stdin.
+        let console = (self.serial_mode == SerialMode::Stdio
+            && (!self.stdin_on_port || !self.console_prefill.is_empty()))
+        .then(|| ConsoleInput {
             serial: self.serial.clone(),
-            fd: stdin_fd,
+            fd: (!self.stdin_on_port).then_some(stdin_fd),
             // Also when the Linux lane's client, which holds the user's terminal, says so: there
             // this ember's stdin is a pipe from that terminal (lane::warm::ESCAPE_ENV).
             escape: console::is_tty(stdin_fd)
@@ -821,6 +870,9 @@ pub struct RestoreConfig {
     pub seccomp: SeccompMode,
     /// Run at once (else: paused until a resume request).
     pub resume: bool,
+    /// A saved console's ports carry the command's stdout and stderr (`--output split`); else
+    /// the serial console carries everything and the ports stay unused.
+    pub split_output: bool,
     /// (interface id, tap): attach these interfaces to other taps than at the snapshot.
     pub tap_overrides: Vec<(String, String)>,
 }
@@ -895,30 +947,48 @@ fn stdin_wants_port(serial: &SerialMode) -> bool {
         && std::env::var_os(crate::lane::warm::ESCAPE_ENV).is_none_or(|v| v != "1")
 }
 
-/// The virtio-console device of `VmConfig::split_output`: port 0
-/// `ember.stdout` to a copy of fd 1, port 1 `ember.stderr` to a copy of fd 2,
-/// each through its own writer thread, and with `stdin`, port 2
-/// `ember.stdin` from a copy of fd 0 through a reader thread.
+/// The host end of one console port.
+#[derive(Clone, Copy)]
+enum PortHost {
+    /// Guest output to a copy of fd 1, through its own writer thread.
+    Stdout,
+    /// Guest output to a copy of fd 2.
+    Stderr,
+    /// Guest input from a copy of fd 0, through a reader thread.
+    Stdin,
+    /// Guest input with nothing behind it yet (a VM to be saved).
+    Unconnected,
+}
+
+/// The virtio-console device of `VmConfig::split_output`, with `ports` in order: `ember run`
+/// gives `ember.stdout`, `ember.stderr` and, when the command reads ember's stdin, `ember.stdin`.
 fn create_console(
     control: &Arc<VmControl>,
     seccomp: SeccompMode,
-    stdin: bool,
+    ports: &[(&str, PortHost)],
 ) -> Result<(Console, Vec<StdoutSink>), VmmError> {
     let room = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmmError::Host("an eventfd", e))?);
-    let mut ports = Vec::new();
+    let mut made = Vec::new();
     let mut sinks = Vec::new();
-    for (fd, name, thread) in [(1, "ember.stdout", "console-out"), (2, "ember.stderr", "console-err")] {
-        let sink = StdoutSink::for_device(dup_fd(fd)?, control.clone(), seccomp, thread, room.clone())
-            .map_err(|e| VmmError::Host("a console output thread", e))?;
-        ports.push(Port::new(name, sink.clone()));
-        sinks.push(sink);
+    for &(name, host) in ports {
+        let mut out = |fd, thread| -> Result<Port, VmmError> {
+            let sink = StdoutSink::for_device(dup_fd(fd)?, control.clone(), seccomp, thread, room.clone())
+                .map_err(|e| VmmError::Host("a console output thread", e))?;
+            sinks.push(sink.clone());
+            Ok(Port::new(name, sink))
+        };
+        made.push(match host {
+            PortHost::Stdout => out(1, "console-out")?,
+            PortHost::Stderr => out(2, "console-err")?,
+            PortHost::Stdin => {
+                let source = StdinSource::spawn(dup_fd(0)?, control.clone(), seccomp, room.clone())
+                    .map_err(|e| VmmError::Host("the console's stdin thread", e))?;
+                Port::input(name, source)
+            }
+            PortHost::Unconnected => Port::unconnected_input(name),
+        });
     }
-    if stdin {
-        let source = StdinSource::spawn(dup_fd(0)?, control.clone(), seccomp, room.clone())
-            .map_err(|e| VmmError::Host("the console's stdin thread", e))?;
-        ports.push(Port::input("ember.stdin", source));
-    }
-    Ok((Console::new(ports, room), sinks))
+    Ok((Console::new(made, room), sinks))
 }
 
 /// Step 2 of both recipes: KVM_CREATE_VM, and with `irqchip` the in-kernel PIC, IOAPIC and PIT.

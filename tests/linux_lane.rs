@@ -811,7 +811,33 @@ fn a_saved_guest_restores_runs_a_command_and_reads_its_disk() {
     assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), "written-before\n", "{}", show(&o));
     let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "echo", "a b", "'c'"]) else { return };
     assert_eq!(o.status, 0, "{}", show(&o));
-    assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), "a b 'c'\n", "{}", show(&o));
+    assert_eq!(o.stdout_lossy(), "a b 'c'\n", "console ports: bytes unchanged, no CR: {}", show(&o));
+    // The saved console's ports carry the restored command's stdio: stdout and stderr apart, byte
+    // exact, and a piped stdin arrives whole and then ends...
+    let input = b"line one\n\x00\xffno newline at the end";
+    let script = "cat; echo to-stderr >&2; exit 3";
+    let Some(o) = ember_stdin(&["run", "--from-snapshot", &dir.s("saved"), "--", "sh", "-c", script], input) else {
+        return;
+    };
+    assert_eq!(o.status, 3, "{}", show(&o));
+    assert_eq!(o.stdout, input, "{}", show(&o));
+    assert_eq!(o.stderr_lossy(), "to-stderr\n", "{}", show(&o));
+    // ...and with --output=console everything shares the serial console, as on a terminal.
+    let Some(o) = ember(&[
+        "run",
+        "--from-snapshot",
+        &dir.s("saved"),
+        "--output=console",
+        "--",
+        "sh",
+        "-c",
+        "echo on-out; echo on-err >&2; ls /dev/vport*",
+    ]) else {
+        return;
+    };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    let out = o.stdout_lossy().replace("\r\n", "\n");
+    assert!(out.contains("on-out\n") && out.contains("on-err\n") && out.contains("/dev/vport"), "{}", show(&o));
     // Its timers run: a sleep ends (the armed TSC deadline is restored after the LAPIC), and so
     // poweroff, which waits on timers, ends the VM with 0.
     let Some(o) = ember(&["run", "--from-snapshot", &dir.s("saved"), "--", "sh", "-c", "sleep 1; echo slept"]) else {

@@ -451,6 +451,8 @@ impl Api {
             serial: self.options.serial.clone(),
             seccomp: self.options.seccomp,
             resume: l.resume_vm,
+            // An API client reads the serial console; a saved console's ports stay unused.
+            split_output: false,
             tap_overrides: l.network_overrides.iter().map(|o| (o.iface_id.clone(), o.host_dev_name.clone())).collect(),
         };
         let resp = self.boot(Boot::Restore(Box::new(r)), !l.resume_vm);

@@ -130,4 +130,40 @@ pub struct TransportState {
     pub queues: Vec<QueueState>,
     /// Whether each queue's setup so far was valid.
     pub queue_setup_valid: Vec<bool>,
+    /// What the device behind the transport keeps of its own (only virtio-console keeps
+    /// anything: `VirtioDevice::save_state`).
+    #[serde(default)]
+    pub device: Option<DeviceState>,
+}
+
+/// A virtio device's own state, for the device types that keep one between requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// virtio-console (devices/virtio/console.rs).
+    Console(ConsoleState),
+}
+
+/// virtio-console's control-protocol state (virtio 1.2, 5.3.6.2): what the driver was told
+/// about each port, and the control messages it has not yet received.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleState {
+    /// The ports, in order; a restore rebuilds the same names and directions.
+    pub ports: Vec<ConsolePortState>,
+    /// Control messages (header and payload) waiting for a buffer on the control receiveq.
+    pub pending: Vec<Vec<u8>>,
+}
+
+/// One console port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsolePortState {
+    /// Its name in the guest (`ember.stdout`, ...).
+    pub name: String,
+    /// Guest input (`ember.stdin`) rather than output.
+    pub input: bool,
+    /// The driver sent PORT_READY.
+    pub ready: bool,
+    /// A guest process has the port open.
+    pub guest_open: bool,
+    /// The guest was told the input ended (PORT_OPEN 0).
+    pub closed: bool,
 }

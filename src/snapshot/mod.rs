@@ -41,7 +41,7 @@ use crate::config::{DiskConfig, NetConfig};
 /// The first bytes of every state file.
 pub const MAGIC: &[u8; 8] = b"EMBERSNP";
 /// The state file's format version; bump it whenever `Snapshot` changes shape or meaning.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// Largest state body ember reads (a 254-vCPU VM's state is a few MiB).
 const MAX_BODY_BYTES: u64 = 64 << 20;
 const HEADER_BYTES: usize = 52;
@@ -191,6 +191,10 @@ pub struct Machine {
     /// The kernel was Linux (then a host whose KVM cannot run Linux restores it in the nested lane).
     #[serde(default)]
     pub linux: bool,
+    /// A virtio-console (split output), after every other virtio device; its ports are in its
+    /// saved state (`devices::ConsoleState`).
+    #[serde(default)]
+    pub console: bool,
 }
 
 impl Machine {
@@ -222,7 +226,21 @@ impl Machine {
 
     /// How many virtio-mmio slots the machine uses.
     pub fn virtio_count(&self) -> usize {
-        self.disks.len() + self.nets.len() + usize::from(self.rng)
+        self.disks.len() + self.nets.len() + usize::from(self.rng) + usize::from(self.console)
+    }
+
+    /// The saved console's ports, when the machine has a console.
+    pub fn console_ports<'a>(
+        &self,
+        transports: &'a [devices::TransportState],
+    ) -> Option<&'a [devices::ConsolePortState]> {
+        if !self.console {
+            return None;
+        }
+        match transports.last().and_then(|t| t.device.as_ref()) {
+            Some(devices::DeviceState::Console(c)) => Some(&c.ports),
+            None => None,
+        }
     }
 
     /// The disks as `--disk` would give them.

@@ -59,6 +59,7 @@ use super::queue::{finish, merge, pop_chain};
 use super::{QueueOutcome, VirtioDevice, guest_warn};
 use crate::host::serial_sink::StdoutSink;
 use crate::host::stdin_source::StdinSource;
+use crate::snapshot::devices::{ConsolePortState, ConsoleState, DeviceState};
 
 /// Feature bit: the device has multiple ports and a control queue pair (5.3.3).
 pub const VIRTIO_CONSOLE_F_MULTIPORT: u64 = 1;
@@ -83,6 +84,8 @@ const CONTROL_RX: usize = 2;
 const CONTROL_TX: usize = 3;
 /// Size of `struct virtio_console_control` (le32 id, le16 event, le16 value).
 const CONTROL_LEN: usize = 8;
+/// Longest port name a saved control message may carry (PORT_NAME's payload).
+const MAX_PORT_NAME: usize = 256;
 
 /// One port: its name in the guest, and where its bytes go or come from.
 pub struct Port {
@@ -100,8 +103,10 @@ pub struct Port {
 enum PortEnd {
     /// Guest output, to a sink.
     Out(StdoutSink),
-    /// Guest input, from a source; `closed` once the guest was told it ended.
-    In { source: StdinSource, closed: bool },
+    /// Guest input, from a source; `closed` once the guest was told it ended. No source yet: a
+    /// VM saved for later (`ember run --save-snapshot`) has its input port unconnected, neither
+    /// with data nor ended; a restore rebuilds the port with this run's stdin, or unconnected again.
+    In { source: Option<StdinSource>, closed: bool },
 }
 
 impl Port {
@@ -112,7 +117,22 @@ impl Port {
 
     /// A port named `name` (`ember.stdin`) whose input comes from `source`.
     pub fn input(name: &str, source: StdinSource) -> Port {
-        Port { name: name.to_string(), end: PortEnd::In { source, closed: false }, ready: false, guest_open: false }
+        Port {
+            name: name.to_string(),
+            end: PortEnd::In { source: Some(source), closed: false },
+            ready: false,
+            guest_open: false,
+        }
+    }
+
+    /// An input port named `name` with nothing connected yet.
+    pub fn unconnected_input(name: &str) -> Port {
+        Port {
+            name: name.to_string(),
+            end: PortEnd::In { source: None, closed: false },
+            ready: false,
+            guest_open: false,
+        }
     }
 }
 
@@ -309,7 +329,8 @@ impl Console {
     /// until either runs out or one queue's worth is served; once the input
     /// has ended and every byte was delivered, queues PORT_OPEN 0 for the port.
     fn process_rx(&mut self, p: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueOutcome {
-        let Some(Port { end: PortEnd::In { source, .. }, guest_open: true, .. }) = self.ports.get(p) else {
+        let Some(Port { end: PortEnd::In { source: Some(source), .. }, guest_open: true, .. }) = self.ports.get(p)
+        else {
             // Not an input port, or nobody in the guest reads it yet: the
             // guest's PORT_OPEN brings the queue back (process_control).
             return QueueOutcome::Quiet;
@@ -358,7 +379,7 @@ impl Console {
     /// it has not added yet would be dropped, virtio_console.c
     /// `handle_control_message`).
     fn close_finished_input(&mut self, p: usize) {
-        if let Some(Port { end: PortEnd::In { source, closed }, ready: true, .. }) = self.ports.get_mut(p)
+        if let Some(Port { end: PortEnd::In { source: Some(source), closed }, ready: true, .. }) = self.ports.get_mut(p)
             && !*closed
             && source.finished()
         {
@@ -500,6 +521,54 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.pending.clear();
+    }
+
+    fn save_state(&self) -> Option<DeviceState> {
+        let ports = self
+            .ports
+            .iter()
+            .map(|p| ConsolePortState {
+                name: p.name.clone(),
+                input: matches!(p.end, PortEnd::In { .. }),
+                ready: p.ready,
+                guest_open: p.guest_open,
+                closed: matches!(p.end, PortEnd::In { closed: true, .. }),
+            })
+            .collect();
+        Some(DeviceState::Console(ConsoleState { ports, pending: self.pending.iter().cloned().collect() }))
+    }
+
+    /// The rebuilt console must have the saved ports (names and directions, in order); the host
+    /// ends are the new ones, the driver's view of each port the saved one.
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        let Some(DeviceState::Console(s)) = state else {
+            return Err("virtio-console: the snapshot holds no console state".into());
+        };
+        let same = s.ports.len() == self.ports.len()
+            && s.ports
+                .iter()
+                .zip(&self.ports)
+                .all(|(a, b)| a.name == b.name && a.input == matches!(b.end, PortEnd::In { .. }));
+        if !same {
+            let names = |v: Vec<&str>| v.join(", ");
+            return Err(format!(
+                "virtio-console: the snapshot's ports ({}) are not the rebuilt ones ({})",
+                names(s.ports.iter().map(|p| p.name.as_str()).collect()),
+                names(self.ports.iter().map(|p| p.name.as_str()).collect())
+            ));
+        }
+        if s.pending.iter().any(|m| m.len() < CONTROL_LEN || m.len() > CONTROL_LEN + MAX_PORT_NAME) {
+            return Err("virtio-console: a saved control message has an impossible size".into());
+        }
+        for (port, saved) in self.ports.iter_mut().zip(&s.ports) {
+            port.ready = saved.ready;
+            port.guest_open = saved.guest_open;
+            if let PortEnd::In { closed, .. } = &mut port.end {
+                *closed = saved.closed;
+            }
+        }
+        self.pending = s.pending.iter().cloned().collect();
+        Ok(())
     }
 
     fn host_fd(&self) -> Option<RawFd> {
@@ -647,7 +716,7 @@ mod tests {
         assert_eq!(c.tx_port(1), Some(0));
         let data = b"raw\r\x03\x04 bytes\n";
         std::fs::File::from(w).write_all(data).unwrap(); // and closes: the end of the input
-        let PortEnd::In { source, .. } = &c.ports[0].end else { unreachable!() };
+        let PortEnd::In { source: Some(source), .. } = &c.ports[0].end else { unreachable!() };
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !source.has_data() || !source.shared_eof_for_test() {
             assert!(std::time::Instant::now() < end, "the reader thread never saw the input");
@@ -705,5 +774,64 @@ mod tests {
         publish(&mem, &mut avail, &[0]);
         assert_eq!(c.process_control_rx(&mut q, &mem), Ok(true));
         assert_eq!(used(&mem).1, vec![(0, 8)], "the message was cut by the empty buffer");
+    }
+
+    /// A console with an output port and an unconnected input port, as a VM to be saved has.
+    fn saved_kind() -> (Console, std::fs::File) {
+        let (mut c, r, _s) = console();
+        c.ports.push(Port::unconnected_input("ember.stdin"));
+        c.queue_sizes = vec![QUEUE_SIZE; 2 * c.ports.len() + 2];
+        (c, r)
+    }
+
+    #[test]
+    fn state_round_trips_and_an_unconnected_input_neither_has_data_nor_ends() {
+        let (mut c, _r) = saved_kind();
+        c.handle_control(ctrl(0, VIRTIO_CONSOLE_DEVICE_READY, 1));
+        c.handle_control(ctrl(1, VIRTIO_CONSOLE_PORT_READY, 1));
+        c.handle_control(ctrl(0, VIRTIO_CONSOLE_PORT_OPEN, 1));
+        // Ready, but nothing connected: no PORT_OPEN 0 (end of input) is queued for it.
+        assert_eq!(c.pending.len(), 2 + 2, "DEVICE_ADD per port, then PORT_NAME and PORT_OPEN 1 for port 1");
+        let saved = c.save_state();
+        assert!(saved.is_some(), "a console keeps state");
+        let Some(DeviceState::Console(s)) = &saved else { unreachable!() };
+        assert_eq!(
+            s.ports[1],
+            ConsolePortState { name: "ember.stdin".into(), input: true, ready: true, guest_open: false, closed: false }
+        );
+        assert!(s.ports[0].guest_open && !s.ports[0].ready);
+
+        let (mut fresh, _r2) = saved_kind();
+        fresh.restore_state(saved.as_ref()).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        // A restore with this run's stdin behind the port (here one that has ended): the end is
+        // told to the guest, after the saved messages.
+        let (mut fresh, _r3, _s3) = console();
+        let (r, w) = pipe();
+        drop(w);
+        let control = Arc::new(VmControl::new().unwrap());
+        let source = StdinSource::spawn(OwnedFd::from(r), control, SeccompMode::Off, fresh.room.clone()).unwrap();
+        fresh.ports.push(Port::input("ember.stdin", source));
+        fresh.restore_state(saved.as_ref()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while fresh.pending.len() == 4 && std::time::Instant::now() < deadline {
+            fresh.close_finished_input(1);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(fresh.pending.back().map(|m| m[..8].to_vec()), Some(ctrl(1, VIRTIO_CONSOLE_PORT_OPEN, 0).to_vec()));
+    }
+
+    #[test]
+    fn a_restore_refuses_other_ports_and_impossible_messages() {
+        let (c, _r) = saved_kind();
+        let saved = c.save_state();
+        let (mut other, _r2, _s) = console();
+        let err = other.restore_state(saved.as_ref()).unwrap_err();
+        assert!(err.contains("ember.stdin"), "{err}");
+        assert!(other.restore_state(None).is_err(), "a console without saved state");
+        let Some(DeviceState::Console(mut s)) = saved else { unreachable!() };
+        s.pending.push(vec![0; 3]);
+        let (mut fresh, _r3) = saved_kind();
+        assert!(fresh.restore_state(Some(&DeviceState::Console(s))).is_err());
     }
 }

@@ -133,6 +133,7 @@ impl MmioTransport {
             config_generation: self.config_generation,
             queues: self.queues.iter().map(|q| q.state().into()).collect(),
             queue_setup_valid: self.queue_setup_valid.clone(),
+            device: self.device.save_state(),
         }
     }
 
@@ -158,6 +159,7 @@ impl MmioTransport {
             }
             queues.push(q);
         }
+        self.device.restore_state(s.device.as_ref())?;
         self.queues = queues;
         self.queue_setup_valid = s.queue_setup_valid.clone();
         self.queue_setup_valid.resize(self.queues.len(), true);

@@ -38,6 +38,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
+use crate::snapshot::devices::DeviceState;
+
 /// A device asks the transport for this after serving a queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueOutcome {
@@ -102,6 +104,18 @@ pub trait VirtioDevice: Send {
     /// it with the device's `queues`.
     fn process_host_event(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> QueueOutcome {
         QueueOutcome::Quiet
+    }
+    /// What the device keeps between requests beyond its transport's registers and queues, for
+    /// a snapshot; None for the stateless devices (block, rng, net: snapshot/devices.rs).
+    fn save_state(&self) -> Option<DeviceState> {
+        None
+    }
+    /// Takes back what [`VirtioDevice::save_state`] gave (None for a stateless device).
+    fn restore_state(&mut self, state: Option<&DeviceState>) -> Result<(), String> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err(format!("virtio device type {} keeps no state of its own", self.device_type())),
+        }
     }
 }
 
