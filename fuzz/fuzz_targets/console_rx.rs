@@ -188,9 +188,8 @@ fn host_bytes() -> &'static [u8] {
 fn guest_memory() -> GuestMemoryMmap {
     static MEM: OnceLock<GuestMemoryMmap> = OnceLock::new();
     static ZEROS: [u8; MEM_SIZE as usize] = [0; MEM_SIZE as usize];
-    let mem = MEM.get_or_init(|| {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
-    });
+    let mem = MEM
+        .get_or_init(|| GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory"));
     mem.write_slice(&ZEROS, GuestAddress(0)).expect("all of guest RAM");
     mem.clone()
 }
