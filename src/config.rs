@@ -516,6 +516,13 @@ pub fn parse_serial(text: &str) -> Result<SerialMode, ConfigError> {
 
 /// Host RAM in bytes, from /proc/meminfo (None if it cannot be read).
 pub fn host_mem_bytes() -> Option<u64> {
+    // Read once: `validate` asks for every config (fuzz/boot_tables thousands of times a second),
+    // and /proc/meminfo costs tens of microseconds to produce.
+    static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(read_mem_total)
+}
+
+fn read_mem_total() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -24,13 +24,14 @@ const CMDLINE: &str = "console=ttyS0 quiet";
 /// `XEN_HVM_START_MAGIC_VALUE` (xen/include/public/arch-x86/hvm/start_info.h).
 const PVH_MAGIC: u32 = 0x336e_c578;
 
-/// The kernel or the initrd: an unnamed file (O_TMPFILE, open(2)) reached by
-/// its /proc/self/fd path, so no run, however it ends, leaves files in /tmp.
+/// The kernel or the initrd: a memfd (memfd_create(2): a regular file in
+/// memory, cheaper to rewrite every run than one on disk) reached by its
+/// /proc/self/fd path, so no run, however it ends, leaves files behind.
 fn scratch(name: &str) -> &'static (File, PathBuf) {
     fn unnamed() -> (File, PathBuf) {
-        // SAFETY: open(2) with a valid C string; the descriptor is owned below.
-        let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
-        assert!(fd >= 0, "O_TMPFILE in /tmp: {}", std::io::Error::last_os_error());
+        // SAFETY: memfd_create(2) with a valid C string; the descriptor is owned below.
+        let fd = unsafe { libc::memfd_create(c"fuzz-kernel-load".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: a fresh descriptor from open(2), owned by this File only.
         (unsafe { File::from_raw_fd(fd) }, PathBuf::from(format!("/proc/self/fd/{fd}")))
     }
@@ -40,11 +41,11 @@ fn scratch(name: &str) -> &'static (File, PathBuf) {
     cell.get_or_init(unnamed)
 }
 
-/// Replaces the contents of a scratch file.
+/// Replaces the contents of a scratch file (overwritten in place, then cut to length).
 fn put(name: &str, bytes: &[u8]) {
     let f = &scratch(name).0;
-    f.set_len(0).expect("truncate");
     f.write_all_at(bytes, 0).expect("write");
+    f.set_len(bytes.len() as u64).expect("truncate");
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -28,21 +28,20 @@ const MEM_SIZE: usize = 256 << 10;
 /// The image: 64 sectors.
 const IMAGE_SIZE: u64 = 64 * 512;
 
-/// The image: an unnamed file (O_TMPFILE, open(2)) opened through its
-/// /proc/self/fd path, so no run, however it ends, leaves a file in /tmp.
-fn image() -> &'static PathBuf {
+/// The image: a memfd (memfd_create(2), a regular file in memory) opened
+/// through its /proc/self/fd path, so no run, however it ends, leaves a file
+/// behind.
+fn image() -> &'static (File, PathBuf) {
     static IMAGE: OnceLock<(File, PathBuf)> = OnceLock::new();
-    &IMAGE
-        .get_or_init(|| {
-            // SAFETY: open(2) with a valid C string; the descriptor is owned below.
-            let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
-            assert!(fd >= 0, "O_TMPFILE in /tmp: {}", std::io::Error::last_os_error());
-            // SAFETY: a fresh descriptor from open(2), owned by this File only.
-            let f = unsafe { File::from_raw_fd(fd) };
-            f.set_len(IMAGE_SIZE).expect("size the image");
-            (f, PathBuf::from(format!("/proc/self/fd/{fd}")))
-        })
-        .1
+    IMAGE.get_or_init(|| {
+        // SAFETY: memfd_create(2) with a valid C string; the descriptor is owned below.
+        let fd = unsafe { libc::memfd_create(c"fuzz-virtio-blk".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor, owned by this File only.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(IMAGE_SIZE).expect("size the image");
+        (f, PathBuf::from(format!("/proc/self/fd/{fd}")))
+    })
 }
 
 fn w(t: &mut MmioTransport, reg: u32, value: u32) {
@@ -58,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(&data[..n], GuestAddress(0)).expect("in range");
     let word = |i: usize| u32::from_le_bytes([data[i], data[i + 1], data[i + 2], data[i + 3]]);
 
-    let disk = DiskConfig { path: image().clone(), read_only: data[0] & 1 != 0, id: None };
+    let disk = DiskConfig { path: image().1.clone(), read_only: data[0] & 1 != 0, id: None };
     let Ok(block) = Block::open(&disk) else { return };
     let irq = EventFd::new(EFD_NONBLOCK).expect("an eventfd");
     let mut t = MmioTransport::new(Box::new(block), mem, IrqLine::Irqfd(irq));
@@ -81,5 +80,5 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..=data[2] % 4 {
         w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     }
-    assert_eq!(std::fs::metadata(image()).map(|m| m.len()).ok(), Some(IMAGE_SIZE), "the image never grows");
+    assert_eq!(image().0.metadata().map(|m| m.len()).ok(), Some(IMAGE_SIZE), "the image never grows");
 });

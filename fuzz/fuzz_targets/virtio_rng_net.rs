@@ -60,27 +60,55 @@ impl Ring {
         [(self.desc, self.desc + 16 * n), (self.avail, self.avail + 6 + 2 * n), (self.used, self.used + 6 + 8 * n)]
     }
 
+    /// The descriptor table as it stands: (addr, len, flags, next) of each
+    /// entry, read once (a walk per chain reading guest memory link by link
+    /// cost more than the device); an entry outside RAM reads as
+    /// (0, 0, 0, u16::MAX), what a failed read of each field gave.
+    fn table(&self, mem: &GuestMemoryMmap) -> Vec<(u64, u32, u16, u16)> {
+        let n = usize::from(self.size);
+        let mut raw = vec![0u8; 16 * n];
+        let whole = mem.read_slice(&mut raw, GuestAddress(self.desc)).is_ok();
+        (0..n)
+            .map(|i| {
+                let d = &mut raw[16 * i..16 * i + 16];
+                if !whole && mem.read_slice(d, GuestAddress(self.desc + 16 * i as u64)).is_err() {
+                    return (0, 0, 0, u16::MAX);
+                }
+                let d = &*d;
+                (
+                    u64::from_le_bytes(d[..8].try_into().expect("8 bytes")),
+                    u32::from_le_bytes(d[8..12].try_into().expect("4 bytes")),
+                    u16::from_le_bytes([d[12], d[13]]),
+                    u16::from_le_bytes([d[14], d[15]]),
+                )
+            })
+            .collect()
+    }
+
     /// Device-writable buffers of the chains at `heads` (a walk of the
-    /// descriptor table as the driver wrote it, at most `size` links each).
+    /// descriptor table as the driver wrote it, at most `size` links each;
+    /// each distinct head walked once: the same walk gives the same buffers).
     fn writable(&self, mem: &GuestMemoryMmap, heads: &[u16]) -> Vec<(u64, u64)> {
+        let table = self.table(mem);
+        let mut walked = vec![false; usize::from(self.size)];
         let mut out = Vec::new();
         for &h in heads {
+            if h >= self.size || std::mem::replace(&mut walked[usize::from(h)], true) {
+                continue;
+            }
             let mut i = h;
             for _ in 0..self.size {
                 if i >= self.size {
                     break;
                 }
-                let d = self.desc + 16 * u64::from(i);
-                let addr: u64 = mem.read_obj(GuestAddress(d)).unwrap_or(0);
-                let len: u32 = mem.read_obj(GuestAddress(d + 8)).unwrap_or(0);
-                let flags: u16 = mem.read_obj(GuestAddress(d + 12)).unwrap_or(0);
+                let (addr, len, flags, next) = table[usize::from(i)];
                 if flags & 2 != 0 {
                     out.push((addr, addr.saturating_add(u64::from(len))));
                 }
                 if flags & 1 == 0 {
                     break;
                 }
-                i = mem.read_obj(GuestAddress(d + 14)).unwrap_or(u16::MAX);
+                i = next;
             }
         }
         out
@@ -92,15 +120,26 @@ impl Ring {
         if idx > self.size {
             return None;
         }
-        (0..idx).map(|i| mem.read_obj(GuestAddress(self.avail + 4 + 2 * u64::from(i))).ok()).collect()
+        // One read of the entries: it fails exactly when one of them lies outside RAM.
+        let mut raw = vec![0u8; 2 * usize::from(idx)];
+        mem.read_slice(&mut raw, GuestAddress(self.avail + 4)).ok()?;
+        Some(raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
     }
 
     /// (head, len) of each used entry.
     fn used_entries(&self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap_or(0);
-        (0..idx.min(self.size))
+        let n = usize::from(idx.min(self.size));
+        let mut raw = vec![0u8; 8 * n];
+        if mem.read_slice(&mut raw, GuestAddress(self.used + 4)).is_ok() {
+            return raw
+                .chunks_exact(8)
+                .map(|e| (u32::from_le_bytes([e[0], e[1], e[2], e[3]]), u32::from_le_bytes([e[4], e[5], e[6], e[7]])))
+                .collect();
+        }
+        (0..n as u64)
             .map(|i| {
-                let e = self.used + 4 + 8 * u64::from(i);
+                let e = self.used + 4 + 8 * i;
                 (mem.read_obj(GuestAddress(e)).unwrap_or(u32::MAX), mem.read_obj(GuestAddress(e + 4)).unwrap_or(0))
             })
             .collect()
@@ -204,7 +243,9 @@ fuzz_target!(|data: &[u8]| {
     // the transmit ring).
     if let (Some(p), Some(Some(heads)), true) = (&peer, offered.get(1), apart) {
         let mut frames = 0;
-        let mut buf = vec![0u8; 128 << 10];
+        // A frame is at most 64 KiB (MAX_FRAME_LEN); one buffer for every run.
+        static BUF: std::sync::Mutex<[u8; 128 << 10]> = std::sync::Mutex::new([0; 128 << 10]);
+        let mut buf = BUF.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: a non-blocking recv into a live buffer.
         while unsafe { libc::recv(std::os::fd::AsRawFd::as_raw_fd(p), buf.as_mut_ptr().cast(), buf.len(), 0) } >= 0 {
             frames += 1;

@@ -306,16 +306,17 @@ impl FidPaths {
             (_, RWALK) => {
                 let (Some(fid), Some(newfid), Some(n)) = (b.u32(), b.u32(), b.u16()) else { return };
                 let walked = reply.get(7..9).map(|q| u16::from_le_bytes([q[0], q[1]]));
-                let mut path = self.paths.get(&fid).cloned();
+                // A partial walk leaves newfid unset: no path to build (fuzz/p9_server
+                // spent most of its time building long ones only to drop them).
+                let mut path = self.paths.get(&fid).cloned().filter(|_| walked == Some(n));
                 for _ in 0..n {
-                    path = match (path, b.str()) {
-                        (Some(p), Some(name)) => child_path(&p, name),
-                        _ => None,
-                    };
+                    // Once a name is missing or refused, the walk has no path.
+                    let Some(p) = path else { break };
+                    path = b.str().and_then(|name| child_path(&p, name));
                 }
                 match path {
-                    Some(p) if walked == Some(n) => self.paths.insert(newfid, p),
-                    _ => self.paths.remove(&newfid),
+                    Some(p) => self.paths.insert(newfid, p),
+                    None => self.paths.remove(&newfid),
                 };
             }
             (_, RLCREATE) => {

@@ -57,11 +57,10 @@ fn config_table(num_cpus: u8) -> Vec<u8> {
 
     for cpu in 0..num_cpus {
         let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 };
-        let mut e = vec![MP_PROCESSOR, cpu, APIC_VERSION, flags];
-        e.extend_from_slice(&0x600u32.to_le_bytes()); // CPU signature: family 6
-        e.extend_from_slice(&0x201u32.to_le_bytes()); // feature flags: FPU, APIC
-        e.extend_from_slice(&[0; 8]);
-        entries.extend(e);
+        entries.extend_from_slice(&[MP_PROCESSOR, cpu, APIC_VERSION, flags]);
+        entries.extend_from_slice(&0x600u32.to_le_bytes()); // CPU signature: family 6
+        entries.extend_from_slice(&0x201u32.to_le_bytes()); // feature flags: FPU, APIC
+        entries.extend_from_slice(&[0; 8]);
         count += 1;
     }
     entries.extend_from_slice(&[MP_BUS, BUS_ISA, b'I', b'S', b'A', b' ', b' ', b' ']);
