@@ -193,15 +193,21 @@ for n in 1 2; do
         nc -l -p 80 < /tmp/page &
         dd if=/dev/urandom of=/tmp/data bs=1M count=1 2>/dev/null &&
         echo guest-sha$n \$(sha256sum < /tmp/data) && timeout 200 nc 10.0.0.1 500$n < /tmp/data &&
-        sleep 8 && echo sent$n" > $D/out$n 2>&1 &
+        sleep 30 && echo sent$n" > $D/out$n 2>&1 &
     eval "VM$n=\$!"
 done
-for n in 1 2; do
-    for i in $(seq 300); do
+# Both ports are tried in turn until each has answered: a VM that came up first must not wait
+# behind the other (each serves its page from boot until 30 s after its transfer).
+left="1 2"
+for i in $(seq 300); do
+    still=
+    for n in $left; do
         r=$($IN busybox nc -w 2 127.0.0.1 1808$n </dev/null 2>/dev/null)
-        [ -n "$r" ] && { echo "host-read$n $r"; break; }
-        sleep 0.2
+        if [ -n "$r" ]; then echo "host-read$n $r"; else still="$still $n"; fi
     done
+    left=$still
+    [ -z "$left" ] && break
+    sleep 0.2
 done
 wait $VM1; rc1=$?
 wait $VM2; rc2=$?
