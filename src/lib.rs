@@ -91,7 +91,8 @@
 //! image), [`image`] (container images: references, registry pulls and
 //! archives into a store, layers flattened into a squashfs root, the
 //! `docker run` rules for the command), [`lane`] (the nested machine that runs
-//! Linux guests on hosts whose KVM cannot), [`bench`] (`ember bench`: the same
+//! Linux guests on hosts whose KVM cannot; `lane/fallback.rs`: when `ember
+//! run` goes there, and the inner ember's command line), [`bench`] (`ember bench`: the same
 //! payload, or the same image, on the host, in containers and in VMs).
 //!
 //! Path of `ember run IMAGE CMD`: `main.rs` (docker-style arguments) ->

@@ -11,6 +11,8 @@
 //! names ([`LaneConfig::host_taps`]), so the inner ember's `--net` reaches the user's tap unchanged.
 //!
 //! Code map:
+//! - [`fallback`]: `ember run`'s way here: whether the host's KVM can run the guest, and the inner
+//!   ember's command line (resolved kernel and image, `--net user` through the host's passt).
 //! - [`flavour`]: which KVM the host has, and whether Linux guests need the nested lane.
 //! - [`keeper`]: idle VMs the outer machine holds so inner boots never flip KVM's static keys.
 //! - [`nested`]: the outer machine: artifacts (`guest-kernels/lane/build-outer.sh`), QEMU, the agent.
@@ -46,6 +48,7 @@
 //! A lane held in a `static` is never dropped; its QEMU still dies with the test process
 //! (PR_SET_PDEATHSIG) and its work dir is removed by the next lane that starts.
 
+pub mod fallback;
 pub mod flavour;
 pub mod keeper;
 pub mod nested;
@@ -442,7 +445,7 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
 /// [`LaneConfig::host_taps`]).
 ///
 /// `user_net`: the socket of a passt on this host that the inner ember's `--net stream=`[`USER_NET_PORT`]
-/// reaches (see [`LaneConfig::user_net`]); main.rs starts that passt and rewrites `--net user`.
+/// reaches (see [`LaneConfig::user_net`]); [`fallback`] starts that passt and rewrites `--net user`.
 pub fn run_interactive(
     ember_bin: &Path,
     ember_args: &[OsString],
