@@ -123,6 +123,9 @@ pub enum LaneError {
     },
 }
 
+/// Where a long run's stderr goes as it is written ([`LinuxLane::run_with_progress`]).
+pub type Progress<'a> = &'a mut dyn FnMut(&[u8]);
+
 /// One run of the ember binary.
 #[derive(Debug, Clone, Default)]
 pub struct Invocation {
@@ -327,7 +330,7 @@ impl LinuxLane {
         program: &Path,
         inv: &Invocation,
         timeout: Duration,
-        progress: Option<&mut dyn FnMut(&[u8])>,
+        progress: Option<Progress<'_>>,
     ) -> Result<Outcome, LaneError> {
         match &mut self.host {
             GuestHost::Direct => {

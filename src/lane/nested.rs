@@ -415,7 +415,7 @@ impl OuterMachine {
         program: &Path,
         inv: &Invocation,
         timeout: Duration,
-        mut progress: Option<&mut dyn FnMut(&[u8])>,
+        mut progress: Option<super::Progress<'_>>,
     ) -> Result<Outcome, LaneError> {
         let (id, req) = self.new_request(program, inv, true)?;
         let start = Instant::now();
