@@ -1,16 +1,17 @@
 //! What the user asked for, as plain data: `VmConfig` is built by the CLI (or a
 //! test, or `ember demo`) and checked here before any KVM call is made, so that a
 //! bad flag is answered with one clear sentence instead of an ioctl error.
+//!
+//! `VmConfig` describes the VM and nothing else; what a tool adds around it (exit
+//! recording, a demo's extra port) is `extras::Extras`, given to `Vmm::new` beside it.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::bus::BusDevice;
 pub use crate::host::passt::{GuestIpv4, Publish};
 use crate::layout;
-use crate::stats::ExitObservation;
 
 /// Where the guest's COM1 output goes and where its input comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,7 +148,7 @@ pub const MAX_VIRTIO_DEVICES: usize = (layout::IOAPIC_PINS - layout::VIRTIO_IRQ_
 pub enum KernelSource {
     /// A file on the host: an ELF vmlinux (64-bit or PVH entry) or a bzImage.
     Path(PathBuf),
-    /// An image built into the ember binary (`ember demo`).
+    /// An image in ember's own memory: the guests built into the binary (`ember demo`), tests.
     Builtin(&'static [u8]),
 }
 
@@ -168,10 +169,6 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// In-kernel irqchip choice.
     pub irqchip: IrqchipMode,
-    /// What to record about VM exits (`--stats`, `--trace-exits`, `ember demo`).
-    pub observe: ExitObservation,
-    /// Extra port-I/O devices (`ember demo`'s hypercall chapter); empty for `ember run`.
-    pub extra_pio: Vec<ExtraPioDevice>,
     /// virtio-blk disks, in order: the first is /dev/vda in Linux.
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in order: the first is eth0 in Linux.
@@ -191,25 +188,6 @@ pub struct VmConfig {
     /// of on the command line; off (`--acpi=off`): the MP table and
     /// `virtio_mmio.device=` only, for kernels built without CONFIG_ACPI.
     pub acpi: bool,
-}
-
-/// A device a tool adds to the port-I/O bus next to ember's own.
-#[derive(Clone)]
-pub struct ExtraPioDevice {
-    /// First port.
-    pub port: u16,
-    /// Number of ports.
-    pub len: u16,
-    /// Name in statistics and traces.
-    pub name: &'static str,
-    /// The device.
-    pub device: std::sync::Arc<std::sync::Mutex<dyn BusDevice>>,
-}
-
-impl std::fmt::Debug for ExtraPioDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} at port {:#x}+{}", self.name, self.port, self.len)
-    }
 }
 
 /// Largest vCPU count we offer: the MP table and our APIC ids are 8-bit, and KVM's
@@ -547,8 +525,6 @@ impl VmConfig {
             mem_size_bytes: 256 << 20,
             serial: SerialMode::Stdio,
             irqchip: IrqchipMode::Auto,
-            observe: ExitObservation::default(),
-            extra_pio: Vec::new(),
             disks: Vec::new(),
             nets: Vec::new(),
             shares: Vec::new(),

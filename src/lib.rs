@@ -3,6 +3,8 @@
 //! # Code map
 //! The boot sequence, in the order `Vmm::new` runs it:
 //! - [`config`]: what the user asked for, validated before any KVM call.
+//! - [`extras`]: what a tool adds beside it: exit recording (`--stats`,
+//!   `ember demo`), a demo's extra port-I/O device.
 //! - [`vmm`]: the recipe: /dev/kvm -> VM -> memory -> kernel -> devices -> vCPUs.
 //! - [`memory`]: guest RAM (vm-memory) and KVM memory slots; the MMIO gap.
 //! - [`boot`]: ELF/PVH and bzImage loading (linux-loader), initrd, cmdline, e820.
@@ -114,6 +116,7 @@ pub mod control;
 pub mod demo;
 pub mod devices;
 pub mod event_loop;
+pub mod extras;
 pub mod guest;
 pub mod host;
 pub mod host_file;

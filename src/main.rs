@@ -515,8 +515,6 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
     };
     cfg.mem_size_bytes = config::parse_size(&a.memory).map_err(RunError::Memory)?;
     cfg.serial = config::parse_serial(&a.serial)?;
-    cfg.observe.stats = a.stats;
-    cfg.observe.trace_exits = a.trace_exits.unwrap_or(0);
     cfg.irqchip = match a.irqchip {
         IrqchipArg::Auto => IrqchipMode::Auto,
         IrqchipArg::On => IrqchipMode::On,
@@ -823,7 +821,10 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     // The run's temporary files are open (or read) once the VM is built:
     // removed before it runs, as the sandboxed main thread could not.
     let scratch = plan._scratch.take();
-    let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|mut vmm| {
+    let mut extras = ember::extras::Extras::default();
+    extras.observe.stats = args.stats;
+    extras.observe.trace_exits = args.trace_exits.unwrap_or(0);
+    let outcome = Vmm::new(&plan.cfg, &extras, timeline.clone()).and_then(|mut vmm| {
         drop(scratch);
         if let (Some((state, memory)), Some(dir)) = (save, &args.save_snapshot) {
             let sender = vmm.request_sender()?;
@@ -986,7 +987,7 @@ fn firecracker(fc: FirecrackerArgs, start: Instant) -> u8 {
                 Ok(c) => c,
                 Err(e) => return fail(format!("--config-file: {e}")),
             };
-            let mut vmm = match Vmm::new(&cfg, timeline.clone()) {
+            let mut vmm = match Vmm::new(&cfg, &ember::extras::Extras::default(), timeline.clone()) {
                 Ok(v) => v,
                 Err(e) => return error_code(&e),
             };

@@ -46,6 +46,7 @@ use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::rng::Rng;
+use crate::extras::{ExtraPioDevice, Extras};
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
 use crate::host::frame_stream::FrameStream;
 use crate::host::net_backend::NetBackend;
@@ -167,9 +168,9 @@ pub struct RunOutcome {
     pub reason: StopReason,
     /// Exits per vCPU.
     pub exits: Vec<ExitCounts>,
-    /// Exit statistics per vCPU (with `VmConfig::observe.stats`).
+    /// Exit statistics per vCPU (with `Extras::observe.stats`).
     pub stats: Vec<Option<Box<ExitStats>>>,
-    /// Registers per vCPU at stop (with `VmConfig::observe.snapshot_registers`).
+    /// Registers per vCPU at stop (with `Extras::observe.snapshot_registers`).
     pub registers: Vec<Option<RegSnapshot>>,
     /// Guest RAM the host backed by the end (touched pages), in bytes.
     pub guest_resident_bytes: u64,
@@ -251,8 +252,9 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
 }
 
 impl Vmm {
-    /// Builds the VM described by `cfg`, recording each step on `timeline`.
-    pub fn new(cfg: &VmConfig, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
+    /// Builds the VM described by `cfg`, with what a tool adds to it (`extras`; ember's own
+    /// commands: `Extras::default()` or exit recording), recording each step on `timeline`.
+    pub fn new(cfg: &VmConfig, extras: &Extras, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
         cfg.validate()?;
         // Check the files before touching KVM: a typo should not cost a VM.
         let format = boot::probe_kernel(&cfg.kernel)?;
@@ -369,14 +371,14 @@ impl Vmm {
             serial: &cfg.serial,
             irqchip,
             seccomp: cfg.seccomp,
-            extra_pio: &cfg.extra_pio,
+            extra_pio: &extras.pio,
             console_ports: !port_sinks.is_empty(),
         };
         let mut devices = create_devices(&vm, &mem, &spec, virtio, None, &control, &timeline)?;
 
         // 7. vCPUs.
         let gate = Arc::new(PauseGate::new(usize::from(cfg.cpus), false));
-        let shared = vcpu_shared(&kvm, &mut devices, irqchip, cfg.cpus, &cfg.observe, &control, &timeline, &gate)?;
+        let shared = vcpu_shared(&kvm, &mut devices, irqchip, cfg.cpus, &extras.observe, &control, &timeline, &gate)?;
         let vcpus = (0..cfg.cpus).map(|id| Vcpu::new(&vm, id, &shared, &boot)).collect::<Result<Vec<_>, _>>()?;
         timeline.mark("ember: vCPUs configured");
 
@@ -938,11 +940,14 @@ struct DeviceSpec<'a> {
     serial: &'a SerialMode,
     irqchip: bool,
     seccomp: SeccompMode,
-    extra_pio: &'a [config::ExtraPioDevice],
+    extra_pio: &'a [ExtraPioDevice],
     /// The guest's stdout/stderr go to virtio-console ports: the serial console (kernel
     /// messages) is kept aside, its tail shown only if the guest crashes.
     console_ports: bool,
 }
+
+/// One of ember's own port-I/O devices: first port, count, name, the device.
+type PioDevice = (u16, u16, &'static str, Arc<Mutex<dyn BusDevice>>);
 
 /// The devices of one VM, on their buses.
 struct Devices {
@@ -1009,7 +1014,7 @@ fn create_devices(
     let serial = Arc::new(Mutex::new(serial));
     let i8042 = Arc::new(Mutex::new(I8042::new(control.clone())));
     // The port-I/O map (layout.rs has the numbers): first port, count, name, device.
-    let fixed: [(u16, u16, &'static str, Arc<Mutex<dyn BusDevice>>); 5] = [
+    let fixed: [PioDevice; 5] = [
         (layout::COM1_PORT, 8, "serial (COM1)", serial.clone()),
         (layout::I8042_DATA_PORT, 5, "i8042", i8042.clone()),
         (

@@ -390,7 +390,8 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
     if !kvm_available() {
         return;
     }
-    use ember::config::{ExtraPioDevice, KernelSource, SerialMode, VmConfig};
+    use ember::config::{KernelSource, SerialMode, VmConfig};
+    use ember::extras::{ExtraPioDevice, Extras};
     use ember::control::StopReason;
     // The `ports` guest writes to port 0x80 first: there the device panics,
     // in the vCPU thread. The VM must stop with an error (ember exits 125),
@@ -398,7 +399,8 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
     let mut cfg = VmConfig::new(KernelSource::Path(guest("ports")));
     cfg.serial = SerialMode::None;
     cfg.mem_size_bytes = 32 << 20;
-    cfg.extra_pio.push(ExtraPioDevice {
+    let mut extras = Extras::default();
+    extras.pio.push(ExtraPioDevice {
         port: 0x80,
         len: 1,
         name: "buggy",
@@ -407,7 +409,7 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
     let timeline = std::sync::Arc::new(ember::timeline::Timeline::new(std::time::Instant::now()));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let outcome = ember::vmm::Vmm::new(&cfg, timeline).expect("build the VM").run().expect("run");
+        let outcome = ember::vmm::Vmm::new(&cfg, &extras, timeline).expect("build the VM").run().expect("run");
         let _ = tx.send(outcome);
     });
     let outcome = rx.recv_timeout(common::RUN_TIMEOUT).expect("the VM stopped (it used to run on without its vCPU)");

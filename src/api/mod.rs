@@ -496,7 +496,7 @@ pub fn wait_for_boot(
     loop {
         let req = boots.recv().ok()?;
         let built = match req.boot {
-            Boot::Start(cfg, ids) => crate::vmm::Vmm::new(&cfg, timeline.clone()).map(|mut vmm| {
+            Boot::Start(cfg, ids) => crate::vmm::Vmm::new(&cfg, &crate::extras::Extras::default(), timeline.clone()).map(|mut vmm| {
                 vmm.name_interfaces(&ids);
                 vmm
             }),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{KernelSource, VmConfig};
+use crate::extras::Extras;
 use crate::control::StopReason;
 use crate::timeline::Timeline;
 use crate::vmm::{RunOutcome, Vmm, VmmError};
@@ -43,7 +44,7 @@ pub fn run_demo(start: Instant, quiet: bool) -> Result<RunOutcome, VmmError> {
             eprintln!("{s}");
         }
     };
-    let vmm = Vmm::new(&cfg, timeline.clone())?;
+    let vmm = Vmm::new(&cfg, &Extras::default(), timeline.clone())?;
     say(format!(
         "[ember] KVM: opened /dev/kvm, created a VM{}, mapped {} MiB of guest RAM (lazily: untouched pages cost nothing)",
         if vmm.irqchip {
