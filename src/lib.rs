@@ -35,7 +35,8 @@
 //!   ports (`host/serial_sink.rs`) and the stdin reader (`host/stdin_source.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
-//! - [`control`]: how a VM comes to an end, and why.
+//! - [`control`]: how a VM comes to an end, and why (Linux's panic line among
+//!   the reasons: an observer of the UART's output lines).
 //! - [`timeline`]: timestamps of the boot, for `--timeline` and benchmarks.
 //! - [`stats`]: VM exits by reason, address and device (`--stats`, `--trace-exits`).
 //! - [`sandbox`]: what each thread may still do once set-up is done: a seccomp
@@ -89,7 +90,8 @@
 //! writable event on the socket resumes the transmit queue.
 //!
 //! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
-//! guest: build, cache, passing a command to its init; the fio/iperf3 tools
+//! guest: build, cache, passing a command to its init, the lines its init
+//! prints (`guest/init.rs`: ready, snapshot point); the fio/iperf3 tools
 //! image), [`image`] (container images: references, registry pulls and
 //! archives into a store, layers flattened into a squashfs root, the
 //! `docker run` rules for the command), [`lane`] (the nested machine that runs

@@ -501,7 +501,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
     cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
     if a.save_snapshot.is_some() {
         // guest-kernels/init, "The snapshot protocol": wait for the command on the console.
-        cfg.cmdline += " ember.snapshot";
+        cfg.cmdline = format!("{} {}", cfg.cmdline, ember::guest::init::SNAPSHOT_PARAM);
     }
     if image.is_none() && !command.is_empty() {
         use std::os::unix::ffi::OsStrExt;
@@ -664,10 +664,6 @@ fn error_code(e: &VmmError) -> u8 {
     if e.is_kvm_unusable() { EXIT_KVM_UNUSABLE } else { EXIT_VMM_ERROR }
 }
 
-/// The marker line the default guest's init prints when `ember.snapshot` is on its command line
-/// and it waits for its command on the console (guest-kernels/init, "The snapshot protocol").
-const SNAPSHOT_POINT: &str = "ember-init: snapshot point";
-
 /// The two files of a saved VM in `--save-snapshot`/`--from-snapshot`'s DIR.
 fn snapshot_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     (dir.join("state"), dir.join("memory"))
@@ -755,6 +751,7 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
         }
     };
     let outcome = Vmm::restore(&restore, timeline.clone()).and_then(|mut vmm| {
+        vmm.observe_serial_lines(ember::guest::init::mark_ready(timeline.clone()));
         vmm.queue_console_input(format!("{line}\n").as_bytes());
         vmm.run()
     });
@@ -826,13 +823,13 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     extras.observe.trace_exits = args.trace_exits.unwrap_or(0);
     let outcome = Vmm::new(&plan.cfg, &extras, timeline.clone()).and_then(|mut vmm| {
         drop(scratch);
+        vmm.observe_serial_lines(ember::guest::init::mark_ready(timeline.clone()));
         if let (Some((state, memory)), Some(dir)) = (save, &args.save_snapshot) {
             let sender = vmm.request_sender()?;
             let state_path = snapshot_files(dir).0.display().to_string();
-            vmm.watch_serial_line(
-                SNAPSHOT_POINT,
-                Box::new(move || sender.post(ember::requests::VmRequest::SaveAndStop { state, state_path, memory })),
-            );
+            vmm.observe_serial_lines(ember::guest::init::at_snapshot_point(Box::new(move || {
+                sender.post(ember::requests::VmRequest::SaveAndStop { state, state_path, memory })
+            })));
         }
         if let Some(listener) = listener {
             let sender = vmm.request_sender()?;

@@ -38,7 +38,7 @@ use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::irq::IrqLine;
 use crate::devices::pci_host::PciHost;
-use crate::devices::serial::{Serial, SerialOutput};
+use crate::devices::serial::{LineObserver, Serial, SerialOutput};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::console::{Console, Port};
@@ -46,8 +46,8 @@ use crate::devices::virtio::mmio::{self as virtio_mmio, MmioTransport};
 use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::rng::Rng;
-use crate::extras::{ExtraPioDevice, Extras};
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
+use crate::extras::{ExtraPioDevice, Extras};
 use crate::host::frame_stream::FrameStream;
 use crate::host::net_backend::NetBackend;
 use crate::host::p9_server::{FsServer, FsServerError};
@@ -585,11 +585,12 @@ impl Vmm {
         self.console_prefill.extend_from_slice(bytes);
     }
 
-    /// Calls `then` the first time the guest prints a line containing `text` (on a vCPU thread,
-    /// under the UART's lock: `then` must not block; `RequestSender::post` does not).
-    pub fn watch_serial_line(&self, text: &str, then: Box<dyn FnOnce() + Send>) {
+    /// Hands each line the guest prints on COM1 to `observer` (on a vCPU thread, under the UART's
+    /// lock: it must not block; `RequestSender::post` does not). The default guest's init markers
+    /// are observers of this kind (guest/init.rs).
+    pub fn observe_serial_lines(&self, observer: LineObserver) {
         if let Ok(mut serial) = self.serial.lock() {
-            serial.output_mut().watch_line(text, then);
+            serial.output_mut().observe_lines(observer);
         }
     }
 
@@ -1002,7 +1003,8 @@ fn create_devices(
     } else {
         IrqLine::None
     };
-    let mut out = SerialOutput::new(sink, control.clone(), timeline.clone());
+    let mut out = SerialOutput::new(sink, timeline.clone());
+    out.observe_lines(crate::control::linux_console_observer(control.clone(), timeline.clone()));
     if matches!(spec.serial, SerialMode::File(_)) {
         out = out.with_limit(SERIAL_FILE_LIMIT);
     }

@@ -391,8 +391,8 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
         return;
     }
     use ember::config::{KernelSource, SerialMode, VmConfig};
-    use ember::extras::{ExtraPioDevice, Extras};
     use ember::control::StopReason;
+    use ember::extras::{ExtraPioDevice, Extras};
     // The `ports` guest writes to port 0x80 first: there the device panics,
     // in the vCPU thread. The VM must stop with an error (ember exits 125),
     // not run on without that vCPU or hang.

@@ -496,10 +496,11 @@ pub fn wait_for_boot(
     loop {
         let req = boots.recv().ok()?;
         let built = match req.boot {
-            Boot::Start(cfg, ids) => crate::vmm::Vmm::new(&cfg, &crate::extras::Extras::default(), timeline.clone()).map(|mut vmm| {
-                vmm.name_interfaces(&ids);
-                vmm
-            }),
+            Boot::Start(cfg, ids) => crate::vmm::Vmm::new(&cfg, &crate::extras::Extras::default(), timeline.clone())
+                .map(|mut vmm| {
+                    vmm.name_interfaces(&ids);
+                    vmm
+                }),
             Boot::Restore(r) => crate::vmm::Vmm::restore(&r, timeline.clone()),
         };
         match built.and_then(|mut vmm| vmm.request_sender().map(|s| (vmm, s))) {

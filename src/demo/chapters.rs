@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::{KernelSource, RngMode, VmConfig};
-use crate::extras::{ExtraPioDevice, Extras};
 use crate::control::StopReason;
 use crate::demo::hypercall::{HYPERCALL_PORT, Hypercall};
+use crate::extras::{ExtraPioDevice, Extras};
 use crate::layout;
 use crate::stats::ExitKind;
 use crate::timeline::Timeline;

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{KernelSource, VmConfig};
-use crate::extras::Extras;
 use crate::control::StopReason;
+use crate::extras::Extras;
 use crate::timeline::Timeline;
 use crate::vmm::{RunOutcome, Vmm, VmmError};
 
