@@ -225,12 +225,6 @@ pub enum ConfigError {
         /// Host RAM in MiB.
         host: u64,
     },
-    /// The command line does not fit in the guest's buffer.
-    #[error("the kernel command line is {len} bytes; Linux on x86 accepts at most {max} (shorten --cmdline or the command after --)", max = layout::CMDLINE_MAX_SIZE - 1)]
-    CmdlineTooLong {
-        /// Its length in bytes.
-        len: usize,
-    },
     /// The command line has a NUL byte.
     #[error("the kernel command line contains a NUL byte")]
     CmdlineNul,
@@ -535,8 +529,15 @@ impl VmConfig {
         }
     }
 
-    /// Checks the limits that do not depend on the kernel image.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the limits that do not depend on the kernel image, once: the [`ValidConfig`] it
+    /// returns is what `Vmm::new` builds. (The command line's length is checked where it is
+    /// complete, in `Vmm::new`: `boot::check_cmdline`.)
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        self.check()?;
+        Ok(ValidConfig(self))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
         if self.cpus == 0 {
             return Err(ConfigError::ZeroCpus);
         }
@@ -554,9 +555,6 @@ impl VmConfig {
             && self.mem_size_bytes > host
         {
             return Err(ConfigError::MemoryTooLarge { asked: pretty, host: host >> 20 });
-        }
-        if self.cmdline.len() >= layout::CMDLINE_MAX_SIZE {
-            return Err(ConfigError::CmdlineTooLong { len: self.cmdline.len() });
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
@@ -600,6 +598,17 @@ impl VmConfig {
     }
 }
 
+/// A [`VmConfig`] that passed [`VmConfig::validate`]; it reads as the config it holds.
+#[derive(Clone, Debug)]
+pub struct ValidConfig(VmConfig);
+
+impl std::ops::Deref for ValidConfig {
+    type Target = VmConfig;
+    fn deref(&self) -> &VmConfig {
+        &self.0
+    }
+}
+
 /// `268435456` -> `256M`: the shortest exact spelling of a size.
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
@@ -639,17 +648,15 @@ mod tests {
     #[test]
     fn validation_catches_bad_input() {
         let mut c = VmConfig::new(KernelSource::Builtin(&[]));
-        assert!(c.validate().is_ok());
+        assert!(c.check().is_ok());
         c.cpus = 0;
-        assert!(matches!(c.validate(), Err(ConfigError::ZeroCpus)));
+        assert!(matches!(c.check(), Err(ConfigError::ZeroCpus)));
         c.cpus = 1;
         c.mem_size_bytes = 0;
-        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooSmall(_))));
+        assert!(matches!(c.check(), Err(ConfigError::MemoryTooSmall(_))));
         c.mem_size_bytes = 1 << 50;
-        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooLarge { .. })));
+        assert!(matches!(c.check(), Err(ConfigError::MemoryTooLarge { .. })));
         c.mem_size_bytes = 256 << 20;
-        c.cmdline = "x".repeat(layout::CMDLINE_MAX_SIZE);
-        assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })));
     }
 
     #[test]
@@ -690,11 +697,11 @@ mod tests {
         }
         let mut c = VmConfig::new(KernelSource::Builtin(&[]));
         c.disks = vec![d; MAX_VIRTIO_DEVICES];
-        assert!(matches!(c.validate(), Err(ConfigError::TooManyDevices(_))), "the rng counts too");
+        assert!(matches!(c.check(), Err(ConfigError::TooManyDevices(_))), "the rng counts too");
         c.rng = RngMode::Off;
-        assert!(c.validate().is_ok());
+        assert!(c.check().is_ok());
         c.irqchip = IrqchipMode::Off;
-        assert!(matches!(c.validate(), Err(ConfigError::VirtioWithoutIrqchip)));
+        assert!(matches!(c.check(), Err(ConfigError::VirtioWithoutIrqchip)));
     }
 
     #[test]
@@ -746,11 +753,11 @@ mod tests {
         }
         let mut c = VmConfig::new(KernelSource::Builtin(&[]));
         c.nets = vec![parse_net("tap=a").unwrap(), parse_net("tap=b").unwrap()];
-        assert!(c.validate().is_ok());
+        assert!(c.check().is_ok());
         c.nets.push(parse_net("tap=a,mac=02:00:00:00:00:01").unwrap());
-        assert!(matches!(c.validate(), Err(ConfigError::DuplicateTap(_))));
+        assert!(matches!(c.check(), Err(ConfigError::DuplicateTap(_))));
         c.nets = vec![parse_net("user").unwrap(), parse_net("user").unwrap()];
-        assert!(matches!(c.validate(), Err(ConfigError::TwoUserNets)));
+        assert!(matches!(c.check(), Err(ConfigError::TwoUserNets)));
     }
 
     #[test]

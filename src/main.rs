@@ -402,7 +402,7 @@ impl Drop for Scratch {
 
 /// A VM to boot, and for image runs what must live as long as it.
 struct Plan {
-    cfg: VmConfig,
+    cfg: config::ValidConfig,
     /// Temporary files of an image run.
     _scratch: Option<Scratch>,
     /// The image's root file system disk (first in `cfg.disks`).
@@ -575,7 +575,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
         // machine until the DSDT named it, x86/acpi.rs.)
         cfg.split_output = false;
     }
-    Ok(Plan { cfg, _scratch: scratch, image_disk })
+    Ok(Plan { cfg: cfg.validate()?, _scratch: scratch, image_disk })
 }
 
 /// Whether `ember run IMAGE` gets `--net user` without asking, as `docker run`
@@ -790,10 +790,6 @@ fn run(args: RunArgs, start: Instant) -> u8 {
             return EXIT_VMM_ERROR;
         }
     };
-    if let Err(e) = plan.cfg.validate() {
-        eprintln!("ember: {e}");
-        return EXIT_VMM_ERROR;
-    }
     // A Linux guest this host's KVM cannot run goes to the Linux lane (lane/fallback.rs).
     match ember::lane::fallback::run_in_lane_if_needed(&args.lane_request(), &plan.cfg, plan.image_disk.as_deref()) {
         Ok(None) => {}

@@ -30,7 +30,7 @@ use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusDevice, BusError};
 use crate::config::KernelSource;
 use crate::config::NetBackendConfig;
-use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, ShareConfig, VmConfig};
+use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, ShareConfig, ValidConfig, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
 use crate::devices::acpi_sleep::AcpiSleep;
@@ -254,8 +254,7 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
 impl Vmm {
     /// Builds the VM described by `cfg`, with what a tool adds to it (`extras`; ember's own
     /// commands: `Extras::default()` or exit recording), recording each step on `timeline`.
-    pub fn new(cfg: &VmConfig, extras: &Extras, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
-        cfg.validate()?;
+    pub fn new(cfg: &ValidConfig, extras: &Extras, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
         // Check the files before touching KVM: a typo should not cost a VM.
         let format = boot::probe_kernel(&cfg.kernel)?;
         if let Some(initrd) = &cfg.initrd {
@@ -289,7 +288,7 @@ impl Vmm {
         // a hardware-reduced ACPI machine has no legacy IRQ numbers for the
         // command-line copies, which fail to probe and can hold the window.
         let acpi = irqchip && cfg.acpi;
-        let mut cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() })?;
+        let mut cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() });
         if linux && !acpi && !cmdline.split(' ').any(|w| w.starts_with("acpi=")) {
             // No tables to find: without this a kernel with CONFIG_ACPI scans
             // for an RSDP and prints a KERN_ERR "A valid RSDP was not found".
@@ -303,9 +302,7 @@ impl Vmm {
             cmdline.push(' ');
             cmdline.push_str(&mounts_param(&cfg.shares));
         }
-        if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
-            return Err(ConfigError::CmdlineTooLong { len: cmdline.len() }.into());
-        }
+        boot::check_cmdline(&cmdline)?;
 
         // 1. /dev/kvm
         let kvm = open_kvm()?;
@@ -1121,7 +1118,7 @@ pub fn virtio_slot(i: usize) -> (u64, u32) {
 /// `cmdline` plus one `virtio_mmio.device=<size>@<base>:<irq>` per device
 /// (Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, drivers/virtio/virtio_mmio.c),
 /// added here so that `--cmdline` users get them too.
-pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> Result<String, ConfigError> {
+pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> String {
     let mut out = cmdline.to_string();
     for i in 0..count {
         let (base, irq) = virtio_slot(i);
@@ -1130,10 +1127,7 @@ pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> Result<String, Config
         }
         out += &format!("virtio_mmio.device={}K@{base:#x}:{irq}", layout::VIRTIO_MMIO_SIZE >> 10);
     }
-    if out.len() >= layout::CMDLINE_MAX_SIZE {
-        return Err(ConfigError::CmdlineTooLong { len: out.len() });
-    }
-    Ok(out)
+    out
 }
 
 /// What [`create_virtio_transports`] wired: the queue notifications, the taps and the transports.

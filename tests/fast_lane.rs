@@ -409,7 +409,10 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
     let timeline = std::sync::Arc::new(ember::timeline::Timeline::new(std::time::Instant::now()));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let outcome = ember::vmm::Vmm::new(&cfg, &extras, timeline).expect("build the VM").run().expect("run");
+        let outcome = ember::vmm::Vmm::new(&cfg.validate().expect("a valid config"), &extras, timeline)
+            .expect("build the VM")
+            .run()
+            .expect("run");
         let _ = tx.send(outcome);
     });
     let outcome = rx.recv_timeout(common::RUN_TIMEOUT).expect("the VM stopped (it used to run on without its vCPU)");

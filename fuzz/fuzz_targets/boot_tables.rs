@@ -232,7 +232,8 @@ fuzz_target!(|data: &[u8]| {
     cfg.cmdline = cmdline.clone();
     cfg.rng = RngMode::Off;
     cfg.acpi = with_acpi;
-    let valid = cfg.validate().is_ok() && slots <= ember::config::MAX_VIRTIO_DEVICES;
+    let valid =
+        cfg.validate().is_ok() && boot::check_cmdline(&cmdline).is_ok() && slots <= ember::config::MAX_VIRTIO_DEVICES;
     if !valid && mem_size > 64 << 20 {
         return; // an impossible config that would only cost time to map
     }

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::config::{SerialMode, VmConfig};
+use crate::config::{SerialMode, ValidConfig, VmConfig};
 use crate::requests::{RequestSender, VmRequest};
 use crate::sandbox::{self, SeccompMode, ThreadKind};
 use crate::vmm::RestoreConfig;
@@ -98,7 +98,7 @@ pub fn read_config_file(path: &Path) -> Result<VmResources, ApiError> {
 /// A VM for the main thread to build.
 pub enum Boot {
     /// InstanceStart: a fresh VM, and its interfaces' `iface_id`s in order.
-    Start(Box<VmConfig>, Vec<String>),
+    Start(Box<ValidConfig>, Vec<String>),
     /// `PUT /snapshot/load`.
     Restore(Box<RestoreConfig>),
 }

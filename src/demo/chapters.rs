@@ -219,6 +219,7 @@ pub fn run_chapter(ch: &Chapter, start: Instant, quiet: bool) -> Result<RunOutco
     };
     let timeline = Arc::new(Timeline::new(start));
     let (cfg, extras) = chapter_config(ch);
+    let cfg = cfg.validate()?;
     say(format!("[ember] chapter {}: {}", ch.number, ch.title));
     say(format!("[ember] the guest: {}", ch.about));
     let vmm = Vmm::new(&cfg, &extras, timeline)?;

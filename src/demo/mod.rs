@@ -38,7 +38,7 @@ pub fn demo_config() -> VmConfig {
 /// Boots the demo guest with its output on stdout and narrates around it.
 pub fn run_demo(start: Instant, quiet: bool) -> Result<RunOutcome, VmmError> {
     let timeline = Arc::new(Timeline::new(start));
-    let cfg = demo_config();
+    let cfg = demo_config().validate()?;
     let say = |s: String| {
         if !quiet {
             eprintln!("{s}");
