@@ -32,7 +32,9 @@
 //!   a shared folder's file server, a jailed child process
 //!   (`host/p9_server.rs`); both helpers held through pidfds
 //!   (`host/child.rs`); the writer threads behind the UART and the console
-//!   ports (`host/serial_sink.rs`) and the stdin reader (`host/stdin_source.rs`).
+//!   ports (`host/serial_sink.rs`) and the stdin reader (`host/stdin_source.rs`);
+//!   poll(2) on one descriptor for the threads outside the event loop
+//!   (`host/poll.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
 //! - [`control`]: how a VM comes to an end, and why (Linux's panic line among
