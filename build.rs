@@ -4,8 +4,9 @@
 //!
 //! Two include directories: src/demo (guest.inc, what the demo guests share)
 //! and tests/guests (virtio_mmio.inc, the virtio-mmio setup steps that
-//! src/demo/virtio.S shares with the virtio test guests; it lives there because
-//! the test and bench builders already search that directory). An include is
+//! src/demo/virtio.S shares with the virtio test guests, and lapic.inc, the
+//! local APIC constants of src/demo/smp2.S and the smp test guest; they live
+//! there because the test and bench builders already search that directory). An include is
 //! named .inc, never .S: every .S in src/demo is assembled as a guest.
 
 use std::path::{Path, PathBuf};
@@ -32,7 +33,9 @@ fn main() {
     println!("cargo:rerun-if-changed={}", ld.display());
     // The directory itself: a new chapter's .S file must rebuild the guests.
     println!("cargo:rerun-if-changed={}", dir.display());
-    for include in ["src/demo/guest.inc", "tests/guests/virtio_mmio.inc", "tests/guests/assemble.rs"] {
+    for include in
+        ["src/demo/guest.inc", "tests/guests/virtio_mmio.inc", "tests/guests/lapic.inc", "tests/guests/assemble.rs"]
+    {
         println!("cargo:rerun-if-changed={include}");
     }
     for entry in std::fs::read_dir(dir).expect("src/demo exists") {
