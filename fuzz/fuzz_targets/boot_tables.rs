@@ -4,8 +4,9 @@
 //! command line, an initrd of some size, a number of virtio-mmio devices. The
 //! kernel is one of ember's built-in guests.
 //!
-//! Invariants, beyond "no panic": a config `VmConfig::validate` refuses may
-//! fail to build but never panics; for one it accepts that builds:
+//! Invariants, beyond "no panic": a config that `VmConfig::validate` or
+//! `boot::check_cmdline` refuses may fail to build but never panics; for one
+//! they accept that builds:
 //! - e820 (Linux boot.rst, zero-page.rst; the PVH memory map the same): sorted,
 //!   non-overlapping, non-empty entries; RAM only where guest RAM is, never in
 //!   the EBDA, the 640K-1M hole or the MMIO gap (layout.rs), and all guest RAM
