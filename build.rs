@@ -4,17 +4,15 @@
 //!
 //! Two include directories: src/demo (guest.inc, what the demo guests share)
 //! and tests/guests (virtio_mmio.inc, the virtio-mmio setup steps that
-//! src/demo/virtio.S shares with the virtio test guests; it lives there because
-//! the test and bench builders already search that directory). An include is
+//! src/demo/virtio.S shares with the virtio test guests, and lapic.inc, the
+//! local APIC constants of src/demo/smp2.S and the smp test guest; they live
+//! there because the test and bench builders already search that directory). An include is
 //! named .inc, never .S: every .S in src/demo is assembled as a guest.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn run(cmd: &mut Command) {
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install binutils)"));
-    assert!(status.success(), "{cmd:?} failed");
-}
+#[path = "tests/guests/assemble.rs"]
+mod assemble;
 
 /// The directories `.include` searches, in order.
 const INCLUDE_DIRS: [&str; 2] = ["src/demo", "tests/guests"];
@@ -23,18 +21,8 @@ const INCLUDE_DIRS: [&str; 2] = ["src/demo", "tests/guests"];
 pub fn build_guest(src: &Path, ld_script: &Path, out: &Path, name: &str) -> PathBuf {
     let obj = out.join(format!("{name}.o"));
     let elf = out.join(format!("{name}.elf"));
-    let mut as_cmd = Command::new("as");
-    as_cmd.arg("--64");
-    for dir in INCLUDE_DIRS {
-        as_cmd.arg("-I").arg(dir);
-    }
-    run(as_cmd.arg("-o").arg(&obj).arg(src));
-    run(Command::new("ld")
-        .args(["-m", "elf_x86_64", "-n", "--no-warn-rwx-segments", "-T"])
-        .arg(ld_script)
-        .arg("-o")
-        .arg(&elf)
-        .arg(&obj));
+    let include_dirs = INCLUDE_DIRS.map(Path::new);
+    assemble::assemble_and_link(src, &include_dirs, ld_script, &obj, &elf).unwrap_or_else(|e| panic!("{e}"));
     elf
 }
 
@@ -45,7 +33,9 @@ fn main() {
     println!("cargo:rerun-if-changed={}", ld.display());
     // The directory itself: a new chapter's .S file must rebuild the guests.
     println!("cargo:rerun-if-changed={}", dir.display());
-    for include in ["src/demo/guest.inc", "tests/guests/virtio_mmio.inc"] {
+    for include in
+        ["src/demo/guest.inc", "tests/guests/virtio_mmio.inc", "tests/guests/lapic.inc", "tests/guests/assemble.rs"]
+    {
         println!("cargo:rerun-if-changed={include}");
     }
     for entry in std::fs::read_dir(dir).expect("src/demo exists") {

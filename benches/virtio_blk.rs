@@ -28,21 +28,15 @@ use std::time::{Duration, Instant};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
+#[path = "../tests/guests/assemble.rs"]
+mod assemble;
+
 fn build_guest(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
     let obj = dir.join("virtio_blk.o");
     let elf = dir.join("virtio_blk.elf");
-    let ok =
-        Command::new("as").arg("--64").arg("-I").arg(&src).arg("-o").arg(&obj).arg(src.join("virtio_blk.S")).status();
-    assert!(ok.expect("run as").success());
-    let ok = Command::new("ld")
-        .args(["-m", "elf_x86_64", "-n", "--no-warn-rwx-segments", "-T"])
-        .arg(src.join("guest.ld"))
-        .arg("-o")
-        .arg(&elf)
-        .arg(&obj)
-        .status();
-    assert!(ok.expect("run ld").success());
+    assemble::assemble_and_link(&src.join("virtio_blk.S"), &[&src], &src.join("guest.ld"), &obj, &elf)
+        .unwrap_or_else(|e| panic!("{e}"));
     elf
 }
 

@@ -64,14 +64,10 @@ key=$(
 		cat "$here/init" "$here/freestanding.h" "$here/ember-exit.c" "$here/ember-getpid.c" "$here/ember-exec.c" "$self"
 	} | sha256sum | cut -c1-16
 )
-cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember
+# One builder per key at a time; a second one waits and then finds the cache.
+lock_cache_entry initramfs "$key"
 out="$cache_root/initramfs-$key"
 image="$out/initramfs.cpio.gz"
-
-mkdir -p "$cache_root"
-# One builder per key at a time; a second one waits and then finds the cache.
-exec 9>"$cache_root/.initramfs-$key.lock"
-flock 9
 
 if [ -f "$image" ]; then
 	stage "cached: $out"

@@ -57,12 +57,9 @@ key=$(
 		cat "$self"
 	} | sha256sum | cut -c1-16
 )
-cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+lock_cache_entry rootfs "$key"
 out="$cache_root/rootfs-$key"
 image="$out/rootfs.ext4"
-mkdir -p "$cache_root"
-exec 9>"$cache_root/.rootfs-$key.lock"
-flock 9
 
 if [ -f "$image" ]; then
 	stage "cached: $out"

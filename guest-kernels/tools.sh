@@ -81,12 +81,9 @@ key=$(
 		cat "$self"
 	} | sha256sum | cut -c1-16
 )
-cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/ember
+lock_cache_entry tools "$key"
 out="$cache_root/tools-$key"
 image="$out/tools.ext4"
-mkdir -p "$cache_root"
-exec 9>"$cache_root/.tools-$key.lock"
-flock 9
 
 if [ -f "$image" ]; then
 	stage "cached: $out"

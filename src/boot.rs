@@ -118,8 +118,8 @@ pub enum BootError {
     /// linux-loader's configurator failed.
     #[error("cannot write boot parameters: {0}")]
     Configurator(#[from] linux_loader::configurator::Error),
-    /// The command line is too long.
-    #[error("the kernel command line is {0} bytes; at most {max} fit", max = CMDLINE_MAX_SIZE - 1)]
+    /// The command line (with what ember adds to it) does not fit in the guest's buffer.
+    #[error("the kernel command line is {0} bytes; Linux on x86 accepts at most {max} (shorten --cmdline or the command after --)", max = CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
 }
 
@@ -271,6 +271,17 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// The one check of the kernel command line's length: it and its NUL must fit in the
+/// `CMDLINE_MAX_SIZE` bytes at `CMDLINE_START` (layout.rs; Linux boot.rst, "cmdline_size"; the
+/// x86 COMMAND_LINE_SIZE). `Vmm::new` calls it on the finished line before any KVM call; the loader
+/// calls it again before it writes, as it may be driven directly (fuzz/boot_tables).
+pub fn check_cmdline(cmdline: &str) -> Result<(), BootError> {
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong(cmdline.len()));
+    }
+    Ok(())
+}
+
 /// Loads the kernel, the initrd and the command line, and writes boot_params
 /// (or the PVH start info). Returns where and how to enter the guest.
 pub fn load_kernel(
@@ -322,10 +333,8 @@ pub fn load_kernel(
         None => None,
     };
 
+    check_cmdline(cmdline)?;
     let cmdline_len = cmdline.len();
-    if cmdline_len >= CMDLINE_MAX_SIZE {
-        return Err(BootError::CmdlineTooLong(cmdline_len));
-    }
     mem.write_slice(cmdline.as_bytes(), GuestAddress(CMDLINE_START))?;
     mem.write_obj(0u8, GuestAddress(CMDLINE_START + cmdline_len as u64))?;
 

@@ -1,16 +1,17 @@
 //! What the user asked for, as plain data: `VmConfig` is built by the CLI (or a
 //! test, or `ember demo`) and checked here before any KVM call is made, so that a
 //! bad flag is answered with one clear sentence instead of an ioctl error.
+//!
+//! `VmConfig` describes the VM and nothing else; what a tool adds around it (exit
+//! recording, a demo's extra port) is `extras::Extras`, given to `Vmm::new` beside it.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::bus::BusDevice;
 pub use crate::host::passt::{GuestIpv4, Publish};
 use crate::layout;
-use crate::stats::ExitObservation;
 
 /// Where the guest's COM1 output goes and where its input comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,7 +148,7 @@ pub const MAX_VIRTIO_DEVICES: usize = (layout::IOAPIC_PINS - layout::VIRTIO_IRQ_
 pub enum KernelSource {
     /// A file on the host: an ELF vmlinux (64-bit or PVH entry) or a bzImage.
     Path(PathBuf),
-    /// An image built into the ember binary (`ember demo`).
+    /// An image in ember's own memory: the guests built into the binary (`ember demo`), tests.
     Builtin(&'static [u8]),
 }
 
@@ -168,10 +169,6 @@ pub struct VmConfig {
     pub serial: SerialMode,
     /// In-kernel irqchip choice.
     pub irqchip: IrqchipMode,
-    /// What to record about VM exits (`--stats`, `--trace-exits`, `ember demo`).
-    pub observe: ExitObservation,
-    /// Extra port-I/O devices (`ember demo`'s hypercall chapter); empty for `ember run`.
-    pub extra_pio: Vec<ExtraPioDevice>,
     /// virtio-blk disks, in order: the first is /dev/vda in Linux.
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in order: the first is eth0 in Linux.
@@ -195,25 +192,6 @@ pub struct VmConfig {
     /// of on the command line; off (`--acpi=off`): the MP table and
     /// `virtio_mmio.device=` only, for kernels built without CONFIG_ACPI.
     pub acpi: bool,
-}
-
-/// A device a tool adds to the port-I/O bus next to ember's own.
-#[derive(Clone)]
-pub struct ExtraPioDevice {
-    /// First port.
-    pub port: u16,
-    /// Number of ports.
-    pub len: u16,
-    /// Name in statistics and traces.
-    pub name: &'static str,
-    /// The device.
-    pub device: std::sync::Arc<std::sync::Mutex<dyn BusDevice>>,
-}
-
-impl std::fmt::Debug for ExtraPioDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} at port {:#x}+{}", self.name, self.port, self.len)
-    }
 }
 
 /// Largest vCPU count we offer: the MP table and our APIC ids are 8-bit, and KVM's
@@ -250,12 +228,6 @@ pub enum ConfigError {
         asked: String,
         /// Host RAM in MiB.
         host: u64,
-    },
-    /// The command line does not fit in the guest's buffer.
-    #[error("the kernel command line is {len} bytes; Linux on x86 accepts at most {max} (shorten --cmdline or the command after --)", max = layout::CMDLINE_MAX_SIZE - 1)]
-    CmdlineTooLong {
-        /// Its length in bytes.
-        len: usize,
     },
     /// The command line has a NUL byte.
     #[error("the kernel command line contains a NUL byte")]
@@ -558,8 +530,6 @@ impl VmConfig {
             mem_size_bytes: 256 << 20,
             serial: SerialMode::Stdio,
             irqchip: IrqchipMode::Auto,
-            observe: ExitObservation::default(),
-            extra_pio: Vec::new(),
             disks: Vec::new(),
             nets: Vec::new(),
             shares: Vec::new(),
@@ -571,8 +541,15 @@ impl VmConfig {
         }
     }
 
-    /// Checks the limits that do not depend on the kernel image.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the limits that do not depend on the kernel image, once: the [`ValidConfig`] it
+    /// returns is what `Vmm::new` builds. (The command line's length is checked where it is
+    /// complete, in `Vmm::new`: `boot::check_cmdline`.)
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        self.check()?;
+        Ok(ValidConfig(self))
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
         if self.cpus == 0 {
             return Err(ConfigError::ZeroCpus);
         }
@@ -590,9 +567,6 @@ impl VmConfig {
             && self.mem_size_bytes > host
         {
             return Err(ConfigError::MemoryTooLarge { asked: pretty, host: host >> 20 });
-        }
-        if self.cmdline.len() >= layout::CMDLINE_MAX_SIZE {
-            return Err(ConfigError::CmdlineTooLong { len: self.cmdline.len() });
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
@@ -636,6 +610,17 @@ impl VmConfig {
     }
 }
 
+/// A [`VmConfig`] that passed [`VmConfig::validate`]; it reads as the config it holds.
+#[derive(Clone, Debug)]
+pub struct ValidConfig(VmConfig);
+
+impl std::ops::Deref for ValidConfig {
+    type Target = VmConfig;
+    fn deref(&self) -> &VmConfig {
+        &self.0
+    }
+}
+
 /// `268435456` -> `256M`: the shortest exact spelling of a size.
 pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
@@ -675,17 +660,15 @@ mod tests {
     #[test]
     fn validation_catches_bad_input() {
         let mut c = VmConfig::new(KernelSource::Builtin(&[]));
-        assert!(c.validate().is_ok());
+        assert!(c.check().is_ok());
         c.cpus = 0;
-        assert!(matches!(c.validate(), Err(ConfigError::ZeroCpus)));
+        assert!(matches!(c.check(), Err(ConfigError::ZeroCpus)));
         c.cpus = 1;
         c.mem_size_bytes = 0;
-        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooSmall(_))));
+        assert!(matches!(c.check(), Err(ConfigError::MemoryTooSmall(_))));
         c.mem_size_bytes = 1 << 50;
-        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooLarge { .. })));
+        assert!(matches!(c.check(), Err(ConfigError::MemoryTooLarge { .. })));
         c.mem_size_bytes = 256 << 20;
-        c.cmdline = "x".repeat(layout::CMDLINE_MAX_SIZE);
-        assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong { .. })));
     }
 
     #[test]
@@ -726,11 +709,11 @@ mod tests {
         }
         let mut c = VmConfig::new(KernelSource::Builtin(&[]));
         c.disks = vec![d; MAX_VIRTIO_DEVICES];
-        assert!(matches!(c.validate(), Err(ConfigError::TooManyDevices(_))), "the rng counts too");
+        assert!(matches!(c.check(), Err(ConfigError::TooManyDevices(_))), "the rng counts too");
         c.rng = RngMode::Off;
-        assert!(c.validate().is_ok());
+        assert!(c.check().is_ok());
         c.irqchip = IrqchipMode::Off;
-        assert!(matches!(c.validate(), Err(ConfigError::VirtioWithoutIrqchip)));
+        assert!(matches!(c.check(), Err(ConfigError::VirtioWithoutIrqchip)));
     }
 
     #[test]
@@ -782,11 +765,11 @@ mod tests {
         }
         let mut c = VmConfig::new(KernelSource::Builtin(&[]));
         c.nets = vec![parse_net("tap=a").unwrap(), parse_net("tap=b").unwrap()];
-        assert!(c.validate().is_ok());
+        assert!(c.check().is_ok());
         c.nets.push(parse_net("tap=a,mac=02:00:00:00:00:01").unwrap());
-        assert!(matches!(c.validate(), Err(ConfigError::DuplicateTap(_))));
+        assert!(matches!(c.check(), Err(ConfigError::DuplicateTap(_))));
         c.nets = vec![parse_net("user").unwrap(), parse_net("user").unwrap()];
-        assert!(matches!(c.validate(), Err(ConfigError::TwoUserNets)));
+        assert!(matches!(c.check(), Err(ConfigError::TwoUserNets)));
     }
 
     #[test]

@@ -7,11 +7,14 @@
 //! main thread, kicks every vCPU out of KVM_RUN and joins them (`stop_vcpus`
 //! in vmm.rs). A vCPU sees the flag ([`VmControl::is_stopped`]) at its next exit.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::devices::serial::LineObserver;
+use crate::timeline::Timeline;
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +111,27 @@ impl VmControl {
     }
 }
 
+/// The line Linux prints when it panics (kernel/panic.c, `panic()`).
+const KERNEL_PANIC: &[u8] = b"Kernel panic - not syncing";
+/// The line Linux prints when it starts the initramfs's init (init/main.c, `run_init_process()`).
+const RUN_INIT: &[u8] = b"Run /init";
+
+/// What Linux's console says that ember acts on, as an observer of the serial output (every VM gets
+/// it; other guests never print these lines): a panic, after which the reset that follows
+/// (`panic=-1 reboot=k`) is a crash ([`VmControl::note_panic`]); and, for the boot timeline, the
+/// start of the initramfs's /init.
+pub fn linux_console_observer(control: Arc<VmControl>, timeline: Arc<Timeline>) -> LineObserver {
+    Box::new(move |line: &[u8]| {
+        let has = |m: &[u8]| line.windows(m.len()).any(|w| w == m);
+        if has(KERNEL_PANIC) {
+            control.note_panic();
+            timeline.mark_once("guest: kernel panic");
+        } else if has(RUN_INIT) {
+            timeline.mark_once("guest: kernel runs /init");
+        }
+    })
+}
+
 /// The stop path must work even after a panic elsewhere: these locks guard
 /// plain values that are written whole, so a poisoned one is still consistent.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -117,6 +141,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_on_linux_console_makes_the_reset_a_crash() {
+        let control = Arc::new(VmControl::new().unwrap());
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let mut observe = linux_console_observer(control.clone(), timeline.clone());
+        observe(b"[    0.5] Run /init as init process\r");
+        assert!(timeline.at("guest: kernel runs /init").is_some());
+        observe(b"[    0.6] Kernel panic - not syncing: Attempted to kill init!");
+        control.stop(StopReason::Reset);
+        assert!(matches!(control.reason(), Some(StopReason::GuestCrash(_))));
+    }
 
     #[test]
     fn first_reason_wins() {

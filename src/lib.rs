@@ -3,6 +3,8 @@
 //! # Code map
 //! The boot sequence, in the order `Vmm::new` runs it:
 //! - [`config`]: what the user asked for, validated before any KVM call.
+//! - [`extras`]: what a tool adds beside it: exit recording (`--stats`,
+//!   `ember demo`), a demo's extra port-I/O device.
 //! - [`vmm`]: the recipe: /dev/kvm -> VM -> memory -> kernel -> devices -> vCPUs.
 //! - [`memory`]: guest RAM (vm-memory) and KVM memory slots; the MMIO gap.
 //! - [`boot`]: ELF/PVH and bzImage loading (linux-loader), initrd, cmdline, e820.
@@ -30,10 +32,13 @@
 //!   a shared folder's file server, a jailed child process
 //!   (`host/p9_server.rs`); both helpers held through pidfds
 //!   (`host/child.rs`); the writer threads behind the UART and the console
-//!   ports (`host/serial_sink.rs`) and the stdin reader (`host/stdin_source.rs`).
+//!   ports (`host/serial_sink.rs`) and the stdin reader (`host/stdin_source.rs`);
+//!   poll(2) on one descriptor for the threads outside the event loop
+//!   (`host/poll.rs`).
 //! - [`event_loop`]: epoll on the main thread: stdin, signals, stop requests.
 //! - [`console`]: raw terminal mode and the `Ctrl-a x` escape.
-//! - [`control`]: how a VM comes to an end, and why.
+//! - [`control`]: how a VM comes to an end, and why (Linux's panic line among
+//!   the reasons: an observer of the UART's output lines).
 //! - [`timeline`]: timestamps of the boot, for `--timeline` and benchmarks.
 //! - [`stats`]: VM exits by reason, address and device (`--stats`, `--trace-exits`).
 //! - [`sandbox`]: what each thread may still do once set-up is done: a seccomp
@@ -87,11 +92,13 @@
 //! writable event on the socket resumes the transmit queue.
 //!
 //! Around the core: [`demo`] (built-in guests), [`guest`] (the default Linux
-//! guest: build, cache, passing a command to its init; the fio/iperf3 tools
+//! guest: build, cache, passing a command to its init, the lines its init
+//! prints (`guest/init.rs`: ready, snapshot point); the fio/iperf3 tools
 //! image), [`image`] (container images: references, registry pulls and
 //! archives into a store, layers flattened into a squashfs root, the
 //! `docker run` rules for the command), [`lane`] (the nested machine that runs
-//! Linux guests on hosts whose KVM cannot), [`bench`] (`ember bench`: the same
+//! Linux guests on hosts whose KVM cannot; `lane/fallback.rs`: when `ember
+//! run` goes there, and the inner ember's command line), [`bench`] (`ember bench`: the same
 //! payload, or the same image, on the host, in containers and in VMs).
 //!
 //! Path of `ember run IMAGE CMD`: `main.rs` (docker-style arguments) ->
@@ -113,6 +120,7 @@ pub mod control;
 pub mod demo;
 pub mod devices;
 pub mod event_loop;
+pub mod extras;
 pub mod guest;
 pub mod host;
 pub mod host_file;

@@ -305,6 +305,43 @@ impl RunArgs {
     }
 }
 
+impl RunArgs {
+    /// What the Linux lane's fallback needs from these arguments, as plain data.
+    fn lane_request(&self) -> ember::lane::fallback::RunRequest {
+        use ember::lane::fallback::{RunRequest, VmOptions};
+        let on_off = |a: IrqchipArg| match a {
+            IrqchipArg::Auto => "auto",
+            IrqchipArg::On => "on",
+            IrqchipArg::Off => "off",
+        };
+        RunRequest {
+            argv: std::env::args_os().skip(1).collect(),
+            no_fallback: self.no_fallback,
+            kernel_given: self.kernel.is_some(),
+            initrd_given: self.initrd.is_some(),
+            output_auto: self.output == OutputArg::Auto,
+            save_snapshot: self.save_snapshot.clone(),
+            vm: VmOptions {
+                cpus: self.cpus,
+                memory: self.memory.clone(),
+                serial: self.serial.clone(),
+                disks: self.disk.clone(),
+                irqchip: on_off(self.irqchip),
+                timeline: self.timeline.map(|t| match t {
+                    TimelineFormat::Table => "table",
+                    TimelineFormat::Json => "json",
+                }),
+                stats: self.stats,
+                trace_exits: self.trace_exits,
+                rng: self.rng,
+                no_rng: self.no_rng,
+                seccomp_off: self.seccomp == SeccompArg::Off,
+                acpi_off: self.acpi == SeccompArg::Off,
+            },
+        }
+    }
+}
+
 /// The kernel command line a Linux guest gets unless --cmdline says otherwise:
 /// console on COM1 only, reboot through the i8042 (ember exits 0), a panic
 /// resets at once (ember reports a crash), no boot chatter.
@@ -365,7 +402,7 @@ impl Drop for Scratch {
 
 /// A VM to boot, and for image runs what must live as long as it.
 struct Plan {
-    cfg: VmConfig,
+    cfg: config::ValidConfig,
     /// Temporary files of an image run.
     _scratch: Option<Scratch>,
     /// The image's root file system disk (first in `cfg.disks`).
@@ -464,7 +501,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
     cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
     if a.save_snapshot.is_some() {
         // guest-kernels/init, "The snapshot protocol": wait for the command on the console.
-        cfg.cmdline += " ember.snapshot";
+        cfg.cmdline = format!("{} {}", cfg.cmdline, ember::guest::init::SNAPSHOT_PARAM);
     }
     if image.is_none() && !command.is_empty() {
         use std::os::unix::ffi::OsStrExt;
@@ -478,8 +515,6 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
     };
     cfg.mem_size_bytes = config::parse_size(&a.memory).map_err(RunError::Memory)?;
     cfg.serial = config::parse_serial(&a.serial)?;
-    cfg.observe.stats = a.stats;
-    cfg.observe.trace_exits = a.trace_exits.unwrap_or(0);
     cfg.irqchip = match a.irqchip {
         IrqchipArg::Auto => IrqchipMode::Auto,
         IrqchipArg::On => IrqchipMode::On,
@@ -546,7 +581,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
                 && cfg.serial == config::SerialMode::Stdio;
         }
     }
-    Ok(Plan { cfg, _scratch: scratch, image_disk })
+    Ok(Plan { cfg: cfg.validate()?, _scratch: scratch, image_disk })
 }
 
 /// Whether `ember run IMAGE` gets `--net user` without asking, as `docker run`
@@ -599,103 +634,6 @@ fn nets(a: &RunArgs, image: bool) -> Result<Vec<config::NetConfig>, RunError> {
     Ok(nets)
 }
 
-/// The VM options of `a` as command-line words, for the inner ember of the
-/// Linux lane when the outer one has resolved an image into kernel, initrd and disk.
-fn vm_args(a: &RunArgs, cfg: &VmConfig, nets: &[config::NetConfig], image_disk: &str) -> Vec<std::ffi::OsString> {
-    let mut v: Vec<std::ffi::OsString> = vec!["run".into()];
-    let KernelSource::Path(k) = &cfg.kernel else { return v };
-    v.extend(["--kernel".into(), k.clone().into_os_string()]);
-    if let Some(i) = &cfg.initrd {
-        v.extend(["--initrd".into(), i.clone().into_os_string()]);
-    }
-    let mut push = |k: &str, val: String| {
-        v.push(k.into());
-        v.push(val.into());
-    };
-    push("--cmdline", cfg.cmdline.clone());
-    push("--cpus", a.cpus.to_string());
-    push("--memory", a.memory.clone());
-    push("--serial", a.serial.clone());
-    push("--disk", image_disk.to_string());
-    for d in &a.disk {
-        push("--disk", d.clone());
-    }
-    for n in nets {
-        push("--net", config::render_net(n));
-    }
-    for sh in &cfg.shares {
-        let mode = if sh.read_only { ":ro" } else { "" };
-        push("--volume", format!("{}:{}{mode}", sh.host.display(), sh.guest));
-    }
-    let irq = match a.irqchip {
-        IrqchipArg::Auto => "auto",
-        IrqchipArg::On => "on",
-        IrqchipArg::Off => "off",
-    };
-    push("--irqchip", irq.to_string());
-    match a.timeline {
-        Some(TimelineFormat::Table) => v.push("--timeline=table".into()),
-        Some(TimelineFormat::Json) => v.push("--timeline=json".into()),
-        None => {}
-    }
-    if a.stats {
-        v.push("--stats".into());
-    }
-    if let Some(n) = a.trace_exits {
-        v.push(format!("--trace-exits={n}").into());
-    }
-    if a.rng {
-        v.push("--rng".into());
-    }
-    if a.no_rng {
-        v.push("--no-rng".into());
-    }
-    if a.seccomp == SeccompArg::Off {
-        v.push("--seccomp=off".into());
-    }
-    if a.acpi == SeccompArg::Off {
-        v.push("--acpi=off".into());
-    }
-    v.push(output_arg(cfg).into());
-    v
-}
-
-/// `--output=` as the outer ember resolved it, for the inner ember of the
-/// Linux lane (whose stdin and stdout are never terminals, and whose kernel
-/// and initrd are given explicitly).
-fn output_arg(cfg: &VmConfig) -> &'static str {
-    if cfg.split_output { "--output=split" } else { "--output=console" }
-}
-
-/// `ember run` arguments (before `--`) for the inner ember of the Linux lane:
-/// the `--net user...` value becomes `stream` (see `maybe_fallback`) and
-/// `-p`/`--publish` go, as the host's passt publishes the ports.
-fn rewrite_user_net(args: Vec<std::ffi::OsString>, stream: &str) -> Vec<std::ffi::OsString> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        let s = a.to_string_lossy().into_owned();
-        if s == "--" {
-            out.push(a);
-            out.extend(it);
-            break;
-        }
-        let is_user = |v: &str| v == "user" || v.starts_with("user,");
-        if s == "--net" {
-            let v = it.next().unwrap_or_default();
-            out.push(a);
-            out.push(if is_user(&v.to_string_lossy()) { stream.into() } else { v });
-        } else if let Some(v) = s.strip_prefix("--net=") {
-            out.push(if is_user(v) { format!("--net={stream}").into() } else { a });
-        } else if s == "-p" || s == "--publish" {
-            it.next();
-        } else if !(s.starts_with("--publish=") || (s.starts_with("-p") && s.len() > 2 && !s.starts_with("--"))) {
-            out.push(a);
-        }
-    }
-    out
-}
-
 /// Prints an error with its chain of causes.
 fn report(e: &VmmError) {
     eprintln!("ember: {}", chain(e));
@@ -721,120 +659,16 @@ fn exit_code_for(reason: &StopReason) -> u8 {
     }
 }
 
+/// The exit code of a run that could not go to the Linux lane, its error printed.
+fn fallback_error_code(e: &ember::lane::fallback::FallbackError) -> u8 {
+    eprintln!("ember: {}", chain(e));
+    if e.is_kvm_unusable() { EXIT_KVM_UNUSABLE } else { EXIT_VMM_ERROR }
+}
+
 fn error_code(e: &VmmError) -> u8 {
     report(e);
     if e.is_kvm_unusable() { EXIT_KVM_UNUSABLE } else { EXIT_VMM_ERROR }
 }
-
-/// On hosts whose KVM cannot run an unmodified Linux guest (software
-/// virtualization such as kvm_pvm), a Linux kernel is booted inside the Linux
-/// lane's emulated SVM machine instead (`ember::lane`). Returns the exit code
-/// when that path was taken.
-fn maybe_fallback(args: &RunArgs, plan: &Plan) -> Option<u8> {
-    let cfg = &plan.cfg;
-    use ember::boot::{KernelFormat, probe_kernel};
-    use ember::lane::flavour::KvmFlavour;
-    let linux = matches!(probe_kernel(&cfg.kernel), Ok(KernelFormat::BzImage | KernelFormat::Elf { linux_note: true }));
-    let flavour = KvmFlavour::detect();
-    if !linux || !matches!(flavour, KvmFlavour::Pvm | KvmFlavour::Other) {
-        return None;
-    }
-    if args.no_fallback {
-        eprintln!(
-            "ember: this host's KVM is {flavour}; it cannot run a Linux guest, and --no-fallback forbids the emulated machine"
-        );
-        return Some(EXIT_KVM_UNUSABLE);
-    }
-    eprintln!(
-        "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
-         emulated SVM machine instead (QEMU TCG, a slower guest; the first run boots it, later runs reuse it: \
-         `ember lane status`; --no-fallback refuses)"
-    );
-    // --net user: passt runs here, on the host, so that the guest's gateway
-    // is this host and published ports are on this host's addresses, not the
-    // outer machine's. It listens on a socket that becomes the outer
-    // machine's virtio-serial port ember.net0; the inner ember gets
-    // `--net stream=/dev/virtio-ports/ember.net0` with passt's addresses.
-    let mut user_net = None;
-    let mut nets = cfg.nets.clone();
-    for (i, n) in nets.iter_mut().enumerate() {
-        let config::NetBackendConfig::User { publish, guest } = &n.backend else { continue };
-        let guest = guest.expect("build_config fills in the guest's addresses");
-        let scratch = match Scratch::new() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("ember: {}", chain(&e));
-                return Some(EXIT_VMM_ERROR);
-            }
-        };
-        let sock = scratch.0.join("passt.sock");
-        match ember::host::passt::Passt::start(&guest, publish, Some(&sock)) {
-            Ok((p, _)) => user_net = Some((p, sock, scratch)),
-            Err(e) => {
-                eprintln!("ember: {}", chain(&e));
-                return Some(EXIT_VMM_ERROR);
-            }
-        }
-        let mac = n.mac.unwrap_or_else(|| ember::devices::virtio::net::default_mac(&n.mac_seed(), i));
-        *n = config::NetConfig {
-            backend: config::NetBackendConfig::Stream { path: ember::lane::USER_NET_PORT.into(), guest: Some(guest) },
-            mac: Some(mac),
-        };
-    }
-    // The inner ember gets the resolved kernel and initrd, so it never has to
-    // build or look up the default guest inside the machine. `--net` taps stay
-    // as they are: the lane hands each host tap to the machine and bridges it
-    // to a tap of the same name inside.
-    let mut inner: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    if let Some(disk) = &plan.image_disk {
-        // The image is resolved here, on the host side (store and cache are
-        // shared with the machine read-only, the run's initrd through /tmp).
-        inner = vm_args(args, cfg, &nets, disk);
-    } else {
-        if user_net.is_some() {
-            let stream = nets.iter().find(|n| matches!(n.backend, config::NetBackendConfig::Stream { .. }));
-            inner = rewrite_user_net(inner, &stream.map(config::render_net).unwrap_or_default());
-        }
-        let at = inner.iter().position(|a| a == "run").map_or(0, |i| i + 1);
-        let mut extra: Vec<std::ffi::OsString> = Vec::new();
-        if args.kernel.is_none() {
-            let KernelSource::Path(k) = &cfg.kernel else { return None };
-            extra.extend(["--kernel".into(), k.clone().into_os_string()]);
-            if let (None, Some(i)) = (&args.initrd, &cfg.initrd) {
-                extra.extend(["--initrd".into(), i.clone().into_os_string()]);
-            }
-        }
-        if args.output == OutputArg::Auto {
-            extra.push(output_arg(cfg).into());
-        }
-        inner.splice(at..at, extra);
-    }
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("ember: cannot find my own binary: {e}");
-            return Some(EXIT_VMM_ERROR);
-        }
-    };
-    let sock = user_net.as_ref().map(|(_, sock, _)| sock.as_path());
-    let mut writable = cfg.writable_host_paths();
-    if let Some(dir) = &args.save_snapshot {
-        // The saved VM's files are written there, inside the machine.
-        let _ = std::fs::create_dir_all(dir);
-        writable.extend(std::path::absolute(dir).ok());
-    }
-    match ember::lane::run_interactive(&exe, &inner, &writable, sock) {
-        Ok(code) => Some(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("ember: the Linux lane failed: {}", chain(&e));
-            Some(EXIT_VMM_ERROR)
-        }
-    }
-}
-
-/// The marker line the default guest's init prints when `ember.snapshot` is on its command line
-/// and it waits for its command on the console (guest-kernels/init, "The snapshot protocol").
-const SNAPSHOT_POINT: &str = "ember-init: snapshot point";
 
 /// The two files of a saved VM in `--save-snapshot`/`--from-snapshot`'s DIR.
 fn snapshot_files(dir: &std::path::Path) -> (PathBuf, PathBuf) {
@@ -879,35 +713,23 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
             return EXIT_VMM_ERROR;
         }
     };
-    // A Linux guest saved inside the nested lane is restored there, by the inner ember.
-    use ember::lane::flavour::KvmFlavour;
-    if machine.linux && KvmFlavour::detect().needs_nested_lane() && !args.no_fallback {
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("ember: cannot find my own binary: {e}");
-                return EXIT_VMM_ERROR;
-            }
-        };
-        let mut inner: Vec<std::ffi::OsString> = raw.into_iter().skip(1).collect();
-        // The inner ember's stdio are never terminals: it gets `--output` as resolved here.
-        if args.output == OutputArg::Auto
-            && let Some(at) = inner.iter().position(|a| a == "run")
-        {
-            let serial = config::parse_serial(&args.serial).unwrap_or(config::SerialMode::Stdio);
-            let split = restore_splits_output(args, &serial);
-            inner.insert(at + 1, if split { "--output=split" } else { "--output=console" }.into());
-        }
-        // The machine may write the saved VM's read-write disks (and nothing else).
-        let writable: Vec<PathBuf> =
-            machine.disks.iter().filter(|d| !d.read_only).map(|d| PathBuf::from(&d.path)).collect();
-        return match ember::lane::run_interactive(&exe, &inner, &writable, None) {
-            Ok(code) => code.clamp(0, 255) as u8,
-            Err(e) => {
-                eprintln!("ember: the emulated SVM machine failed: {e}");
-                EXIT_VMM_ERROR
-            }
-        };
+    // A Linux guest saved inside the nested lane is restored there, by the inner ember; the machine
+    // may write the saved VM's read-write disks (and nothing else).
+    let writable: Vec<PathBuf> =
+        machine.disks.iter().filter(|d| !d.read_only).map(|d| PathBuf::from(&d.path)).collect();
+    let mut inner: Vec<std::ffi::OsString> = raw.into_iter().skip(1).collect();
+    // The inner ember's stdio are never terminals: it gets `--output` as resolved here.
+    if args.output == OutputArg::Auto
+        && let Some(at) = inner.iter().position(|a| a == "run")
+    {
+        let serial = config::parse_serial(&args.serial).unwrap_or(config::SerialMode::Stdio);
+        let split = restore_splits_output(args, &serial);
+        inner.insert(at + 1, if split { "--output=split" } else { "--output=console" }.into());
+    }
+    match ember::lane::fallback::restore_in_lane_if_needed(&inner, machine.linux, args.no_fallback, &writable) {
+        Ok(None) => {}
+        Ok(Some(code)) => return code.clamp(0, 255) as u8,
+        Err(e) => return fallback_error_code(&e),
     }
     let serial = match config::parse_serial(&args.serial) {
         Ok(s) => s,
@@ -946,6 +768,7 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
     };
     let outcome = Vmm::restore(&restore, timeline.clone()).and_then(|mut vmm| {
         let line = restored_init_line(&line, &vmm, restore.split_output);
+        vmm.observe_serial_lines(ember::guest::init::mark_ready(timeline.clone()));
         vmm.queue_console_input(format!("{line}\n").as_bytes());
         vmm.run()
     });
@@ -1012,12 +835,11 @@ fn run(args: RunArgs, start: Instant) -> u8 {
             return EXIT_VMM_ERROR;
         }
     };
-    if let Err(e) = plan.cfg.validate() {
-        eprintln!("ember: {e}");
-        return EXIT_VMM_ERROR;
-    }
-    if let Some(code) = maybe_fallback(&args, &plan) {
-        return code;
+    // A Linux guest this host's KVM cannot run goes to the Linux lane (lane/fallback.rs).
+    match ember::lane::fallback::run_in_lane_if_needed(&args.lane_request(), &plan.cfg, plan.image_disk.as_deref()) {
+        Ok(None) => {}
+        Ok(Some(code)) => return code.clamp(0, 255) as u8,
+        Err(e) => return fallback_error_code(&e),
     }
     let save = match args.save_snapshot.as_deref().map(|d| open_snapshot_files(d, plan.cfg.mem_size_bytes)).transpose()
     {
@@ -1037,15 +859,18 @@ fn run(args: RunArgs, start: Instant) -> u8 {
     // The run's temporary files are open (or read) once the VM is built:
     // removed before it runs, as the sandboxed main thread could not.
     let scratch = plan._scratch.take();
-    let outcome = Vmm::new(&plan.cfg, timeline.clone()).and_then(|mut vmm| {
+    let mut extras = ember::extras::Extras::default();
+    extras.observe.stats = args.stats;
+    extras.observe.trace_exits = args.trace_exits.unwrap_or(0);
+    let outcome = Vmm::new(&plan.cfg, &extras, timeline.clone()).and_then(|mut vmm| {
         drop(scratch);
+        vmm.observe_serial_lines(ember::guest::init::mark_ready(timeline.clone()));
         if let (Some((state, memory)), Some(dir)) = (save, &args.save_snapshot) {
             let sender = vmm.request_sender()?;
             let state_path = snapshot_files(dir).0.display().to_string();
-            vmm.watch_serial_line(
-                SNAPSHOT_POINT,
-                Box::new(move || sender.post(ember::requests::VmRequest::SaveAndStop { state, state_path, memory })),
-            );
+            vmm.observe_serial_lines(ember::guest::init::at_snapshot_point(Box::new(move || {
+                sender.post(ember::requests::VmRequest::SaveAndStop { state, state_path, memory })
+            })));
         }
         if let Some(listener) = listener {
             let sender = vmm.request_sender()?;
@@ -1200,7 +1025,7 @@ fn firecracker(fc: FirecrackerArgs, start: Instant) -> u8 {
                 Ok(c) => c,
                 Err(e) => return fail(format!("--config-file: {e}")),
             };
-            let mut vmm = match Vmm::new(&cfg, timeline.clone()) {
+            let mut vmm = match Vmm::new(&cfg, &ember::extras::Extras::default(), timeline.clone()) {
                 Ok(v) => v,
                 Err(e) => return error_code(&e),
             };

@@ -30,7 +30,7 @@ use crate::boot::{self, BootError, BootInfo, KernelFormat};
 use crate::bus::{Bus, BusDevice, BusError};
 use crate::config::KernelSource;
 use crate::config::NetBackendConfig;
-use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, ShareConfig, VmConfig};
+use crate::config::{self, ConfigError, IrqchipMode, RngMode, SerialMode, ShareConfig, ValidConfig, VmConfig};
 use crate::console::{self, RawTerminal};
 use crate::control::{StopReason, VmControl};
 use crate::devices::acpi_sleep::AcpiSleep;
@@ -38,7 +38,7 @@ use crate::devices::exit::ExitDevice;
 use crate::devices::i8042::I8042;
 use crate::devices::irq::IrqLine;
 use crate::devices::pci_host::PciHost;
-use crate::devices::serial::{Serial, SerialOutput};
+use crate::devices::serial::{LineObserver, Serial, SerialOutput};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::console::{Console, Port};
@@ -47,6 +47,7 @@ use crate::devices::virtio::net::{self, Net};
 use crate::devices::virtio::p9::P9;
 use crate::devices::virtio::rng::Rng;
 use crate::event_loop::{self, ConsoleInput, EventLoopError, QueueEvent, TapEvent};
+use crate::extras::{ExtraPioDevice, Extras};
 use crate::host::frame_stream::FrameStream;
 use crate::host::net_backend::NetBackend;
 use crate::host::p9_server::{FsServer, FsServerError};
@@ -167,9 +168,9 @@ pub struct RunOutcome {
     pub reason: StopReason,
     /// Exits per vCPU.
     pub exits: Vec<ExitCounts>,
-    /// Exit statistics per vCPU (with `VmConfig::observe.stats`).
+    /// Exit statistics per vCPU (with `Extras::observe.stats`).
     pub stats: Vec<Option<Box<ExitStats>>>,
-    /// Registers per vCPU at stop (with `VmConfig::observe.snapshot_registers`).
+    /// Registers per vCPU at stop (with `Extras::observe.snapshot_registers`).
     pub registers: Vec<Option<RegSnapshot>>,
     /// Guest RAM the host backed by the end (touched pages), in bytes.
     pub guest_resident_bytes: u64,
@@ -251,9 +252,9 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
 }
 
 impl Vmm {
-    /// Builds the VM described by `cfg`, recording each step on `timeline`.
-    pub fn new(cfg: &VmConfig, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
-        cfg.validate()?;
+    /// Builds the VM described by `cfg`, with what a tool adds to it (`extras`; ember's own
+    /// commands: `Extras::default()` or exit recording), recording each step on `timeline`.
+    pub fn new(cfg: &ValidConfig, extras: &Extras, timeline: Arc<Timeline>) -> Result<Self, VmmError> {
         // Check the files before touching KVM: a typo should not cost a VM.
         let format = boot::probe_kernel(&cfg.kernel)?;
         if let Some(initrd) = &cfg.initrd {
@@ -293,7 +294,7 @@ impl Vmm {
         // a hardware-reduced ACPI machine has no legacy IRQ numbers for the
         // command-line copies, which fail to probe and can hold the window.
         let acpi = irqchip && cfg.acpi;
-        let mut cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() })?;
+        let mut cmdline = cmdline_with_virtio(&cfg.cmdline, if acpi { 0 } else { virtio.len() });
         if linux && !acpi && !cmdline.split(' ').any(|w| w.starts_with("acpi=")) {
             // No tables to find: without this a kernel with CONFIG_ACPI scans
             // for an RSDP and prints a KERN_ERR "A valid RSDP was not found".
@@ -307,9 +308,7 @@ impl Vmm {
             cmdline.push(' ');
             cmdline.push_str(&mounts_param(&cfg.shares));
         }
-        if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
-            return Err(ConfigError::CmdlineTooLong { len: cmdline.len() }.into());
-        }
+        boot::check_cmdline(&cmdline)?;
 
         // 1. /dev/kvm
         let kvm = open_kvm()?;
@@ -376,14 +375,14 @@ impl Vmm {
             serial: &cfg.serial,
             irqchip,
             seccomp: cfg.seccomp,
-            extra_pio: &cfg.extra_pio,
+            extra_pio: &extras.pio,
             console_ports: !port_sinks.is_empty(),
         };
         let mut devices = create_devices(&vm, &mem, &spec, virtio, None, &control, &timeline)?;
 
         // 7. vCPUs.
         let gate = Arc::new(PauseGate::new(usize::from(cfg.cpus), false));
-        let shared = vcpu_shared(&kvm, &mut devices, irqchip, cfg.cpus, &cfg.observe, &control, &timeline, &gate)?;
+        let shared = vcpu_shared(&kvm, &mut devices, irqchip, cfg.cpus, &extras.observe, &control, &timeline, &gate)?;
         let vcpus = (0..cfg.cpus).map(|id| Vcpu::new(&vm, id, &shared, &boot)).collect::<Result<Vec<_>, _>>()?;
         timeline.mark("ember: vCPUs configured");
 
@@ -628,11 +627,12 @@ impl Vmm {
         self.console_prefill.extend_from_slice(bytes);
     }
 
-    /// Calls `then` the first time the guest prints a line containing `text` (on a vCPU thread,
-    /// under the UART's lock: `then` must not block; `RequestSender::post` does not).
-    pub fn watch_serial_line(&self, text: &str, then: Box<dyn FnOnce() + Send>) {
+    /// Hands each line the guest prints on COM1 to `observer` (on a vCPU thread, under the UART's
+    /// lock: it must not block; `RequestSender::post` does not). The default guest's init markers
+    /// are observers of this kind (guest/init.rs).
+    pub fn observe_serial_lines(&self, observer: LineObserver) {
         if let Ok(mut serial) = self.serial.lock() {
-            serial.output_mut().watch_line(text, then);
+            serial.output_mut().observe_lines(observer);
         }
     }
 
@@ -1008,11 +1008,14 @@ struct DeviceSpec<'a> {
     serial: &'a SerialMode,
     irqchip: bool,
     seccomp: SeccompMode,
-    extra_pio: &'a [config::ExtraPioDevice],
+    extra_pio: &'a [ExtraPioDevice],
     /// The guest's stdout/stderr go to virtio-console ports: the serial console (kernel
     /// messages) is kept aside, its tail shown only if the guest crashes.
     console_ports: bool,
 }
+
+/// One of ember's own port-I/O devices: first port, count, name, the device.
+type PioDevice = (u16, u16, &'static str, Arc<Mutex<dyn BusDevice>>);
 
 /// The devices of one VM, on their buses.
 struct Devices {
@@ -1067,7 +1070,8 @@ fn create_devices(
     } else {
         IrqLine::None
     };
-    let mut out = SerialOutput::new(sink, control.clone(), timeline.clone());
+    let mut out = SerialOutput::new(sink, timeline.clone());
+    out.observe_lines(crate::control::linux_console_observer(control.clone(), timeline.clone()));
     if matches!(spec.serial, SerialMode::File(_)) {
         out = out.with_limit(SERIAL_FILE_LIMIT);
     }
@@ -1079,7 +1083,7 @@ fn create_devices(
     let serial = Arc::new(Mutex::new(serial));
     let i8042 = Arc::new(Mutex::new(I8042::new(control.clone())));
     // The port-I/O map (layout.rs has the numbers): first port, count, name, device.
-    let fixed: [(u16, u16, &'static str, Arc<Mutex<dyn BusDevice>>); 5] = [
+    let fixed: [PioDevice; 5] = [
         (layout::COM1_PORT, 8, "serial (COM1)", serial.clone()),
         (layout::I8042_DATA_PORT, 5, "i8042", i8042.clone()),
         (
@@ -1184,7 +1188,7 @@ pub fn virtio_slot(i: usize) -> (u64, u32) {
 /// `cmdline` plus one `virtio_mmio.device=<size>@<base>:<irq>` per device
 /// (Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, drivers/virtio/virtio_mmio.c),
 /// added here so that `--cmdline` users get them too.
-pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> Result<String, ConfigError> {
+pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> String {
     let mut out = cmdline.to_string();
     for i in 0..count {
         let (base, irq) = virtio_slot(i);
@@ -1193,10 +1197,7 @@ pub fn cmdline_with_virtio(cmdline: &str, count: usize) -> Result<String, Config
         }
         out += &format!("virtio_mmio.device={}K@{base:#x}:{irq}", layout::VIRTIO_MMIO_SIZE >> 10);
     }
-    if out.len() >= layout::CMDLINE_MAX_SIZE {
-        return Err(ConfigError::CmdlineTooLong { len: out.len() });
-    }
-    Ok(out)
+    out
 }
 
 /// What [`create_virtio_transports`] wired: the queue notifications, the taps and the transports.

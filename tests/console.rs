@@ -73,7 +73,7 @@ fn raw_mode_passes_ctrl_c_and_restores_the_terminal() {
         return skipped("/dev/kvm absent — KVM tests not run");
     }
     let dir = tmpdir("raw");
-    let g = guest("echo");
+    let g = guest("console_echo");
     // Ctrl-C (0x03) must reach the guest as a byte, not kill ember; then `q` ends the guest.
     let (_, out) = in_pty(&wrapped(&g), &[(300, b"a\x03b"), (100, b"q")], &dir);
     assert_eq!(read(&dir, "code"), "0", "terminal output: {out:?}");
@@ -87,7 +87,7 @@ fn ctrl_a_x_quits_and_restores_the_terminal() {
         return skipped("/dev/kvm absent — KVM tests not run");
     }
     let dir = tmpdir("escape");
-    let (_, out) = in_pty(&wrapped(&guest("echo")), &[(300, b"hi\x01"), (50, b"x")], &dir);
+    let (_, out) = in_pty(&wrapped(&guest("console_echo")), &[(300, b"hi\x01"), (50, b"x")], &dir);
     assert_eq!(read(&dir, "code"), "130", "terminal output: {out:?}");
     assert!(out.contains("hi"), "{out:?}");
     assert!(out.contains("Ctrl-a x"), "ember says why it quit: {out:?}");
@@ -100,9 +100,9 @@ fn sigterm_stops_the_vm_and_restores_the_terminal() {
         return skipped("/dev/kvm absent — KVM tests not run");
     }
     let dir = tmpdir("sigterm");
-    let inner = wrapped(&guest("echo"));
+    let inner = wrapped(&guest("console_echo"));
     let d2 = dir.clone();
-    // Send SIGTERM to ember once it is running (the echo guest waits for input forever).
+    // Send SIGTERM to ember once it is running (the console_echo guest waits for input forever).
     let killer = std::thread::spawn(move || {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {

@@ -129,7 +129,7 @@ fn serial_input_is_echoed_until_q() {
         return;
     }
     // The pipe stays open: the guest, not EOF, ends the session.
-    let run = run_guest_with("echo", &[], Input::KeepOpen(b"hello, ember! q"));
+    let run = run_guest_with("console_echo", &[], Input::KeepOpen(b"hello, ember! q"));
     run.expect_code(0);
     assert_eq!(run.stdout, "echo> hello, ember! q\nbye\n");
 }
@@ -142,7 +142,7 @@ fn serial_eof_on_stdin_does_not_end_the_vm() {
     // Bytes, then EOF at once: ember sees EOF long before the guest has read
     // them all; it must still deliver them, and the guest runs its delay loop
     // and prints after EOF.
-    let run = run_guest_with("echo", &[], Input::Close(b"abc\x01\xffq"));
+    let run = run_guest_with("console_echo", &[], Input::Close(b"abc\x01\xffq"));
     run.expect_code(0);
     assert_eq!(run.stdout.as_bytes(), "echo> abc\x01\u{fffd}q\nbye\n".as_bytes(), "{:?}", run.stdout);
     // And a guest that never reads: stdin closed before it even starts.
@@ -359,7 +359,7 @@ fn hlt_without_irqchip_is_a_guest_crash() {
 #[test]
 fn guests_are_vmlinux_shaped() {
     // No KVM needed: the guests must take ember's vmlinux path, not PVH.
-    for name in ["boot_params", "echo", "exit", "crash", "smp", "strio"] {
+    for name in ["boot_params", "console_echo", "exit", "crash", "smp", "strio"] {
         let elf = std::fs::read(guest(name)).expect("guest ELF");
         assert_eq!(&elf[..4], b"\x7fELF");
         assert_eq!(elf[4], 2, "{name}: ELF64");
@@ -390,15 +390,17 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
     if !kvm_available() {
         return;
     }
-    use ember::config::{ExtraPioDevice, KernelSource, SerialMode, VmConfig};
+    use ember::config::{KernelSource, SerialMode, VmConfig};
     use ember::control::StopReason;
+    use ember::extras::{ExtraPioDevice, Extras};
     // The `ports` guest writes to port 0x80 first: there the device panics,
     // in the vCPU thread. The VM must stop with an error (ember exits 125),
     // not run on without that vCPU or hang.
     let mut cfg = VmConfig::new(KernelSource::Path(guest("ports")));
     cfg.serial = SerialMode::None;
     cfg.mem_size_bytes = 32 << 20;
-    cfg.extra_pio.push(ExtraPioDevice {
+    let mut extras = Extras::default();
+    extras.pio.push(ExtraPioDevice {
         port: 0x80,
         len: 1,
         name: "buggy",
@@ -407,7 +409,10 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
     let timeline = std::sync::Arc::new(ember::timeline::Timeline::new(std::time::Instant::now()));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let outcome = ember::vmm::Vmm::new(&cfg, timeline).expect("build the VM").run().expect("run");
+        let outcome = ember::vmm::Vmm::new(&cfg.validate().expect("a valid config"), &extras, timeline)
+            .expect("build the VM")
+            .run()
+            .expect("run");
         let _ = tx.send(outcome);
     });
     let outcome = rx.recv_timeout(common::RUN_TIMEOUT).expect("the VM stopped (it used to run on without its vCPU)");
@@ -423,7 +428,7 @@ fn a_device_panic_in_a_vcpu_stops_the_vm_with_an_error() {
 /// `ember run` on the `echo` guest (which waits for input), with `args`.
 fn thread_sandboxes(args: &[&str]) -> Vec<String> {
     use std::io::Write;
-    let g = guest("echo");
+    let g = guest("console_echo");
     let mut cmd = std::process::Command::new(common::ember_bin());
     cmd.args(["run", "--serial", "stdio"]).args(args).arg("--kernel").arg(&g);
     let mut child = cmd

@@ -4,8 +4,9 @@
 //! command line, an initrd of some size, a number of virtio-mmio devices. The
 //! kernel is one of ember's built-in guests.
 //!
-//! Invariants, beyond "no panic": a config `VmConfig::validate` refuses may
-//! fail to build but never panics; for one it accepts that builds:
+//! Invariants, beyond "no panic": a config that `VmConfig::validate` or
+//! `boot::check_cmdline` refuses may fail to build but never panics; for one
+//! they accept that builds:
 //! - e820 (Linux boot.rst, zero-page.rst; the PVH memory map the same): sorted,
 //!   non-overlapping, non-empty entries; RAM only where guest RAM is, never in
 //!   the EBDA, the 640K-1M hole or the MMIO gap (layout.rs), and all guest RAM
@@ -296,7 +297,8 @@ fuzz_target!(|data: &[u8]| {
     cfg.cmdline = cmdline.clone();
     cfg.rng = RngMode::Off;
     cfg.acpi = with_acpi;
-    let valid = cfg.validate().is_ok() && slots <= ember::config::MAX_VIRTIO_DEVICES;
+    let valid =
+        cfg.validate().is_ok() && boot::check_cmdline(&cmdline).is_ok() && slots <= ember::config::MAX_VIRTIO_DEVICES;
     if !valid && mem_size > 64 << 20 {
         return; // an impossible config that would only cost time to map
     }

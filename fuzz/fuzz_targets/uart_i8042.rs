@@ -19,7 +19,8 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let control = Arc::new(VmControl::new().expect("an eventfd"));
     let timeline = Arc::new(Timeline::new(Instant::now()));
-    let out = SerialOutput::new(Box::new(std::io::sink()), control.clone(), timeline).with_limit(4096);
+    let mut out = SerialOutput::new(Box::new(std::io::sink()), timeline.clone()).with_limit(4096);
+    out.observe_lines(ember::control::linux_console_observer(control.clone(), timeline));
     let mut serial = Serial::new(IrqLine::None, out, None);
     let mut i8042 = I8042::new(control);
     let mut pci = PciHost::new();

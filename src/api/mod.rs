@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::config::{SerialMode, VmConfig};
+use crate::config::{SerialMode, ValidConfig, VmConfig};
 use crate::requests::{RequestSender, VmRequest};
 use crate::sandbox::{self, SeccompMode, ThreadKind};
 use crate::vmm::RestoreConfig;
@@ -98,7 +98,7 @@ pub fn read_config_file(path: &Path) -> Result<VmResources, ApiError> {
 /// A VM for the main thread to build.
 pub enum Boot {
     /// InstanceStart: a fresh VM, and its interfaces' `iface_id`s in order.
-    Start(Box<VmConfig>, Vec<String>),
+    Start(Box<ValidConfig>, Vec<String>),
     /// `PUT /snapshot/load`.
     Restore(Box<RestoreConfig>),
 }
@@ -498,10 +498,11 @@ pub fn wait_for_boot(
     loop {
         let req = boots.recv().ok()?;
         let built = match req.boot {
-            Boot::Start(cfg, ids) => crate::vmm::Vmm::new(&cfg, timeline.clone()).map(|mut vmm| {
-                vmm.name_interfaces(&ids);
-                vmm
-            }),
+            Boot::Start(cfg, ids) => crate::vmm::Vmm::new(&cfg, &crate::extras::Extras::default(), timeline.clone())
+                .map(|mut vmm| {
+                    vmm.name_interfaces(&ids);
+                    vmm
+                }),
             Boot::Restore(r) => crate::vmm::Vmm::restore(&r, timeline.clone()),
         };
         match built.and_then(|mut vmm| vmm.request_sender().map(|s| (vmm, s))) {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{self, DiskConfig, KernelSource, NetConfig, SerialMode, VmConfig};
+use crate::config::{self, DiskConfig, KernelSource, NetConfig, SerialMode, ValidConfig, VmConfig};
 use crate::sandbox::SeccompMode;
 
 /// The kernel command line when `boot_args` is not given: Firecracker's own default
@@ -472,7 +472,7 @@ impl VmResources {
     }
 
     /// The VM to build at InstanceStart.
-    pub fn vm_config(&self, serial: &SerialMode, seccomp: SeccompMode) -> Result<VmConfig, String> {
+    pub fn vm_config(&self, serial: &SerialMode, seccomp: SeccompMode) -> Result<ValidConfig, String> {
         let boot = self.boot_source.as_ref().ok_or("no boot source: PUT /boot-source before InstanceStart")?;
         let mut cfg = VmConfig::new(KernelSource::Path(PathBuf::from(&boot.kernel_image_path)));
         cfg.initrd = boot.initrd_path.as_ref().map(PathBuf::from);
@@ -505,8 +505,7 @@ impl VmResources {
                 mac,
             });
         }
-        cfg.validate().map_err(|e| e.to_string())?;
-        Ok(cfg)
+        cfg.validate().map_err(|e| e.to_string())
     }
 
     /// What `GET /vm/config` shows of a VM not built from the API (`ember run --api-sock`, a

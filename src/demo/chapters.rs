@@ -1,7 +1,7 @@
 //! `ember demo CHAPTER`: built-in guests, one layer at a time.
 //!
 //! Each chapter is a small guest (src/demo/*.S, assembled by build.rs) booted
-//! through the public API (`Vmm::new(config)?.run()`) with exit statistics and
+//! through the public API (`Vmm::new(config, extras)?.run()`) with exit statistics and
 //! a register snapshot turned on. Around the guest's own output (on stdout)
 //! ember says on stderr what it set up, what it saw (VM exits by kind and
 //! device, per vCPU; CR0/CR4/EFER/CS when the vCPU stopped) and which layer
@@ -10,9 +10,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::{ExtraPioDevice, KernelSource, RngMode, VmConfig};
+use crate::config::{KernelSource, RngMode, VmConfig};
 use crate::control::StopReason;
 use crate::demo::hypercall::{HYPERCALL_PORT, Hypercall};
+use crate::extras::{ExtraPioDevice, Extras};
 use crate::layout;
 use crate::stats::ExitKind;
 use crate::timeline::Timeline;
@@ -158,25 +159,27 @@ pub fn list() -> String {
     out
 }
 
-/// The VM a chapter boots.
-pub fn chapter_config(ch: &Chapter) -> VmConfig {
+/// The VM a chapter boots, and what the demo adds to it: exit statistics, the registers at stop,
+/// and the hypercall chapter's port.
+pub fn chapter_config(ch: &Chapter) -> (VmConfig, Extras) {
     let mut cfg = VmConfig::new(KernelSource::Builtin(ch.image));
     cfg.mem_size_bytes = 16 << 20;
     cfg.cmdline = ch.cmdline.into();
     cfg.cpus = ch.cpus;
-    cfg.observe.stats = true;
-    cfg.observe.snapshot_registers = true;
     // Without it the rng stays off: this is a freestanding guest, not Linux.
     cfg.rng = if ch.rng { RngMode::On } else { RngMode::Off };
+    let mut extras = Extras::default();
+    extras.observe.stats = true;
+    extras.observe.snapshot_registers = true;
     if ch.hypercall {
-        cfg.extra_pio.push(ExtraPioDevice {
+        extras.pio.push(ExtraPioDevice {
             port: HYPERCALL_PORT,
             len: 1,
             name: "hypercall (demo)",
             device: Arc::new(Mutex::new(Hypercall::new())),
         });
     }
-    cfg
+    (cfg, extras)
 }
 
 /// One line per vCPU: `[ember] vCPU 0 exits: io-out 95 (serial (COM1) 94, exit device 1); io-in 94 (...)`.
@@ -215,10 +218,11 @@ pub fn run_chapter(ch: &Chapter, start: Instant, quiet: bool) -> Result<RunOutco
         }
     };
     let timeline = Arc::new(Timeline::new(start));
-    let cfg = chapter_config(ch);
+    let (cfg, extras) = chapter_config(ch);
+    let cfg = cfg.validate()?;
     say(format!("[ember] chapter {}: {}", ch.number, ch.title));
     say(format!("[ember] the guest: {}", ch.about));
-    let vmm = Vmm::new(&cfg, timeline)?;
+    let vmm = Vmm::new(&cfg, &extras, timeline)?;
     say(format!(
         "[ember] set up: {} vCPU(s), {} MiB, PVH entry {:#x} in 32-bit protected mode{}",
         cfg.cpus,

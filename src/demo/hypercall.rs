@@ -5,7 +5,7 @@
 //! next byte of the answer, then 0. Nothing like it exists on a PC: it is the
 //! smallest paravirtual interface (compare KVM's own `vmcall` hypercalls,
 //! Documentation/virt/kvm/x86/hypercalls.rst, or virtio's shared rings).
-//! Registered through `VmConfig::extra_pio` for that chapter only.
+//! Registered through `Extras::pio` (extras.rs) for that chapter only.
 
 use crate::bus::BusDevice;
 

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use crate::config::{KernelSource, VmConfig};
 use crate::control::StopReason;
+use crate::extras::Extras;
 use crate::timeline::Timeline;
 use crate::vmm::{RunOutcome, Vmm, VmmError};
 
@@ -37,13 +38,13 @@ pub fn demo_config() -> VmConfig {
 /// Boots the demo guest with its output on stdout and narrates around it.
 pub fn run_demo(start: Instant, quiet: bool) -> Result<RunOutcome, VmmError> {
     let timeline = Arc::new(Timeline::new(start));
-    let cfg = demo_config();
+    let cfg = demo_config().validate()?;
     let say = |s: String| {
         if !quiet {
             eprintln!("{s}");
         }
     };
-    let vmm = Vmm::new(&cfg, timeline.clone())?;
+    let vmm = Vmm::new(&cfg, &Extras::default(), timeline.clone())?;
     say(format!(
         "[ember] KVM: opened /dev/kvm, created a VM{}, mapped {} MiB of guest RAM (lazily: untouched pages cost nothing)",
         if vmm.irqchip {

@@ -16,18 +16,7 @@
  */
     .intel_syntax noprefix
     .include "guest.inc"            /* COM1 and exit-port constants, the macros below */
-    .set TRAMPOLINE, 0x10000
-    .set APIC_BASE, 0xfee00000
-    .set APIC_ID, 0x20
-    .set APIC_SVR, 0xf0
-    .set APIC_ICR_LOW, 0x300
-    .set APIC_ICR_HIGH, 0x310
-    .set APIC_SVR_ENABLE, 0x100
-    .set APIC_ICR_BUSY, 0x1000
-    .set ICR_ALL_BUT_SELF, 0xc0000
-    .set ICR_LEVEL_ASSERT, 0x4000
-    .set ICR_INIT, 0x500
-    .set ICR_STARTUP, 0x600
+    .include "lapic.inc"            /* APIC registers, ICR fields, TRAMPOLINE */
     .set SEL_CODE32, 0x08
     .set SEL_DATA32, 0x10
     .set WAIT_ROUNDS, 400000

@@ -8,9 +8,10 @@
 //! - the interrupt line: an [`IrqLine`] (an irqfd on IRQ 4) when the in-kernel
 //!   irqchip exists;
 //! - the output side ([`SerialOutput`]): bytes the guest writes to THR go to
-//!   stdout or a file, and are watched for the boot timeline (first byte,
-//!   "Run /init") and for "Kernel panic" (so the reset that follows counts
-//!   as a crash);
+//!   stdout or a file; the first one is marked on the boot timeline, and each
+//!   line is handed to the observers ember attached ([`LineObserver`]: Linux's
+//!   panic line in control.rs, the default guest's init markers in
+//!   guest/init.rs). The UART itself knows no guest's text;
 //! - the input side: the event loop pushes host bytes into the receive FIFO
 //!   and is told (through `input_drained`) when the guest has emptied it.
 //!
@@ -25,7 +26,6 @@ use vm_superio::serial::SerialEvents;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
-use crate::control::VmControl;
 use crate::devices::irq::IrqLine;
 use crate::snapshot::devices::SerialState;
 use crate::timeline::Timeline;
@@ -46,16 +46,16 @@ impl SerialEvents for InputEvents {
     }
 }
 
-/// Marker lines looked for in the guest's output.
-const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
-const RUN_INIT_MARKER: &[u8] = b"Run /init";
-const INIT_MARKER: &[u8] = b"ember-init: ready";
+/// The longest line handed to the observers; a longer one reaches them in pieces of this size.
 const LINE_MAX: usize = 256;
+
+/// Reads the guest's serial output a line at a time (without its `\n`): called on the vCPU thread
+/// that prints the line, under the UART's lock, so it must not block.
+pub type LineObserver = Box<dyn FnMut(&[u8]) + Send>;
 
 /// Where the guest's serial output goes, and what ember learns from it.
 pub struct SerialOutput {
     sink: Box<dyn Write + Send>,
-    control: Arc<VmControl>,
     timeline: Arc<Timeline>,
     seen_first: bool,
     line: Vec<u8>,
@@ -66,19 +66,15 @@ pub struct SerialOutput {
     dropped: u64,
     /// The sink failed once: it is not tried again (one warning, not one per byte).
     failed: bool,
-    /// A line to wait for, and what to do when the guest prints it (once).
-    line_watch: Option<LineWatch>,
+    /// What reads the output line by line ([`SerialOutput::observe_lines`]).
+    observers: Vec<LineObserver>,
 }
 
-/// A line of guest output, and what to call when it appears (`SerialOutput::watch_line`).
-pub type LineWatch = (Vec<u8>, Box<dyn FnOnce() + Send>);
-
 impl SerialOutput {
-    /// Output to `sink`, watched for the timeline and panics.
-    pub fn new(sink: Box<dyn Write + Send>, control: Arc<VmControl>, timeline: Arc<Timeline>) -> Self {
+    /// Output to `sink`; its first byte is marked on `timeline`.
+    pub fn new(sink: Box<dyn Write + Send>, timeline: Arc<Timeline>) -> Self {
         SerialOutput {
             sink,
-            control,
             timeline,
             seen_first: false,
             line: Vec::with_capacity(LINE_MAX),
@@ -86,14 +82,13 @@ impl SerialOutput {
             written: 0,
             dropped: 0,
             failed: false,
-            line_watch: None,
+            observers: Vec::new(),
         }
     }
 
-    /// Calls `then` (on the vCPU thread that prints it, under the UART's lock: it must not block)
-    /// the first time the guest prints a line containing `text`.
-    pub fn watch_line(&mut self, text: &str, then: Box<dyn FnOnce() + Send>) {
-        self.line_watch = Some((text.as_bytes().to_vec(), then));
+    /// Hands every line the guest prints from now on to `observer`, after the ones attached before.
+    pub fn observe_lines(&mut self, observer: LineObserver) {
+        self.observers.push(observer);
     }
 
     /// Takes at most `bytes` in all, then drops the rest with one warning
@@ -114,20 +109,8 @@ impl SerialOutput {
             self.timeline.mark("guest: first serial byte");
         }
         if byte == b'\n' || self.line.len() == LINE_MAX {
-            let line = &self.line;
-            let has = |m: &[u8]| line.windows(m.len()).any(|w| w == m);
-            if has(PANIC_MARKER) {
-                self.control.note_panic();
-                self.timeline.mark_once("guest: kernel panic");
-            } else if has(RUN_INIT_MARKER) {
-                self.timeline.mark_once("guest: kernel runs /init");
-            } else if has(INIT_MARKER) {
-                self.timeline.mark_once("guest: init ready");
-            }
-            if self.line_watch.as_ref().is_some_and(|(m, _)| has(m))
-                && let Some((_, then)) = self.line_watch.take()
-            {
-                then();
+            for observe in &mut self.observers {
+                observe(&self.line);
             }
             self.line.clear();
         } else {
@@ -292,7 +275,7 @@ impl Serial {
         self.uart.writer()
     }
 
-    /// The output side, to watch it for a line (`SerialOutput::watch_line`).
+    /// The output side, to attach a line observer (`SerialOutput::observe_lines`).
     pub fn output_mut(&mut self) -> &mut SerialOutput {
         self.uart.writer_mut()
     }
@@ -366,12 +349,11 @@ mod tests {
         }
     }
 
-    fn uart() -> (Serial, Shared, Arc<VmControl>, Arc<Timeline>) {
+    fn uart() -> (Serial, Shared, Arc<Timeline>) {
         let out = Shared::default();
-        let control = Arc::new(VmControl::new().unwrap());
         let timeline = Arc::new(Timeline::new(Instant::now()));
-        let so = SerialOutput::new(Box::new(out.clone()), control.clone(), timeline.clone());
-        (Serial::new(IrqLine::None, so, None), out, control, timeline)
+        let so = SerialOutput::new(Box::new(out.clone()), timeline.clone());
+        (Serial::new(IrqLine::None, so, None), out, timeline)
     }
 
     fn rd(s: &mut Serial, off: u64) -> u8 {
@@ -427,9 +409,8 @@ mod tests {
     #[test]
     fn interrupt_driven_guest_gets_input_only_once_it_listens() {
         let out = Shared::default();
-        let control = Arc::new(VmControl::new().unwrap());
         let timeline = Arc::new(Timeline::new(Instant::now()));
-        let so = SerialOutput::new(Box::new(out), control, timeline);
+        let so = SerialOutput::new(Box::new(out), timeline);
         let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let drained = Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap());
         let mut s = Serial::new(IrqLine::Irqfd(evt), so, Some(drained.clone()));
@@ -469,15 +450,24 @@ mod tests {
     }
 
     #[test]
-    fn watches_for_markers() {
-        let (mut s, _out, control, timeline) = uart();
-        for b in b"[    0.5] Run /init as init process\nKernel panic - not syncing: Attempted to kill init!\n" {
-            s.write(UART_TX, &[*b]);
+    fn hands_each_line_to_its_observers() {
+        let (mut s, out, timeline) = uart();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for tag in ["a", "b"] {
+            let lines = lines.clone();
+            s.output_mut().observe_lines(Box::new(move |l: &[u8]| {
+                lines.lock().unwrap().push(format!("{tag}:{}", String::from_utf8_lossy(l)))
+            }));
+        }
+        let long = vec![b'x'; LINE_MAX + 1];
+        for b in [&b"one\ntwo\n"[..], &long, b"\n", b"unfinished"].concat() {
+            s.write(UART_TX, &[b]);
         }
         assert!(timeline.at("guest: first serial byte").is_some());
-        assert!(timeline.at("guest: kernel runs /init").is_some());
-        control.stop(crate::control::StopReason::Reset);
-        assert!(matches!(control.reason(), Some(crate::control::StopReason::GuestCrash(_))));
+        let x = "x".repeat(LINE_MAX);
+        let want = ["a:one", "b:one", "a:two", "b:two", &format!("a:{x}"), &format!("b:{x}"), "a:", "b:"];
+        assert_eq!(*lines.lock().unwrap(), want);
+        assert_eq!(out.0.lock().unwrap().len(), 8 + LINE_MAX + 1 + 1 + 10, "observers take nothing from the output");
     }
 
     /// A sink that fails every write and counts the attempts.
@@ -495,9 +485,8 @@ mod tests {
     #[test]
     fn a_failing_sink_is_tried_once_and_counted() {
         let tries = Arc::new(Mutex::new(0));
-        let control = Arc::new(VmControl::new().unwrap());
         let timeline = Arc::new(Timeline::new(Instant::now()));
-        let so = SerialOutput::new(Box::new(Failing(tries.clone())), control, timeline);
+        let so = SerialOutput::new(Box::new(Failing(tries.clone())), timeline);
         let mut s = Serial::new(IrqLine::None, so, None);
         for b in b"hello, full disk\n" {
             s.write(UART_TX, &[*b]);
@@ -509,9 +498,8 @@ mod tests {
     #[test]
     fn output_stops_at_the_limit() {
         let out = Shared::default();
-        let control = Arc::new(VmControl::new().unwrap());
         let timeline = Arc::new(Timeline::new(Instant::now()));
-        let so = SerialOutput::new(Box::new(out.clone()), control, timeline).with_limit(10);
+        let so = SerialOutput::new(Box::new(out.clone()), timeline).with_limit(10);
         let mut s = Serial::new(IrqLine::None, so, None);
         for b in b"0123456789abcdef" {
             s.write(UART_TX, &[*b]);

@@ -9,7 +9,8 @@
 //! `build.sh.env` beside them, so a cached boot costs no script at all.
 //!
 //! Also here: how a command given after `--` reaches the guest's init
-//! (`ember.argv=`, see guest-kernels/init).
+//! (`ember.argv=`, see guest-kernels/init), and in [`init`] the rest of the
+//! init's protocol: the lines it prints when it is ready or at its snapshot point.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use thiserror::Error;
+
+pub mod init;
 
 /// The guest-kernels/ files the build needs, embedded at compile time.
 const SCRIPTS: &[(&str, &str)] = &[

@@ -13,12 +13,15 @@
 //! - `serial_sink.rs`: the writer threads behind the UART and the console
 //!   ports (a full stdout never holds the VM); `stdin_source.rs`: the reader
 //!   thread that feeds a piped stdin to the console's `ember.stdin` port.
+//! - `poll.rs`: poll(2) on one descriptor, for the threads that wait outside
+//!   the event loop (the stdin reader, the Linux lane).
 
 pub mod child;
 pub mod frame_stream;
 pub mod net_backend;
 pub mod p9_server;
 pub mod passt;
+pub mod poll;
 pub mod serial_sink;
 pub mod stdin_source;
 pub mod tap;

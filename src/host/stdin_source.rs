@@ -153,9 +153,9 @@ fn read_in(fd: OwnedFd, shared: &Shared) {
         // waits always end with room (the guest consuming quickly) would
         // otherwise never look, and could sleep through the whole hang-up.
         if !hung_up {
-            hung_up = poll(&fd, 0, 0).is_some_and(|r| r & libc::POLLHUP != 0);
+            hung_up = poll_now(&fd, 0).is_some_and(|r| r & libc::POLLHUP != 0);
         }
-        if hung_up && poll(&fd, libc::POLLIN, 0).is_none_or(|r| r & libc::POLLIN == 0) {
+        if hung_up && poll_now(&fd, libc::POLLIN).is_none_or(|r| r & libc::POLLIN == 0) {
             return end(shared, None);
         }
         // SAFETY: reads into our own buffer from a descriptor this thread owns.
@@ -171,7 +171,7 @@ fn read_in(fd: OwnedFd, shared: &Shared) {
             let (guard, _) = shared.room.wait_timeout(s, HUP_POLL).unwrap_or_else(|p| p.into_inner());
             s = guard;
             if !hung_up {
-                hung_up = poll(&fd, 0, 0).is_some_and(|r| r & libc::POLLHUP != 0);
+                hung_up = poll_now(&fd, 0).is_some_and(|r| r & libc::POLLHUP != 0);
             }
         }
         if s.closed {
@@ -186,12 +186,9 @@ fn read_in(fd: OwnedFd, shared: &Shared) {
 /// How often a reader waiting for room looks for a hang-up.
 const HUP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// poll(2) on one descriptor: its revents, or None on error.
-fn poll(fd: &OwnedFd, events: libc::c_short, timeout_ms: i32) -> Option<libc::c_short> {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
-    (n >= 0).then_some(p.revents)
+/// `fd`'s revents for `events` right now, without waiting; None on error.
+fn poll_now(fd: &OwnedFd, events: libc::c_short) -> Option<libc::c_short> {
+    crate::host::poll::poll_one(fd, events, Some(std::time::Duration::ZERO)).ok()
 }
 
 /// Marks the end of the input (after a read error, with a warning) and tells the device.

@@ -11,6 +11,8 @@
 //! names ([`LaneConfig::host_taps`]), so the inner ember's `--net` reaches the user's tap unchanged.
 //!
 //! Code map:
+//! - [`fallback`]: `ember run`'s way here: whether the host's KVM can run the guest, and the inner
+//!   ember's command line (resolved kernel and image, `--net user` through the host's passt).
 //! - [`flavour`]: which KVM the host has, and whether Linux guests need the nested lane.
 //! - [`keeper`]: idle VMs the outer machine holds so inner boots never flip KVM's static keys.
 //! - [`nested`]: the outer machine: artifacts (`guest-kernels/lane/build-outer.sh`), QEMU, the agent.
@@ -46,6 +48,7 @@
 //! A lane held in a `static` is never dropped; its QEMU still dies with the test process
 //! (PR_SET_PDEATHSIG) and its work dir is removed by the next lane that starts.
 
+pub mod fallback;
 pub mod flavour;
 pub mod keeper;
 pub mod nested;
@@ -119,6 +122,9 @@ pub enum LaneError {
         log: String,
     },
 }
+
+/// Where a long run's stderr goes as it is written ([`LinuxLane::run_with_progress`]).
+pub type Progress<'a> = &'a mut dyn FnMut(&[u8]);
 
 /// One run of the ember binary.
 #[derive(Debug, Clone, Default)]
@@ -324,7 +330,7 @@ impl LinuxLane {
         program: &Path,
         inv: &Invocation,
         timeout: Duration,
-        progress: Option<&mut dyn FnMut(&[u8])>,
+        progress: Option<Progress<'_>>,
     ) -> Result<Outcome, LaneError> {
         match &mut self.host {
             GuestHost::Direct => {
@@ -450,7 +456,7 @@ fn run_direct(bin: &Path, inv: &Invocation, timeout: Duration) -> Result<Outcome
 /// [`LaneConfig::host_taps`]).
 ///
 /// `user_net`: the socket of a passt on this host that the inner ember's `--net stream=`[`USER_NET_PORT`]
-/// reaches (see [`LaneConfig::user_net`]); main.rs starts that passt and rewrites `--net user`.
+/// reaches (see [`LaneConfig::user_net`]); [`fallback`] starts that passt and rewrites `--net user`.
 pub fn run_interactive(
     ember_bin: &Path,
     ember_args: &[OsString],

@@ -420,7 +420,7 @@ impl OuterMachine {
         program: &Path,
         inv: &Invocation,
         timeout: Duration,
-        mut progress: Option<&mut dyn FnMut(&[u8])>,
+        mut progress: Option<super::Progress<'_>>,
     ) -> Result<Outcome, LaneError> {
         let (id, req) = self.new_request(program, inv, true)?;
         let start = Instant::now();
@@ -741,11 +741,8 @@ pub(super) fn pump_output(mut from: UnixStream, mut to: Box<dyn Write + Send>, m
 /// reads the rest of the data before it sees EOF.
 pub(super) fn pump_input(from: std::os::fd::RawFd, mut to: UnixStream, stop: fs::File) {
     let mut buf = vec![0u8; 64 * 1024];
-    let stopped = |timeout_ms: i32| {
-        let mut fd = libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut fd, 1, timeout_ms) != 0 }
-    };
+    // Ready, or poll failed: either way the pump stops waiting.
+    let stopped = |timeout: Duration| !matches!(crate::host::poll::poll_one(&stop, libc::POLLIN, Some(timeout)), Ok(0));
     loop {
         let mut fds = [
             libc::pollfd { fd: from, events: libc::POLLIN, revents: 0 },
@@ -766,7 +763,7 @@ pub(super) fn pump_input(from: std::os::fd::RawFd, mut to: UnixStream, stop: fs:
             // SAFETY: reads into a buffer we own, of the given length.
             let got = unsafe { libc::read(from, buf.as_mut_ptr().cast(), buf.len()) };
             if got == 0 {
-                while unsent_bytes(&to) > 0 && !stopped(2) {}
+                while unsent_bytes(&to) > 0 && !stopped(Duration::from_millis(2)) {}
                 break;
             }
             if got < 0 || to.write_all(&buf[..got as usize]).is_err() {

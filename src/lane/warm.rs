@@ -47,6 +47,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::nested::{self, OuterMachine, Slot};
 use super::wire::{AgentMessage, HostTap, LineBuffer};
 use super::{Invocation, LaneConfig, LaneError};
+use crate::host::poll::poll_one;
 
 /// Streamed runs one warm machine serves at once (each needs three virtio-serial ports).
 pub const SLOTS: usize = 4;
@@ -530,7 +531,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
             }
             // Nothing to accept: sleep in poll(2) until a client connects, or a quarter second passes
             // to look at the flags below (an idle daemon wakes 4 times a second, not 50).
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, Duration::from_millis(250)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A client, or the next look at the idle time (an error: the same).
+                let _ = poll_one(&listener, libc::POLLIN, Some(Duration::from_millis(250)));
+            }
             Err(_) => thread::sleep(Duration::from_millis(100)),
         }
         let dead = warm.dead.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -559,13 +563,6 @@ pub fn serve(opts: ServeOptions) -> Result<(), LaneError> {
     warm.machine.lock().unwrap_or_else(|p| p.into_inner()).kill();
     let _ = fs::remove_dir_all(&warm.window);
     Ok(())
-}
-
-/// Waits until `fd` is readable (a listener: a client is waiting) or `timeout` passes.
-fn wait_readable(fd: &impl AsRawFd, timeout: Duration) {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
 }
 
 /// Removes the socket at `path` if it is still the one this daemon bound (inode `ino`): a new daemon
@@ -919,10 +916,8 @@ impl Warm {
 
 /// Whether the peer of `s` has closed its end (the client process is gone).
 fn hung_up(s: &UnixStream) -> bool {
-    let mut fd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    n > 0 && fd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+    poll_one(s, libc::POLLIN | libc::POLLRDHUP, Some(Duration::ZERO))
+        .is_ok_and(|r| r & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0)
 }
 
 /// The host paths one run may write, bind-mounted into the window while it runs.

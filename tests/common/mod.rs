@@ -12,6 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+#[path = "../guests/assemble.rs"]
+mod assemble;
+
 /// How long any one ember run may take before the test kills it and fails.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -41,17 +44,6 @@ fn guests_src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests")
 }
 
-/// Runs `cmd`; panics with its output if it fails.
-fn run_tool(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install binutils)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The ELF of test guest `name` (tests/guests/NAME.S), assembled and linked
 /// on first use in this process. Linked with tests/guests/guest.ld: loaded at
 /// 1 MiB, no PVH note, so ember enters it like a vmlinux (64-bit, RSI = boot_params).
@@ -70,23 +62,9 @@ pub fn guest(name: &str) -> PathBuf {
     let obj = out.join(format!("{name}.{pid}.o"));
     let tmp_elf = out.join(format!("{name}.{pid}.elf"));
     let elf = out.join(format!("{name}.elf"));
-    run_tool(
-        Command::new("as")
-            .arg("--64")
-            .arg("-I")
-            .arg(&src_dir)
-            .arg("-o")
-            .arg(&obj)
-            .arg(src_dir.join(format!("{name}.S"))),
-    );
-    run_tool(
-        Command::new("ld")
-            .args(["-m", "elf_x86_64", "-n", "--no-warn-rwx-segments", "-T"])
-            .arg(src_dir.join("guest.ld"))
-            .arg("-o")
-            .arg(&tmp_elf)
-            .arg(&obj),
-    );
+    let src = src_dir.join(format!("{name}.S"));
+    assemble::assemble_and_link(&src, &[&src_dir], &src_dir.join("guest.ld"), &obj, &tmp_elf)
+        .unwrap_or_else(|e| panic!("{e}"));
     let _ = std::fs::remove_file(&obj);
     std::fs::rename(&tmp_elf, &elf).expect("move the guest ELF into place");
     built.insert(name.to_string(), elf.clone());

@@ -24,19 +24,7 @@
  */
     .intel_syntax noprefix
     .include "lib.inc"
-    .set TRAMPOLINE, 0x10000
-    .set APIC_BASE, 0xfee00000              /* kept in R14: above 2 GiB, no disp32 reaches it */
-    .set APIC_ID, 0x20
-    .set APIC_SVR, 0xf0
-    .set APIC_ICR_LOW, 0x300
-    .set APIC_ICR_HIGH, 0x310
-    .set APIC_SVR_ENABLE, 0x100
-    .set APIC_ICR_BUSY, 0x1000              /* delivery status: send pending */
-    .set ICR_ALL_BUT_SELF, 0xc0000          /* destination shorthand 11 */
-    .set ICR_LEVEL_ASSERT, 0x4000
-    .set ICR_LEVEL_TRIGGER, 0x8000
-    .set ICR_INIT, 0x500
-    .set ICR_STARTUP, 0x600
+    .include "lapic.inc"            /* APIC registers, ICR fields, TRAMPOLINE */
     .set BOOT_GDT, 0x500
     .set BOOT_GDT_LIMIT, 5 * 8 - 1
     .set PML4, 0x9000
@@ -49,7 +37,7 @@
     .globl _start
 _start:
     mov r15, rsi
-    mov r14d, APIC_BASE
+    mov r14d, APIC_BASE         /* kept in R14: above 2 GiB, no disp32 reaches it */
     mov ebx, 2                  /* expected vCPUs: cpus=N, default 2 */
     lea rdi, [key_cpus]
     call after
@@ -210,7 +198,7 @@ ap_main:
     mov es, ax
     mov ss, ax
     lock inc dword ptr [TRAMPOLINE + stage_long - trampoline]
-    mov r14d, APIC_BASE
+    mov r14d, APIC_BASE         /* kept in R14: above 2 GiB, no disp32 reaches it */
     mov edx, [r14 + APIC_ID]
     shr edx, 24
     mov ecx, 1

@@ -1,5 +1,5 @@
 /*
- * echo: print a prompt, then echo every byte received on COM1 (polling
+ * console_echo: print a prompt, then echo every byte received on COM1 (polling
  * LSR.DR, reading RBR) until a `q`; then spin a while (so a test can close
  * ember's stdin meanwhile), print "bye" and exit with status 0.
  */
