@@ -571,7 +571,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
     if a.save_snapshot.is_some() {
         // A saved default guest keeps the virtio-console of split output (its state is in the
         // snapshot), whatever this run's terminal: each `--from-snapshot` run chooses whether the
-        // command's stdio use its ports (it tells the init: `restored_init_line`). The run that
+        // command's stdio use its ports (it tells the init: `guest::init::restored_line`). The run that
         // saves shows nothing of the guest's console either way.
         cfg.for_saving = true;
         if a.output == OutputArg::Auto {
@@ -767,7 +767,7 @@ fn run_from_snapshot(args: &RunArgs, dir: &std::path::Path, start: Instant) -> u
         }
     };
     let outcome = Vmm::restore(&restore, timeline.clone()).and_then(|mut vmm| {
-        let line = restored_init_line(&line, &vmm, restore.split_output);
+        let line = ember::guest::init::restored_line(&line, restored_stdio(&vmm, restore.split_output));
         vmm.observe_serial_lines(ember::guest::init::mark_ready(timeline.clone()));
         vmm.queue_console_input(format!("{line}\n").as_bytes());
         vmm.run()
@@ -793,20 +793,15 @@ fn restore_splits_output(args: &RunArgs, serial: &config::SerialMode) -> bool {
     }
 }
 
-/// The line a restored init reads at its snapshot point (guest-kernels/init, "The snapshot
-/// protocol"): the command's `ember.argv=...` (none: a shell), then how its stdio are wired when
-/// the guest was saved with console ports: `ember.stdin=port` (stdin is the `ember.stdin` port)
-/// or `ember.output=console` (everything on the serial console, as on a terminal).
-fn restored_init_line(argv: &str, vmm: &Vmm, split: bool) -> String {
-    let mut words: Vec<&str> = [argv].into_iter().filter(|w| !w.is_empty()).collect();
-    if vmm.has_console_ports() {
-        if !split {
-            words.push("ember.output=console");
-        } else if vmm.stdin_on_port() {
-            words.push("ember.stdin=port");
-        }
+/// How the restored command's stdio are wired (told to the init: `guest::init::restored_line`).
+fn restored_stdio(vmm: &Vmm, split: bool) -> ember::guest::init::RestoredStdio {
+    use ember::guest::init::RestoredStdio;
+    match (vmm.has_console_ports(), split, vmm.stdin_on_port()) {
+        (false, _, _) => RestoredStdio::NoPorts,
+        (true, false, _) => RestoredStdio::Console,
+        (true, true, false) => RestoredStdio::Split,
+        (true, true, true) => RestoredStdio::SplitWithStdin,
     }
-    words.join(" ")
 }
 
 /// `--timeline`'s report at the end of a run (booted or restored): the

@@ -49,6 +49,32 @@ pub fn at_snapshot_point(then: Box<dyn FnOnce() + Send>) -> LineObserver {
     })
 }
 
+/// How a restored command's stdio are wired, when the saved guest has the console ports of split
+/// output (`ember run --from-snapshot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoredStdio {
+    /// No console ports in the saved guest: everything on the serial console.
+    NoPorts,
+    /// The ports stay unused: everything on the serial console, as on a terminal.
+    Console,
+    /// stdout and stderr on their ports, stdin from the console.
+    Split,
+    /// stdout, stderr and stdin on their ports.
+    SplitWithStdin,
+}
+
+/// The line a restored init reads at [`SNAPSHOT_POINT`]: the command's `ember.argv=...` (empty:
+/// a shell), then `ember.stdin=port` (the command's stdin is the `ember.stdin` port) or
+/// `ember.output=console` (the saved console ports stay unused).
+pub fn restored_line(argv: &str, stdio: RestoredStdio) -> String {
+    let extra = match stdio {
+        RestoredStdio::NoPorts | RestoredStdio::Split => None,
+        RestoredStdio::Console => Some("ember.output=console"),
+        RestoredStdio::SplitWithStdin => Some("ember.stdin=port"),
+    };
+    [Some(argv).filter(|a| !a.is_empty()), extra].into_iter().flatten().collect::<Vec<_>>().join(" ")
+}
+
 /// Whether `line` contains `marker` (the init's lines may follow kernel output on the same line).
 fn contains(line: &[u8], marker: &str) -> bool {
     line.windows(marker.len()).any(|w| w == marker.as_bytes())
@@ -59,6 +85,15 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Instant;
+
+    #[test]
+    fn a_restored_line_names_the_command_then_the_stdio() {
+        assert_eq!(restored_line("ember.argv=x74727565", RestoredStdio::NoPorts), "ember.argv=x74727565");
+        assert_eq!(restored_line("ember.argv=x74727565", RestoredStdio::Split), "ember.argv=x74727565");
+        assert_eq!(restored_line("ember.argv=x", RestoredStdio::SplitWithStdin), "ember.argv=x ember.stdin=port");
+        assert_eq!(restored_line("", RestoredStdio::Console), "ember.output=console");
+        assert_eq!(restored_line("", RestoredStdio::NoPorts), "");
+    }
 
     #[test]
     fn the_ready_line_marks_the_timeline() {
