@@ -114,10 +114,11 @@ fuzz_target!(|data: &[u8]| {
                     "access {addr:#x}/{width}: bus {delivered}, model {owner:?}",
                     owner = owner.map(|o| (o.0, o.1))
                 );
-                for (b, _, id, log) in &model {
-                    let log = log.lock().unwrap();
+                for (b, _, id, device_log) in &model {
+                    let log = device_log.lock().unwrap();
                     match owner {
-                        Some((ob, _, oid, _)) if oid == id => {
+                        // (By the log, not the id: ids are a u8 and repeat after 256 inserts.)
+                        Some((ob, _, _, owner_log)) if Arc::ptr_eq(owner_log, device_log) => {
                             assert_eq!(ob, b);
                             assert_eq!(log.len(), 1, "device {id} saw {} accesses", log.len());
                             let (offset, len, is_write, bytes) = &log[0];
