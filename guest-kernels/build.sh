@@ -77,9 +77,16 @@ key=$(
 		cat "$fragment" "$self"
 	} | sha256sum | cut -c1-16
 )
-# One builder per key at a time; a second one waits and then finds the cache.
-lock_cache_entry kernel "$key"
+cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember
 out="$cache_root/kernel-$key"
+mkdir -p "$cache_root"
+
+# One builder per key at a time; a second one waits and then finds the cache.
+exec 9>"$cache_root/.kernel-$key.lock"
+if ! flock -n 9; then
+	stage "waiting for another build of kernel-$key"
+	flock 9
+fi
 
 if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ] && [ -f "$out/kernelrelease" ]; then
 	stage "cached: $out"

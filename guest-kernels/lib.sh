@@ -31,7 +31,10 @@ ensure_packages() {
 # Sets cache_root (${XDG_CACHE_HOME:-~/.cache}/ember, created) and takes the
 # lock of cache entry KIND-KEY on descriptor 9, held until the script exits:
 # one builder per entry at a time; a second one says so, waits, and then finds
-# the entry in the cache.
+# the entry in the cache. (build.sh keeps its own copy of these lines on
+# purpose: its whole text is the kernel's cache key, and a change to it costs
+# every machine a kernel build of 15 minutes or more, for no change in the
+# kernel.)
 lock_cache_entry() {
 	local kind=$1 key=$2
 	cache_root=${XDG_CACHE_HOME:-${HOME:?set HOME or XDG_CACHE_HOME}/.cache}/ember
