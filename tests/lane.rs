@@ -157,21 +157,31 @@ fn inner_boots_rewrite_no_outer_kernel_text() {
         ember="$0"
         # The keeper starts in the background at boot: wait until it holds its two vCPUs, its last
         # step (nothing else holds a VM here between runs).
+        # Progress goes to stderr, so a run that times out shows how far it got.
+        start=$(date +%s)
         held=0
-        for i in $(seq 300); do
+        while [ $(($(date +%s) - start)) -lt 120 ]; do
             held=$(ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c 'kvm-vcpu')
             [ "$held" -ge 2 ] && break
             sleep 0.2
         done
-        [ "$held" -ge 2 ] || { echo "no keeper holding 2 vCPUs (held $held)"; exit 2; }
+        echo "keeper: $held vCPUs held after $(($(date +%s) - start)) s" >&2
+        [ "$held" -ge 2 ] || {
+            echo "no keeper holding 2 vCPUs (held $held)"
+            ps -o pid,stat,etime,args | grep -e kvm-keeper -e ember
+            exit 2
+        }
         mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
         cd /sys/kernel/tracing || { echo "no tracefs"; exit 3; }
         echo 'p:emberjl __jump_label_update comm=$comm' >> kprobe_events || { echo "no kprobe"; exit 3; }
         echo > trace
         echo stacktrace > events/kprobes/emberjl/trigger
         echo 1 > events/kprobes/emberjl/enable
-        "$ember" run -- true || exit 4
-        "$ember" run --cpus 2 -- true || exit 4
+        for cpus in 1 2; do
+            t=$(date +%s)
+            timeout 120 "$ember" run --cpus $cpus -- true </dev/null || { echo "inner run ($cpus vCPUs): $?"; exit 4; }
+            echo "inner run ($cpus vCPUs): $(($(date +%s) - t)) s" >&2
+        done
         sleep 2  # KVM's deferred keys are released one second after their last user
         echo 0 > events/kprobes/emberjl/enable
         echo "updates: $(grep -c 'emberjl:' trace)"
@@ -179,7 +189,9 @@ fn inner_boots_rewrite_no_outer_kernel_text() {
         echo '!stacktrace' > events/kprobes/emberjl/trigger
         echo '-:emberjl' >> kprobe_events
     "#;
-    let out = lane().run(&Invocation::new(["-c", script, ember])).unwrap();
+    // Up to 2 minutes for the keeper and 2 for each inner boot: a loaded TCG machine is slow, and
+    // a hang must show where it was (the progress on stderr), not vanish in the lane's 120 s default.
+    let out = lane().run_with_timeout(&Invocation::new(["-c", script, ember]), Duration::from_secs(420)).unwrap();
     let stdout = out.stdout_lossy();
     assert_eq!(out.status, 0, "stdout: {stdout}\nstderr: {}", out.stderr_lossy());
     assert!(stdout.contains("updates: 0\n"), "the outer kernel patched its text during inner boots:\n{stdout}");
