@@ -16,6 +16,12 @@
 //! The timing is done inside the lane's machine, next to the VMM: this bench binary runs itself there
 //! (`--probe CMD...`: spawn, watch stdout, report), so the lane's transport is not counted.
 //!
+//! With `EMBER_BENCH_FIRECRACKER=/path/to/firecracker` (a binary built or installed outside this
+//! repo: Debian has no package), a second pair joins every round: ember and Firecracker booting the
+//! same vmlinux (Firecracker's x86 loader takes an ELF, not a bzImage), initramfs and command line,
+//! Firecracker with `--no-api --config-file`. Firecracker has no exit device: its guest's init finds
+//! port 0x501 dead and ends the VM with `reboot -f` through the i8042, as it would on any machine.
+//!
 //! `cargo bench --bench boot_compare -- [RUNS]` (default 2 rounds: a smoke test; 5+ for figures).
 
 use std::collections::BTreeMap;
@@ -41,7 +47,7 @@ const DMESG_DONE: &str = "boot-compare: dmesg done";
 
 /// ember's default command line plus `ember.debug` (the ready marker under `quiet`); the command
 /// (`ember.argv=`) is appended, so both VMMs pass the kernel exactly the same string.
-const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet ember.debug";
+const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.debug";
 
 /// Guest memory for both VMMs (ember's default).
 const MEMORY_MIB: u32 = 256;
@@ -51,6 +57,14 @@ const MEMORY_MIB: u32 = 256;
 enum Vmm {
     Ember,
     Qemu,
+    /// ember booting the vmlinux, Firecracker's peer.
+    EmberElf,
+    Firecracker,
+}
+
+/// The Firecracker binary to compare with (`EMBER_BENCH_FIRECRACKER`), if any.
+fn firecracker() -> Option<String> {
+    std::env::var("EMBER_BENCH_FIRECRACKER").ok().filter(|p| !p.is_empty())
 }
 
 impl Vmm {
@@ -58,13 +72,16 @@ impl Vmm {
         match self {
             Vmm::Ember => "ember",
             Vmm::Qemu => "qemu-microvm",
+            Vmm::EmberElf => "ember-vmlinux",
+            Vmm::Firecracker => "firecracker",
         }
     }
 
-    /// The exit status of a guest whose command exited 0: QEMU's isa-debug-exit exits `(v << 1) | 1`.
+    /// The exit status of a guest whose command exited 0: QEMU's isa-debug-exit exits `(v << 1) | 1`;
+    /// Firecracker exits 0 when the guest resets through the i8042.
     fn ok_status(self) -> i32 {
         match self {
-            Vmm::Ember => 0,
+            Vmm::Ember | Vmm::EmberElf | Vmm::Firecracker => 0,
             Vmm::Qemu => 1,
         }
     }
@@ -76,12 +93,12 @@ impl Vmm {
         let mut v: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
         match self {
-            Vmm::Ember => {
+            Vmm::Ember | Vmm::EmberElf => {
                 // No virtio-rng: QEMU gets no devices either, and the command line stays identical
                 // (ember announces virtio devices on it).
                 push(&[EMBER, "run", "--no-rng", "--cpus", &cpus.to_string(), "--memory", &format!("{MEMORY_MIB}M")]);
                 push(&["--cmdline", &cmdline, "--kernel"]);
-                v.push(g.bzimage.clone().into());
+                v.push(if self == Vmm::Ember { g.bzimage.clone() } else { g.vmlinux.clone() }.into());
                 v.push("--initrd".into());
                 v.push(g.initramfs.clone().into());
             }
@@ -113,6 +130,24 @@ impl Vmm {
                 v.push(g.initramfs.clone().into());
                 v.push("-append".into());
                 v.push(cmdline.into());
+            }
+            Vmm::Firecracker => {
+                // Firecracker's configuration file (its API's PUT bodies in one document), where the
+                // lane's machine can read it: the host's temporary directory.
+                let config = serde_json::json!({
+                    "boot-source": {
+                        "kernel_image_path": g.vmlinux,
+                        "initrd_path": g.initramfs,
+                        "boot_args": cmdline,
+                    },
+                    "drives": [],
+                    "machine-config": { "vcpu_count": cpus, "mem_size_mib": MEMORY_MIB },
+                });
+                let path = std::env::temp_dir().join(format!("boot-compare-fc-{}-{cpus}.json", std::process::id()));
+                std::fs::write(&path, config.to_string()).expect("write Firecracker's config");
+                let fc = firecracker().expect("only with EMBER_BENCH_FIRECRACKER");
+                push(&[&fc, "--no-api", "--level", "Error", "--config-file"]);
+                v.push(path.into());
             }
         }
         v
@@ -338,11 +373,20 @@ fn main() {
     // (cpus, vmm) -> boots; dmesg boots apart.
     let mut timed: BTreeMap<(u32, Vmm), Vec<Boot>> = BTreeMap::new();
     let mut dmesg: BTreeMap<(u32, Vmm), Vec<Dmesg>> = BTreeMap::new();
+    let mut pairs = vec![(Vmm::Ember, Vmm::Qemu)];
+    if let Some(fc) = firecracker() {
+        println!("firecracker: {fc}; its pair boots the vmlinux: {}\n", g.vmlinux.display());
+        pairs.push((Vmm::EmberElf, Vmm::Firecracker));
+    }
+    let vmms: Vec<Vmm> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
     for round in 0..runs {
         for cpus in [1, 2] {
             // Alternate who goes first, so neither always boots on a cache the other warmed.
-            let order = if round % 2 == 0 { [Vmm::Ember, Vmm::Qemu] } else { [Vmm::Qemu, Vmm::Ember] };
-            for vmm in order {
+            let mut order = vmms.clone();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for &vmm in &order {
                 let b = boot(&mut lane, vmm, &g, cpus, &["true"]);
                 eprintln!(
                     "round {round} {cpus} vCPU {:12} ready {:8.1} ms  exit {:8.1} ms",
@@ -352,25 +396,43 @@ fn main() {
                 );
                 timed.entry((cpus, vmm)).or_default().push(b);
             }
-            for vmm in order {
+            for &vmm in &order {
                 let b = boot(&mut lane, vmm, &g, cpus, DMESG_COMMAND);
                 dmesg.entry((cpus, vmm)).or_default().push(parse_dmesg(&b.console));
             }
         }
     }
 
+    for &(mine, peer) in &pairs {
+        report_pair(mine, peer, runs, &timed, &dmesg);
+    }
     println!(
-        "| vCPUs | VMM | ready ms (median) | exit ms (median) | ready ember/QEMU (pairwise median) | exit ember/QEMU |"
+        "\nRatios are ember / its peer per round, then the median; times are launch-to-event inside the lane's machine."
+    );
+}
+
+/// The tables of one pair: times and ratios, then where the guests' boots differ.
+fn report_pair(
+    e_vmm: Vmm,
+    q_vmm: Vmm,
+    runs: usize,
+    timed: &BTreeMap<(u32, Vmm), Vec<Boot>>,
+    dmesg: &BTreeMap<(u32, Vmm), Vec<Dmesg>>,
+) {
+    let (en, qn) = (e_vmm.name(), q_vmm.name());
+    println!("\n## {en} against {qn}\n");
+    println!(
+        "| vCPUs | VMM | ready ms (median) | exit ms (median) | ready {en}/{qn} (pairwise median) | exit {en}/{qn} |"
     );
     println!("|---|---|---|---|---|---|");
     for cpus in [1, 2] {
-        let e = &timed[&(cpus, Vmm::Ember)];
-        let q = &timed[&(cpus, Vmm::Qemu)];
+        let e = &timed[&(cpus, e_vmm)];
+        let q = &timed[&(cpus, q_vmm)];
         let ready = |b: &Boot| b.ready_ms.expect("checked in boot()");
         let r_ratio = median(e.iter().zip(q).map(|(e, q)| ready(e) / ready(q)).collect());
         let x_ratio = median(e.iter().zip(q).map(|(e, q)| e.exit_ms / q.exit_ms).collect());
-        for (vmm, boots) in [(Vmm::Ember, e), (Vmm::Qemu, q)] {
-            let ratios = if vmm == Vmm::Ember {
+        for (vmm, boots) in [(e_vmm, e), (q_vmm, q)] {
+            let ratios = if vmm == e_vmm {
                 (format!("**{r_ratio:.2}x**"), format!("**{x_ratio:.2}x**"))
             } else {
                 ("1.00x".into(), "1.00x".into())
@@ -388,7 +450,7 @@ fn main() {
 
     for cpus in [1, 2] {
         println!("\n### {cpus} vCPU(s): phases from the guests' dmesg (ms, medians over {runs} boots each)\n");
-        println!("| phase (ends at the line) | ember | qemu-microvm | ember - QEMU |");
+        println!("| phase (ends at the line) | {en} | {qn} | {en} - {qn} |");
         println!("|---|---|---|---|");
         let med = |vmm: Vmm| -> Vec<Option<f64>> {
             let per_boot: Vec<Vec<Option<f64>>> =
@@ -400,7 +462,7 @@ fn main() {
                 })
                 .collect()
         };
-        let (e, q) = (med(Vmm::Ember), med(Vmm::Qemu));
+        let (e, q) = (med(e_vmm), med(q_vmm));
         let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         for (i, (label, marker)) in PHASES.iter().enumerate() {
             let diff = match (e[i], q[i]) {
@@ -410,13 +472,13 @@ fn main() {
             println!("| {label} (`{marker}`) | {} | {} | {diff} |", cell(e[i]), cell(q[i]));
         }
         let last = |vmm: Vmm| median(dmesg[&(cpus, vmm)].iter().filter_map(|l| l.last().map(|x| x.0)).collect());
-        let (le, lq) = (last(Vmm::Ember), last(Vmm::Qemu));
+        let (le, lq) = (last(e_vmm), last(q_vmm));
         println!("| last dmesg line | {le:.1} | {lq:.1} | {:+.1} |", le - lq);
 
         // What differs, from the last dmesg boot of each.
-        let (de, dq) = (&dmesg[&(cpus, Vmm::Ember)], &dmesg[&(cpus, Vmm::Qemu)]);
+        let (de, dq) = (&dmesg[&(cpus, e_vmm)], &dmesg[&(cpus, q_vmm)]);
         let (le, lq) = (de.last().expect("one boot"), dq.last().expect("one boot"));
-        for (vmm, mine, other) in [(Vmm::Ember, le, lq), (Vmm::Qemu, lq, le)] {
+        for (vmm, mine, other) in [(e_vmm, le, lq), (q_vmm, lq, le)] {
             let theirs: std::collections::BTreeSet<String> = other.iter().map(|(_, t)| shape(t)).collect();
             let only: Vec<&(f64, String)> = mine.iter().filter(|(_, t)| !theirs.contains(&shape(t))).collect();
             println!("\nOnly under {} ({} lines):", vmm.name(), only.len());
@@ -424,14 +486,11 @@ fn main() {
                 println!("    [{ts:9.1}] {t}");
             }
         }
-        for (vmm, lines) in [(Vmm::Ember, le), (Vmm::Qemu, lq)] {
+        for (vmm, lines) in [(e_vmm, le), (q_vmm, lq)] {
             println!("\nLargest gaps under {} (ms before the line):", vmm.name());
             for (gap, ts, t) in largest_gaps(lines, 6) {
                 println!("    {gap:7.1} -> [{ts:9.1}] {t}");
             }
         }
     }
-    println!(
-        "\nRatios are ember / QEMU per round, then the median; times are launch-to-event inside the lane's machine."
-    );
 }

@@ -38,7 +38,7 @@ fn event_ms(stderr: &str, event: &str) -> Option<f64> {
 
 /// The default command line plus `ember.debug`: the init says when it is
 /// ready (for an image: its root mounted), the timeline's "guest: init ready".
-const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet ember.debug";
+const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.debug";
 
 fn timed(cmd: &mut Command) -> f64 {
     let t = Instant::now();

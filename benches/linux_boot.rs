@@ -16,7 +16,7 @@ use ember::lane::{Invocation, LinuxLane};
 
 /// The default command line plus `ember.debug`, so the init prints its
 /// ready marker (the timeline's "guest: init ready") even under `quiet`.
-const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet ember.debug";
+const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.debug";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));

@@ -94,7 +94,7 @@ ip netns exec $U {iperf3} -s -B 127.0.0.1 >/dev/null 2>&1 & S3=$!
 sleep 1
 ip netns exec $U {bin} run --memory 512M --disk {tools},ro --net user -- sh -c '{user_cmd}' | sed 's/^/user /'
 # Start-up: no network, --net user (ember.net= static), --net user with DHCP; interleaved.
-CL="console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet ember.net=dhcp"
+CL="console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.net=dhcp"
 for i in $(seq {rounds}); do
     for mode in none user dhcp; do
         case $mode in

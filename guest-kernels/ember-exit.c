@@ -53,6 +53,10 @@ __attribute__((used)) static void start_c(long *sp)
 	if (status > 255)
 		DIE("ember-exit: STATUS must be a number from 0 to 255\n");
 
+	/* Disks must be clean before the VMM goes away under them (the init
+	 * used to run sync(1) first: one exec less). */
+	syscall3(SYS_sync, 0, 0, 0);
+
 	/*
 	 * The console's output is sent by the 8250 driver from its transmit
 	 * interrupt, after write(2) has returned: what a command printed last

@@ -342,10 +342,8 @@ impl RunArgs {
     }
 }
 
-/// The kernel command line a Linux guest gets unless --cmdline says otherwise:
-/// console on COM1 only, reboot through the i8042 (ember exits 0), a panic
-/// resets at once (ember reports a crash), no boot chatter.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet";
+/// The kernel command line a Linux guest gets unless --cmdline says otherwise.
+const DEFAULT_CMDLINE: &str = ember::guest::DEFAULT_CMDLINE;
 
 /// Why `ember run` could not make a VM out of its command line (exit 125): one typed error per
 /// cause, printed once, with its causes, by [`chain`] as `ember: ...`.

@@ -78,6 +78,22 @@ fn show(o: &Outcome) -> String {
     format!("status {}\n--- stdout\n{}\n--- stderr\n{}", o.status, o.stdout_lossy(), o.stderr_lossy())
 }
 
+/// The init's mounts (guest-kernels/ember-mounts.c) and host name, as the guest sees them: the host
+/// name, then `DIR TYPE` of each pseudo file system, sorted.
+const MOUNTS_SCRIPT: &str =
+    "hostname; grep -E '^[^ ]+ /(proc|sys|dev|dev/pts|dev/shm|tmp|run) ' /proc/mounts | cut -d' ' -f2,3 | sort";
+const MOUNTS_SEEN: &str =
+    "ember\n/dev devtmpfs\n/dev/pts devpts\n/dev/shm tmpfs\n/proc proc\n/run tmpfs\n/sys sysfs\n/tmp tmpfs\n";
+
+/// Each pseudo file system once, on the initramfs root (where the init mounts /dev) as on a disk root
+/// (where the kernel has: [`root_disk_boots_and_a_synced_write_reaches_the_image`]).
+#[test]
+fn init_mounts_each_pseudo_file_system_once() {
+    let Some(o) = ember(&["run", "--", "sh", "-c", MOUNTS_SCRIPT]) else { return };
+    assert_eq!(o.status, 0, "{}", show(&o));
+    assert_eq!(o.stdout_lossy().replace("\r\n", "\n"), MOUNTS_SEEN, "{}", show(&o));
+}
+
 #[test]
 fn default_guest_runs_a_command_and_returns_its_status() {
     let Some(o) = ember(&["run", "--", "uname", "-r"]) else { return };
@@ -213,11 +229,13 @@ fn root_disk_boots_and_a_synced_write_reaches_the_image() {
     let cmd = "echo persisted-$((6*7)) > /root/proof && sync && \
                echo root=$(awk '$2 == \"/\" { print $3, substr($4, 1, 2) }' /proc/mounts) && \
                echo rng=$(cat /sys/class/misc/hw_random/rng_current)";
-    let Some(o) = ember(&["run", "--root-disk", root.path(), "--", "sh", "-c", cmd]) else { return };
+    let cmd = format!("{cmd} && echo mounts: && {MOUNTS_SCRIPT}");
+    let Some(o) = ember(&["run", "--root-disk", root.path(), "--", "sh", "-c", &cmd]) else { return };
     assert_eq!(o.status, 0, "{}", show(&o));
     let out = o.stdout_lossy().replace("\r\n", "\n");
     assert!(out.contains("root=ext4 rw"), "the root is the ext4 disk, read-write: {}", show(&o));
     assert!(out.contains("rng=virtio_rng.0"), "a Linux guest gets virtio-rng: {}", show(&o));
+    assert!(out.ends_with(&format!("mounts:\n{MOUNTS_SEEN}")), "each pseudo file system once: {}", show(&o));
     assert_eq!(root.cat("/root/proof").trim(), "persisted-42", "the file is in the image on the host");
 }
 
@@ -538,12 +556,14 @@ fn shared_folders_change_on_both_sides_and_ro_is_the_hosts() {
     std::fs::set_permissions(rw.join("from-host"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
     std::fs::write(ro.join("keep"), "read-only\n").unwrap();
     let script = "set -e; cd /mnt/rw; cat from-host; stat -c 'mode %a' from-host; echo link $(readlink host-link); \
-                  echo guest-made > g; mkdir d; mv g d/moved; chmod 600 d/moved; ln -s moved d/sym; ln d/moved hard; \
-                  rm to-delete; head -c 67108864 /dev/urandom > /tmp/big; sha256sum < /tmp/big; \
+                  echo guest-made > g; mkdir -p d; mv g d/moved; chmod 600 d/moved; ln -sfn moved d/sym; ln -f d/moved hard; \
+                  rm -f to-delete; head -c 67108864 /dev/urandom > /tmp/big; sha256sum < /tmp/big; \
                   dd if=/tmp/big of=/mnt/rw/big bs=65536 2>/dev/null; cat /mnt/ro/keep; \
                   if echo x > /mnt/ro/guest 2>/dev/null; then echo ro-mount-wrote; fi; \
                   mount -o remount,rw /mnt/ro; if echo x > /mnt/ro/host 2>/dev/null; then echo ro-host-wrote; \
                   else echo ro-host-refused; fi";
+    // Every step may run twice: `ember()` retries a run whose outer machine wedged, on the folder as
+    // the first attempt left it (seen: a wedge after `mkdir d`, then "File exists").
     let (rw_arg, ro_arg) = (format!("{}:/mnt/rw", rw.display()), format!("{}:/mnt/ro:ro", ro.display()));
     let args = ["run", "--memory", "512M", "-v", &rw_arg, "-v", &ro_arg, "--", "sh", "-c", script];
     let Some(o) = ember(&args) else { return };

@@ -172,7 +172,7 @@ pub struct Setup {
 }
 
 /// The kernel command line of the Linux tier's VMs (ember's default).
-pub const LINUX_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet";
+pub const LINUX_CMDLINE: &str = crate::guest::DEFAULT_CMDLINE;
 
 /// What to undo after a launch, and where its memory was counted.
 #[derive(Clone, Debug, Default)]
