@@ -49,9 +49,8 @@ const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 
 /// Bits of KVM_CPUID_FEATURES EAX (cpuid.rst, "flag ... value") that ember passes on as
-/// KVM_GET_SUPPORTED_CPUID reports them, except the async page faults ([`kvm_feature::NOT_OFFERED`]).
-/// Each one is something KVM does in the kernel, so it needs no help from ember; together they make the
-/// guest's timekeeping, interrupts and idle cheaper.
+/// KVM_GET_SUPPORTED_CPUID reports them. Each one is something KVM does in the kernel, so it needs no
+/// help from ember; together they make the guest's timekeeping, interrupts and idle cheaper.
 pub mod kvm_feature {
     /// 0, KVM_FEATURE_CLOCKSOURCE: kvmclock at MSRs 0x11/0x12 (old ABI).
     pub const CLOCKSOURCE: u32 = 1 << 0;
@@ -91,16 +90,6 @@ pub mod kvm_feature {
     /// (api.rst 9.1 says so of PV unhalt; PV EOI has the guest skip its EOI write for KVM's LAPIC to
     /// do it, and PV IPIs and the async PF interrupt are delivered by that LAPIC).
     pub const NEED_IN_KERNEL_LAPIC: u32 = PV_EOI | PV_UNHALT | PV_SEND_IPI | ASYNC_PF_INT;
-
-    /// Never offered: the async page faults. They let a guest run another task while the host waits
-    /// for one of its pages (swap-in, a file-backed page); ember's guest RAM is anonymous memory the
-    /// host fills without waiting, so a guest gains little. And in the Linux lane (Linux under KVM on
-    /// a TCG-emulated SVM CPU) guests that used them died: in boot_compare's output-heavy boots (the
-    /// guest prints its whole dmesg), about half triple-faulted mid-output ("near RIP 0xfff0": SVM
-    /// resets a vCPU on shutdown) or hung, with the bzImage and the vmlinux, on the serial console
-    /// and on the virtio console alike; with `no-kvmapf` on the guest's command line, 6 of 6 passed.
-    /// QEMU and Firecracker pass them on (QEMU's `kvm-asyncpf`, `kvm-asyncpf-int`).
-    pub const NOT_OFFERED: u32 = ASYNC_PF | ASYNC_PF_VMEXIT | ASYNC_PF_INT;
 }
 
 /// KVM_CPUID_FEATURES EDX bit 0, KVM_HINTS_REALTIME: "vCPUs are never preempted for an unlimited time"
@@ -161,9 +150,8 @@ pub fn adjust_for_vm(entries: &mut [kvm_cpuid_entry2], vm: VmFeatures, host: imp
                 e.eax = e.eax.max(LEAF_KVM_FEATURES);
             }
             LEAF_KVM_FEATURES => {
-                // cpuid.rst: the features as KVM reports them but the async page faults; those served
-                // by the in-kernel LAPIC only with one. No hints: vCPU threads can be preempted.
-                e.eax &= !kvm_feature::NOT_OFFERED;
+                // cpuid.rst: the features as KVM reports them; those served by the in-kernel LAPIC only
+                // with one. No hints: vCPU threads can be preempted.
                 if !vm.in_kernel_lapic {
                     e.eax &= !kvm_feature::NEED_IN_KERNEL_LAPIC;
                 }
@@ -363,7 +351,7 @@ mod tests {
     }
 
     #[test]
-    fn kvm_leaves_keep_what_kvm_offers_but_async_pf_and_drop_what_needs_a_lapic() {
+    fn kvm_leaves_keep_what_kvm_offers_and_drop_what_needs_a_lapic() {
         use kvm_feature::*;
         let offered = CLOCKSOURCE
             | NOP_IO_DELAY
@@ -391,13 +379,12 @@ mod tests {
         adjust_for_vm(&mut e, VmFeatures { in_kernel_lapic: true, tsc_deadline_timer: true }, fake_host(0));
         assert_eq!(e[0].eax, LEAF_KVM_FEATURES, "old hosts' 0 means 0x4000_0001");
         assert_eq!(e[0].ebx, 0x4b4d_564b, "signature kept");
-        assert_eq!(e[1].eax, offered & !NOT_OFFERED, "everything KVM offers but async PF");
-        assert_eq!(e[1].eax & (ASYNC_PF | ASYNC_PF_INT | ASYNC_PF_VMEXIT), 0, "no async page faults");
+        assert_eq!(e[1].eax, offered, "everything KVM offers");
         assert_eq!(e[1].edx, 0, "no realtime hint");
 
         let mut e = leaves();
         adjust_for_vm(&mut e, VmFeatures::default(), fake_host(0));
-        assert_eq!(e[1].eax, offered & !NEED_IN_KERNEL_LAPIC & !NOT_OFFERED);
+        assert_eq!(e[1].eax, offered & !NEED_IN_KERNEL_LAPIC);
         assert_ne!(e[1].eax & CLOCKSOURCE2, 0, "kvmclock needs no LAPIC");
     }
 }
