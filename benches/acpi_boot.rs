@@ -18,7 +18,9 @@ use ember::guest::default_guest;
 use ember::lane::{Invocation, LinuxLane};
 
 /// ember's default command line plus `ember.debug` (the init's ready marker under `quiet`).
-const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.debug";
+fn cmdline() -> String {
+    ember::guest::default_cmdline_with(ember::guest::init::DEBUG_PARAM)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -54,7 +56,7 @@ fn main() {
         name: name.into(),
         kernel,
         initrd,
-        cmdline: CMDLINE.into(),
+        cmdline: cmdline(),
         acpi,
         ready: vec![],
         exit: vec![],

@@ -38,7 +38,9 @@ fn event_ms(stderr: &str, event: &str) -> Option<f64> {
 
 /// The default command line plus `ember.debug`: the init says when it is
 /// ready (for an image: its root mounted), the timeline's "guest: init ready".
-const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.debug";
+fn cmdline() -> String {
+    ember::guest::default_cmdline_with(ember::guest::init::DEBUG_PARAM)
+}
 
 fn timed(cmd: &mut Command) -> f64 {
     let t = Instant::now();
@@ -112,10 +114,11 @@ fn main() {
     ember::guest::default_guest(false).unwrap();
     let mut lane = LinuxLane::start(bin).unwrap_or_else(|e| panic!("lane: {e}"));
     let (mut img, mut def, mut img_ready, mut def_ready) = (vec![], vec![], vec![], vec![]);
+    let cmdline = cmdline();
     for _ in 0..runs {
         for (args, into, ready) in [
-            (vec!["run", "--timeline=json", "--cmdline", CMDLINE, &image, "true"], &mut img, &mut img_ready),
-            (vec!["run", "--timeline=json", "--cmdline", CMDLINE, "--", "true"], &mut def, &mut def_ready),
+            (vec!["run", "--timeline=json", "--cmdline", &cmdline, &image, "true"], &mut img, &mut img_ready),
+            (vec!["run", "--timeline=json", "--cmdline", &cmdline, "--", "true"], &mut def, &mut def_ready),
         ] {
             let mut inv = Invocation::new(args.iter().copied());
             inv.env.push(("EMBER_IMAGE_STORE".into(), store.display().to_string()));

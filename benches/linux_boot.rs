@@ -16,7 +16,9 @@ use ember::lane::{Invocation, LinuxLane};
 
 /// The default command line plus `ember.debug`, so the init prints its
 /// ready marker (the timeline's "guest: init ready") even under `quiet`.
-const CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.debug";
+fn cmdline() -> String {
+    ember::guest::default_cmdline_with(ember::guest::init::DEBUG_PARAM)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -72,7 +74,7 @@ fn main() {
                 "--initrd".as_ref(),
                 g.initramfs.as_os_str(),
                 "--cmdline".as_ref(),
-                CMDLINE.as_ref(),
+                cmdline().as_ref(),
                 "--timeline=json".as_ref(),
                 "--stats".as_ref(),
                 "--".as_ref(),

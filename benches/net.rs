@@ -94,7 +94,7 @@ ip netns exec $U {iperf3} -s -B 127.0.0.1 >/dev/null 2>&1 & S3=$!
 sleep 1
 ip netns exec $U {bin} run --memory 512M --disk {tools},ro --net user -- sh -c '{user_cmd}' | sed 's/^/user /'
 # Start-up: no network, --net user (ember.net= static), --net user with DHCP; interleaved.
-CL="console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0 ember.net=dhcp"
+CL="{cl}"
 for i in $(seq {rounds}); do
     for mode in none user dhcp; do
         case $mode in
@@ -111,6 +111,7 @@ done
 "#,
         bin = bin.display(),
         tools = tools.display(),
+        cl = ember::guest::default_cmdline_with("ember.net=dhcp"),
         // A stalled transfer (see the README's figures) must not hold the rest of the run.
         user_cmd = guest_cmd
             .replace("ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ", "")

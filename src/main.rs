@@ -342,9 +342,6 @@ impl RunArgs {
     }
 }
 
-/// The kernel command line a Linux guest gets unless --cmdline says otherwise.
-const DEFAULT_CMDLINE: &str = ember::guest::DEFAULT_CMDLINE;
-
 /// Why `ember run` could not make a VM out of its command line (exit 125): one typed error per
 /// cause, printed once, with its causes, by [`chain`] as `ember: ...`.
 #[derive(Debug, thiserror::Error)]
@@ -496,7 +493,7 @@ fn build_config(a: &RunArgs, timeline: &Timeline) -> Result<Plan, RunError> {
     }
     let mut cfg = VmConfig::new(KernelSource::Path(kernel));
     cfg.initrd = initrd;
-    cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    cfg.cmdline = a.cmdline.clone().unwrap_or_else(|| ember::guest::DEFAULT_CMDLINE.to_string());
     if a.save_snapshot.is_some() {
         // guest-kernels/init, "The snapshot protocol": wait for the command on the console.
         cfg.cmdline = format!("{} {}", cfg.cmdline, ember::guest::init::SNAPSHOT_PARAM);

@@ -71,11 +71,11 @@ impl Context {
                     guest_hashes.insert(format!("image root file system ({})", i.reference), sha256(&i.sqfs));
                     format!(
                         "{} (image run spec in the initramfs); command: {:?}",
-                        super::runtimes::LINUX_CMDLINE,
+                        crate::guest::DEFAULT_CMDLINE,
                         i.argv
                     )
                 }
-                None => format!("{} ember.argv=<sh -c payload>", super::runtimes::LINUX_CMDLINE),
+                None => format!("{} ember.argv=<sh -c payload>", crate::guest::DEFAULT_CMDLINE),
             }
         };
         let cgroups = if super::oci::unified_has_controllers() {

@@ -171,9 +171,6 @@ pub struct Setup {
     pub cgroup_base: String,
 }
 
-/// The kernel command line of the Linux tier's VMs (ember's default).
-pub const LINUX_CMDLINE: &str = crate::guest::DEFAULT_CMDLINE;
-
 /// What to undo after a launch, and where its memory was counted.
 #[derive(Clone, Debug, Default)]
 pub struct Cleanup {
@@ -375,7 +372,7 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
                 let drive = format!("id=image,file={},format=raw,if=none,readonly=on", img.sqfs.display());
                 c.arg(&g.bzimage).arg("-initrd").arg(&img.initrd).args([
                     "-append",
-                    LINUX_CMDLINE,
+                    crate::guest::DEFAULT_CMDLINE,
                     "-drive",
                     &drive,
                     "-device",
@@ -392,7 +389,7 @@ pub fn prepare(rt: Runtime, s: &Setup, seq: u64) -> std::io::Result<Prepared> {
                     .arg("-initrd")
                     .arg(&g.initramfs)
                     .arg("-append")
-                    .arg(format!("{LINUX_CMDLINE} {argv}"));
+                    .arg(format!("{} {argv}", crate::guest::DEFAULT_CMDLINE));
                 (c, MARKER)
             }
         }

@@ -19,6 +19,9 @@ use crate::timeline::Timeline;
 /// The line the init prints when it is ready to start the command (with `ember.debug`).
 pub const READY_MARKER: &str = "ember-init: ready";
 
+/// The kernel command-line word that makes the init print [`READY_MARKER`].
+pub const DEBUG_PARAM: &str = "ember.debug";
+
 /// The kernel command-line word that makes the init stop at [`SNAPSHOT_POINT`] and wait for its
 /// command on the console.
 pub const SNAPSHOT_PARAM: &str = "ember.snapshot";

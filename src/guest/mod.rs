@@ -46,6 +46,11 @@ const SCRIPTS: &[(&str, &str)] = &[
 /// Unix 98 ptys of /dev/pts are unaffected.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 quiet pty.legacy_count=0";
 
+/// [`DEFAULT_CMDLINE`] followed by `words` (the init's `ember.*` parameters): what the benches boot.
+pub fn default_cmdline_with(words: &str) -> String {
+    format!("{DEFAULT_CMDLINE} {words}")
+}
+
 /// Source of `ember-getpid`, the getpid(2) loop in the default guest's
 /// initramfs; `ember bench` builds the same program for the host and containers.
 pub const GETPID_SOURCE: &str = include_str!("../../guest-kernels/ember-getpid.c");
