@@ -64,6 +64,11 @@ enum Vmm {
     Firecracker,
 }
 
+/// Where Firecracker's configuration for `cpus` vCPUs is written (removed at the end of the run).
+fn firecracker_config(cpus: u32) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("boot-compare-fc-{}-{cpus}.json", std::process::id()))
+}
+
 /// The Firecracker binary to compare with (`EMBER_BENCH_FIRECRACKER`), if any.
 fn firecracker() -> Option<String> {
     std::env::var("EMBER_BENCH_FIRECRACKER").ok().filter(|p| !p.is_empty())
@@ -145,7 +150,7 @@ impl Vmm {
                     "drives": [],
                     "machine-config": { "vcpu_count": cpus, "mem_size_mib": MEMORY_MIB },
                 });
-                let path = std::env::temp_dir().join(format!("boot-compare-fc-{}-{cpus}.json", std::process::id()));
+                let path = firecracker_config(cpus);
                 std::fs::write(&path, config.to_string()).expect("write Firecracker's config");
                 let fc = firecracker().expect("only with EMBER_BENCH_FIRECRACKER");
                 push(&[&fc, "--no-api", "--level", "Error", "--config-file"]);
@@ -407,6 +412,9 @@ fn main() {
 
     for &(mine, peer) in &pairs {
         report_pair(mine, peer, runs, &timed, &dmesg);
+    }
+    for cpus in [1, 2] {
+        let _ = std::fs::remove_file(firecracker_config(cpus));
     }
     println!(
         "\nRatios are ember / its peer per round, then the median; times are launch-to-event inside the lane's machine."
