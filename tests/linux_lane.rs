@@ -67,6 +67,23 @@ fn ember_stdin(args: &[&str], stdin: &[u8]) -> Option<Outcome> {
     }
 }
 
+/// Runs `script` with /bin/sh on the lane's machine. As in [`ember_stdin`], a
+/// wedged or dead outer machine is the test machine failing, not ember: the
+/// script is run once more, loudly, on a fresh one (so scripts given here must
+/// be safe to run twice). Anything the script itself did is never retried.
+fn lane_sh(l: &mut LinuxLane, what: &str, script: &str, timeout: std::time::Duration) -> Outcome {
+    let inv = Invocation::new(["-c", script]);
+    let sh = std::path::Path::new("/bin/sh");
+    match l.run_program(sh, &inv, timeout) {
+        Ok(o) => o,
+        Err(e @ (LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) => {
+            loud(&format!("LANE: the outer machine stopped answering or died ({e}); retrying {what} once on a fresh one"));
+            l.run_program(sh, &inv, timeout).unwrap_or_else(|e| panic!("{what} (second try): {e}"))
+        }
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
 /// Says something on the real stderr, past the test harness's capture: a
 /// retry must be visible in CI's log even when the test then passes.
 fn loud(msg: &str) {
@@ -603,8 +620,7 @@ fn stderr_to_dev_null_and_a_binary_file_through_stdout() {
         "{bin} run -- sh -c 'echo out; echo err >&2' 2>/dev/null > /tmp/ember-split-$$.txt || exit 10; \
          cat /tmp/ember-split-$$.txt; rm -f /tmp/ember-split-$$.txt"
     );
-    let inv = Invocation::new(["-c", script.as_str()]);
-    let o = l.run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(120)).expect("lane");
+    let o = lane_sh(&mut l, "the stderr script", &script, std::time::Duration::from_secs(120));
     assert_eq!((o.status, o.stdout.as_slice(), o.stderr.as_slice()), (0, &b"out\n"[..], &b""[..]), "{}", show(&o));
     drop(l);
 
@@ -762,6 +778,7 @@ fn a_saved_guest_with_a_tap_pings_after_restore() {
     let script = format!(
         r#"
 modprobe tun 2>/dev/null
+rm -rf {saved}
 NS=ember-snet-$$
 ip netns add $NS || exit 90
 trap 'ip netns del $NS' EXIT
@@ -773,10 +790,7 @@ ip netns exec $NS {ember_bin} run --save-snapshot {saved} --net tap=etap0 || exi
 ip netns exec $NS {ember_bin} run --from-snapshot {saved} -- sh -c   'ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up && ping -c 3 10.0.0.1'
 "#
     );
-    let inv = Invocation::new(["-c", script.as_str()]);
-    let o = l
-        .run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(300))
-        .unwrap_or_else(|e| panic!("the snapshot network script: {e}"));
+    let o = lane_sh(&mut l, "the snapshot network script", &script, std::time::Duration::from_secs(300));
     drop(l);
     assert_eq!(o.status, 0, "{}", show(&o));
     assert!(o.stdout_lossy().contains("3 packets transmitted, 3 packets received"), "{}", show(&o));

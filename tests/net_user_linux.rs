@@ -84,15 +84,17 @@ fn lane_script(script: &str, ok: impl Fn(&Outcome) -> bool) -> Option<Outcome> {
     let full = format!("{SETUP}\nE={}\n{script}", env!("CARGO_BIN_EXE_ember"));
     let inv = Invocation::new(["-c", full.as_str()]);
     let attempt = |l: &mut LinuxLane| {
-        l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400))
-            .unwrap_or_else(|e| panic!("the network script: {e}"))
+        l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400)).map_err(|e| format!("the network script: {e}"))
     };
     let mut o = attempt(&mut l);
-    if !ok(&o) && !ember::lane::KvmFlavour::detect().runs_linux_directly() {
-        loud(&format!("LANE: a --net user run failed in the nested lane; retrying once:\n{}", show(&o)));
+    // A wedged or dead outer machine (an Err) is retried on a fresh one in either case.
+    let failed = |o: &Result<Outcome, String>| o.as_ref().map_or(true, |o| !ok(o));
+    if failed(&o) && (o.is_err() || !ember::lane::KvmFlavour::detect().runs_linux_directly()) {
+        let why = o.as_ref().map_or_else(|e| e.clone(), show);
+        loud(&format!("LANE: a --net user run failed in the nested lane; retrying once:\n{why}"));
         o = attempt(&mut l);
     }
-    Some(o)
+    Some(o.unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// The value after `tag` on a line of `out`.

@@ -64,7 +64,7 @@ qemu="$(command -v qemu-system-x86_64 || true)"
 
 # --- 3. cache key ---------------------------------------------------------------------------------------
 # name[:params] in load order; each module's dependencies are added before it from modules.dep.
-wanted=(virtio_pci virtio_console 9pnet_virtio 9p irqbypass kvm ccp "kvm_amd:npt=1")
+wanted=(virtio_pci virtio_console 9pnet_virtio 9p irqbypass "kvm:nx_huge_pages=never" ccp "kvm_amd:npt=1")
 # Loaded by the agent only when a run hands host taps to the machine (`net` on the control port): the
 # NIC driver, the inner taps and the bridges between them. Dependencies already loaded above are skipped.
 wanted_net=(virtio_net tun bridge)
