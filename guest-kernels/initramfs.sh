@@ -8,6 +8,7 @@
 #   /sbin/ember-exit   the exit-port helper, compiled from ember-exit.c
 #   /sbin/ember-getpid a getpid(2) loop, the syscall-cost workload of `ember bench`
 #   /sbin/ember-mounts the init's pseudo file system mounts in one exec
+#   /sbin/ember-session the command's session leader: drains the console before the session ends
 #   /sbin/ember-exec   enters a container image's root as its user (ember run IMAGE)
 #   /etc/...           passwd, group, profile: enough for a root shell
 #   /dev/console       a char device node 5:1, so the kernel can open the
@@ -15,7 +16,7 @@
 #
 # The result is cached in ${XDG_CACHE_HOME:-~/.cache}/ember/initramfs-<hash>/
 # where <hash> covers every input: the busybox-static package version, gcc's
-# version, init, ember-exit.c, ember-getpid.c, ember-mounts.c, ember-exec.c and this script. A cached build is reused
+# version, init, ember-exit.c, ember-getpid.c, ember-mounts.c, ember-session.c, ember-exec.c and this script. A cached build is reused
 # as is; a new one is made in a temporary directory and renamed into place,
 # so an interrupted build leaves no half-made cache entry.
 #
@@ -62,7 +63,7 @@ key=$(
 	{
 		echo "busybox-static $busybox_version"
 		gcc -dumpfullversion
-		cat "$here/init" "$here/freestanding.h" "$here/ember-exit.c" "$here/ember-getpid.c" "$here/ember-mounts.c" "$here/ember-exec.c" "$self"
+		cat "$here/init" "$here/freestanding.h" "$here/ember-exit.c" "$here/ember-getpid.c" "$here/ember-mounts.c" "$here/ember-session.c" "$here/ember-exec.c" "$self"
 	} | sha256sum | cut -c1-16
 )
 # One builder per key at a time; a second one waits and then finds the cache.
@@ -96,7 +97,7 @@ cp /bin/busybox "$root/bin/busybox"
 done
 
 mkdir -p "$root/sbin"
-for prog in ember-exit ember-getpid ember-mounts; do
+for prog in ember-exit ember-getpid ember-mounts ember-session; do
 	gcc -Os -static -nostdlib -ffreestanding -fno-pie -no-pie -fno-stack-protector \
 		-fno-asynchronous-unwind-tables -Wall -Wextra -Werror -Wl,--build-id=none -s \
 		-o "$root/sbin/$prog" "$here/$prog.c"

@@ -34,6 +34,7 @@ const SCRIPTS: &[(&str, &str)] = &[
     ("ember-exit.c", include_str!("../../guest-kernels/ember-exit.c")),
     ("ember-getpid.c", include_str!("../../guest-kernels/ember-getpid.c")),
     ("ember-mounts.c", include_str!("../../guest-kernels/ember-mounts.c")),
+    ("ember-session.c", include_str!("../../guest-kernels/ember-session.c")),
     ("ember-exec.c", include_str!("../../guest-kernels/ember-exec.c")),
 ];
 
