@@ -77,7 +77,9 @@ fn lane_sh(l: &mut LinuxLane, what: &str, script: &str, timeout: std::time::Dura
     match l.run_program(sh, &inv, timeout) {
         Ok(o) => o,
         Err(e @ (LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) => {
-            loud(&format!("LANE: the outer machine stopped answering or died ({e}); retrying {what} once on a fresh one"));
+            loud(&format!(
+                "LANE: the outer machine stopped answering or died ({e}); retrying {what} once on a fresh one"
+            ));
             l.run_program(sh, &inv, timeout).unwrap_or_else(|e| panic!("{what} (second try): {e}"))
         }
         Err(e) => panic!("{what}: {e}"),

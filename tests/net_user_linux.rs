@@ -84,7 +84,8 @@ fn lane_script(script: &str, ok: impl Fn(&Outcome) -> bool) -> Option<Outcome> {
     let full = format!("{SETUP}\nE={}\n{script}", env!("CARGO_BIN_EXE_ember"));
     let inv = Invocation::new(["-c", full.as_str()]);
     let attempt = |l: &mut LinuxLane| {
-        l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400)).map_err(|e| format!("the network script: {e}"))
+        l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400))
+            .map_err(|e| format!("the network script: {e}"))
     };
     let mut o = attempt(&mut l);
     // A wedged or dead outer machine (an Err) is retried on a fresh one in either case.
