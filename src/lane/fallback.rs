@@ -122,14 +122,17 @@ pub fn run_in_lane_if_needed(
     if req.no_fallback {
         return Err(FallbackError::Refused(flavour));
     }
-    eprintln!(
-        "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
-         emulated SVM machine instead (QEMU TCG, a slower guest; the first run boots it, later runs reuse it: \
-         `ember lane status`; --no-fallback refuses)"
-    );
+    let exe = std::env::current_exe().map_err(FallbackError::OwnBinary)?;
+    // Said when the run boots a machine; a run that reuses the warm one starts as quietly as a direct one.
+    if !super::warm::reuses_running_machine(&exe, !cfg.nets.is_empty()) {
+        eprintln!(
+            "ember: this host's KVM ({flavour}) cannot run a Linux guest's user space: running the VM inside an \
+             emulated SVM machine instead (QEMU TCG, a slower guest; the first run boots it, later runs reuse it: \
+             `ember lane status`; --no-fallback refuses)"
+        );
+    }
     let (nets, user_net) = user_net_on_host(&cfg.nets)?;
     let Some(inner) = inner_args(req, cfg, &nets, image_disk, user_net.is_some()) else { return Ok(None) };
-    let exe = std::env::current_exe().map_err(FallbackError::OwnBinary)?;
     let mut writable = cfg.writable_host_paths();
     if let Some(dir) = &req.save_snapshot {
         // The saved VM's files are written there, inside the machine.

@@ -200,7 +200,7 @@ pub fn run(
     user_net: Option<&Path>,
 ) -> Result<i32, LaneError> {
     // A machine's NICs and ports are fixed when it boots: a run that brings its own gets its own.
-    let private = !taps.is_empty() || user_net.is_some() || std::env::var("EMBER_LANE_WARM").as_deref() == Ok("0");
+    let private = gets_own_machine(!taps.is_empty() || user_net.is_some());
     let (sock, _private_dir) = if private {
         let dir = private_state_dir()?;
         let s = start_daemon(ember_bin, &dir, true, taps, user_net)?;
@@ -239,6 +239,17 @@ pub fn run(
             log_tail(&state_dir()).map(|t| format!("; its log ends:\n{t}")).unwrap_or_default()
         ))),
     }
+}
+
+/// Whether a run gets a machine of its own: it brings NICs (`--net`), or `EMBER_LANE_WARM=0`.
+fn gets_own_machine(nics: bool) -> bool {
+    nics || std::env::var("EMBER_LANE_WARM").as_deref() == Ok("0")
+}
+
+/// Whether a run of `ember_bin` (with `nics`: any `--net`) is served at once by the user's warm
+/// machine, already up for this build: then nothing boots, and `ember run` has nothing to announce.
+pub fn reuses_running_machine(ember_bin: &Path, nics: bool) -> bool {
+    !gets_own_machine(nics) && hello(&state_dir()).is_some_and(|(_, build, _)| build == build_id(ember_bin))
 }
 
 /// A private daemon's state dir, removed when the run is over.
