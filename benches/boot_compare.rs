@@ -168,6 +168,8 @@ struct Boot {
     exit_ms: f64,
     status: i32,
     console: String,
+    /// The VMM's last line on stderr before the probe's report (why a failed boot ended).
+    last_error: String,
 }
 
 /// Probe side (inside the lane's machine): runs `argv`, timestamps the ready line and the exit, and
@@ -258,14 +260,45 @@ fn boot(lane: &mut LinuxLane, vmm: Vmm, g: &GuestArtifacts, cpus: u32, command: 
         exit_ms: field("exit_ms=").parse().expect("exit_ms"),
         status: field("status=").parse().expect("status"),
         console: out.stdout_lossy(),
+        last_error: err
+            .lines()
+            .rev()
+            .find(|l| !l.starts_with("probe ") && !l.trim().is_empty())
+            .unwrap_or("")
+            .to_string(),
     };
     if dmesg {
-        assert!(b.console.contains(DMESG_DONE), "{} {cpus} vCPU(s): no dmesg:\n{err}\n{}", vmm.name(), b.console);
+        // A dmesg boot that did not finish is the caller's to count (see `dmesg_boot`).
         return b;
     }
     assert_eq!(b.status, vmm.ok_status(), "{} {cpus} vCPU(s) failed:\n{err}\n{}", vmm.name(), b.console);
     assert!(b.ready_ms.is_some(), "{}: no `{READY}` line:\n{}", vmm.name(), b.console);
     b
+}
+
+/// One dmesg boot, tried again once when it ended before its whole log was out: in the nested lane a
+/// guest that prints this much was seen to triple-fault or hang now and then (issue #15, README). Each
+/// failure is counted in `failed` (tries, reasons) for the report, so the bench measures the defect's
+/// rate instead of dying of it; `None` when both tries failed.
+fn dmesg_boot(
+    lane: &mut LinuxLane,
+    vmm: Vmm,
+    g: &GuestArtifacts,
+    cpus: u32,
+    failed: &mut (u32, Vec<String>),
+) -> Option<Boot> {
+    for _ in 0..2 {
+        let b = boot(lane, vmm, g, cpus, DMESG_COMMAND);
+        failed.0 += 1;
+        if b.console.contains(DMESG_DONE) {
+            return Some(b);
+        }
+        let lines = b.console.lines().count();
+        let why = format!("{cpus} vCPU(s), status {}, after {lines} lines of log: {}", b.status, b.last_error);
+        eprintln!("{} dmesg boot failed ({why}): the lane's known crash (#15)", vmm.name());
+        failed.1.push(why);
+    }
+    None
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -386,6 +419,8 @@ fn main() {
         pairs.push((Vmm::EmberElf, Vmm::Firecracker));
     }
     let vmms: Vec<Vmm> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+    // Per VMM: (dmesg boots tried, the ones that ended before their log was out).
+    let mut failed: BTreeMap<Vmm, (u32, Vec<String>)> = BTreeMap::new();
     for round in 0..runs {
         for cpus in [1, 2] {
             // Alternate who goes first, so neither always boots on a cache the other warmed.
@@ -404,14 +439,23 @@ fn main() {
                 timed.entry((cpus, vmm)).or_default().push(b);
             }
             for &vmm in &order {
-                let b = boot(&mut lane, vmm, &g, cpus, DMESG_COMMAND);
-                dmesg.entry((cpus, vmm)).or_default().push(parse_dmesg(&b.console));
+                let samples = dmesg.entry((cpus, vmm)).or_default();
+                if let Some(b) = dmesg_boot(&mut lane, vmm, &g, cpus, failed.entry(vmm).or_default()) {
+                    samples.push(parse_dmesg(&b.console));
+                }
             }
         }
     }
 
     for &(mine, peer) in &pairs {
         report_pair(mine, peer, runs, &timed, &dmesg);
+    }
+    println!("\n### dmesg boots that ended before the whole log was out (the lane's known crash, issue #15)\n");
+    for (vmm, (tried, why)) in &failed {
+        println!("- {}: {} of {tried}{}", vmm.name(), why.len(), if why.is_empty() { "" } else { ":" });
+        for w in why {
+            println!("  - {w}");
+        }
     }
     for cpus in [1, 2] {
         let _ = std::fs::remove_file(firecracker_config(cpus));
@@ -459,7 +503,9 @@ fn report_pair(
     }
 
     for cpus in [1, 2] {
-        println!("\n### {cpus} vCPU(s): phases from the guests' dmesg (ms, medians over {runs} boots each)\n");
+        println!(
+            "\n### {cpus} vCPU(s): phases from the guests' dmesg (ms, medians over the complete boots of {runs} rounds)\n"
+        );
         println!("| phase (ends at the line) | {en} | {qn} | {en} - {qn} |");
         println!("|---|---|---|---|");
         let med = |vmm: Vmm| -> Vec<Option<f64>> {
@@ -487,7 +533,10 @@ fn report_pair(
 
         // What differs, from the last dmesg boot of each.
         let (de, dq) = (&dmesg[&(cpus, e_vmm)], &dmesg[&(cpus, q_vmm)]);
-        let (le, lq) = (de.last().expect("one boot"), dq.last().expect("one boot"));
+        let (Some(le), Some(lq)) = (de.last(), dq.last()) else {
+            println!("\n(no complete dmesg boot of one of the two: nothing to compare)");
+            continue;
+        };
         for (vmm, mine, other) in [(e_vmm, le, lq), (q_vmm, lq, le)] {
             let theirs: std::collections::BTreeSet<String> = other.iter().map(|(_, t)| shape(t)).collect();
             let only: Vec<&(f64, String)> = mine.iter().filter(|(_, t)| !theirs.contains(&shape(t))).collect();
