@@ -17,11 +17,6 @@ use std::path::Path;
 use ember::guest::default_guest;
 use ember::lane::{Invocation, LinuxLane};
 
-/// ember's default command line plus `ember.debug` (the init's ready marker under `quiet`).
-fn cmdline() -> String {
-    ember::guest::default_cmdline_with(ember::guest::init::DEBUG_PARAM)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
@@ -56,7 +51,7 @@ fn main() {
         name: name.into(),
         kernel,
         initrd,
-        cmdline: cmdline(),
+        cmdline: ember::guest::debug_cmdline(),
         acpi,
         ready: vec![],
         exit: vec![],

@@ -45,12 +45,6 @@ const READY: &str = "ember-init: ready";
 const DMESG_COMMAND: &[&str] = &["sh", "-c", "dmesg; echo boot-compare: dmesg done; sleep 600"];
 const DMESG_DONE: &str = "boot-compare: dmesg done";
 
-/// ember's default command line plus `ember.debug` (the ready marker under `quiet`); the command
-/// (`ember.argv=`) is appended, so both VMMs pass the kernel exactly the same string.
-fn cmdline() -> String {
-    ember::guest::default_cmdline_with(ember::guest::init::DEBUG_PARAM)
-}
-
 /// Guest memory for both VMMs (ember's default).
 const MEMORY_MIB: u32 = 256;
 
@@ -96,7 +90,7 @@ impl Vmm {
     /// The command line that boots `g` with `command` in the guest on `cpus` vCPUs.
     fn argv(self, g: &GuestArtifacts, cpus: u32, command: &[&str]) -> Vec<OsString> {
         let argv = encode_argv(command).expect("no NUL in the bench commands");
-        let cmdline = format!("{} {argv}", cmdline());
+        let cmdline = format!("{} {argv}", ember::guest::debug_cmdline());
         let mut v: Vec<OsString> = Vec::new();
         let mut push = |items: &[&str]| v.extend(items.iter().map(OsString::from));
         match self {
@@ -408,7 +402,10 @@ fn main() {
     println!("\n## Default guest: ember vs QEMU microvm ({runs} interleaved rounds)\n");
     println!("lane: {}", lane.describe());
     println!("kernel: {} ({}), initramfs: {}", g.bzimage.display(), g.kernel_release, g.initramfs.display());
-    println!("command line: {} ember.argv=<command>; {MEMORY_MIB} MiB; ember --no-rng\n", cmdline());
+    println!(
+        "command line: {} ember.argv=<command>; {MEMORY_MIB} MiB; ember --no-rng\n",
+        ember::guest::debug_cmdline()
+    );
 
     // (cpus, vmm) -> boots; dmesg boots apart.
     let mut timed: BTreeMap<(u32, Vmm), Vec<Boot>> = BTreeMap::new();

@@ -36,12 +36,6 @@ fn event_ms(stderr: &str, event: &str) -> Option<f64> {
     item.split("\"ms\":").nth(1)?.split(['}', ',']).next()?.trim().parse().ok()
 }
 
-/// The default command line plus `ember.debug`: the init says when it is
-/// ready (for an image: its root mounted), the timeline's "guest: init ready".
-fn cmdline() -> String {
-    ember::guest::default_cmdline_with(ember::guest::init::DEBUG_PARAM)
-}
-
 fn timed(cmd: &mut Command) -> f64 {
     let t = Instant::now();
     oci::run(cmd);
@@ -114,7 +108,7 @@ fn main() {
     ember::guest::default_guest(false).unwrap();
     let mut lane = LinuxLane::start(bin).unwrap_or_else(|e| panic!("lane: {e}"));
     let (mut img, mut def, mut img_ready, mut def_ready) = (vec![], vec![], vec![], vec![]);
-    let cmdline = cmdline();
+    let cmdline = ember::guest::debug_cmdline();
     for _ in 0..runs {
         for (args, into, ready) in [
             (vec!["run", "--timeline=json", "--cmdline", &cmdline, &image, "true"], &mut img, &mut img_ready),

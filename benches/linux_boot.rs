@@ -14,12 +14,6 @@ use std::path::Path;
 use ember::guest::default_guest;
 use ember::lane::{Invocation, LinuxLane};
 
-/// The default command line plus `ember.debug`, so the init prints its
-/// ready marker (the timeline's "guest: init ready") even under `quiet`.
-fn cmdline() -> String {
-    ember::guest::default_cmdline_with(ember::guest::init::DEBUG_PARAM)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
@@ -74,7 +68,7 @@ fn main() {
                 "--initrd".as_ref(),
                 g.initramfs.as_os_str(),
                 "--cmdline".as_ref(),
-                cmdline().as_ref(),
+                ember::guest::debug_cmdline().as_ref(),
                 "--timeline=json".as_ref(),
                 "--stats".as_ref(),
                 "--".as_ref(),

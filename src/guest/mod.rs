@@ -52,6 +52,12 @@ pub fn default_cmdline_with(words: &str) -> String {
     format!("{DEFAULT_CMDLINE} {words}")
 }
 
+/// [`DEFAULT_CMDLINE`] plus `ember.debug` ([`init::DEBUG_PARAM`]), so the init prints its ready marker
+/// even under `quiet`: the command line of the benches that time a boot to the init.
+pub fn debug_cmdline() -> String {
+    default_cmdline_with(init::DEBUG_PARAM)
+}
+
 /// Source of `ember-getpid`, the getpid(2) loop in the default guest's
 /// initramfs; `ember bench` builds the same program for the host and containers.
 pub const GETPID_SOURCE: &str = include_str!("../../guest-kernels/ember-getpid.c");
