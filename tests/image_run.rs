@@ -9,6 +9,8 @@
 //! fallback does). `through_the_host_as_a_user_types_it` runs one image the
 //! way a user types it, fallback included.
 
+#[path = "common/lane_retry.rs"]
+mod lane_retry;
 #[path = "common/oci.rs"]
 mod oci;
 
@@ -17,7 +19,8 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use ember::lane::{Invocation, LaneConfig, LaneError, LinuxLane, Outcome};
+use ember::lane::{Invocation, LaneConfig, LinuxLane, Outcome};
+use lane_retry::past_a_wedge;
 use oci::{Config, Entry, Registry, layer_tar, run, temp_dir, write_image};
 
 static LANE: OnceLock<Option<Mutex<LinuxLane>>> = OnceLock::new();
@@ -124,7 +127,7 @@ fn lane() -> Option<MutexGuard<'static, LinuxLane>> {
 }
 
 /// `ember ARGS` in the lane with `store` as the image store. A wedged outer
-/// machine (the test machine, not ember) is retried once, loudly.
+/// machine (the test machine, not ember) is retried once, loudly (`lane_retry`).
 fn vm_with(store: &Path, args: &[&str]) -> Option<Outcome> {
     vm_timed(store, args, LaneConfig::default().timeout)
 }
@@ -134,16 +137,7 @@ fn vm_timed(store: &Path, args: &[&str], timeout: Duration) -> Option<Outcome> {
     let mut l = lane()?;
     let mut inv = Invocation::new(args.iter().copied());
     inv.env.push(("EMBER_IMAGE_STORE".into(), store.display().to_string()));
-    match l.run_with_timeout(&inv, timeout) {
-        Ok(o) => Some(o),
-        Err(e @ (LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) => {
-            use std::io::Write;
-            let _ =
-                writeln!(std::io::stderr(), "LANE: outer machine wedged or died ({e}); retrying `ember {args:?}` once");
-            Some(l.run_with_timeout(&inv, timeout).unwrap_or_else(|e| panic!("ember {args:?} (second try): {e}")))
-        }
-        Err(e) => panic!("ember {args:?}: {e}"),
-    }
+    Some(past_a_wedge(&format!("`ember {args:?}`"), || l.run_with_timeout(&inv, timeout)))
 }
 
 fn vm(args: &[&str]) -> Option<Outcome> {

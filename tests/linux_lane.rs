@@ -5,6 +5,8 @@
 //!
 //! Every test checks what the guest saw (its own output) and ember's exit code.
 
+#[path = "common/lane_retry.rs"]
+mod lane_retry;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -12,6 +14,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ember::guest::{GuestArtifacts, default_guest};
 use ember::lane::{Invocation, LaneError, LinuxLane, Outcome};
+use lane_retry::{loud, past_a_wedge};
 
 static LANE: OnceLock<Option<Mutex<LinuxLane>>> = OnceLock::new();
 static GUEST: OnceLock<GuestArtifacts> = OnceLock::new();
@@ -43,54 +46,20 @@ fn ember(args: &[&str]) -> Option<Outcome> {
     ember_stdin(args, b"")
 }
 
-/// Runs `ember ARGS...` with `stdin` in the lane.
-///
-/// The nested lane's outer machine is QEMU's software emulation of an SVM CPU
-/// running KVM: on a loaded 2-core host it was seen to stop answering now and
-/// then (the lane then kills it), and once to die (QEMU gone, in CI, under a
-/// 16 MiB transfer). That is the test machine failing, not ember,
-/// so such a run is retried once, loudly, on a fresh outer machine; anything
-/// ember itself did (its output, its exit code) is never retried.
+/// Runs `ember ARGS...` with `stdin` in the lane; one loud retry if the outer machine wedged or died
+/// (`lane_retry`: the test machine failing, not ember).
 fn ember_stdin(args: &[&str], stdin: &[u8]) -> Option<Outcome> {
     let mut l = lane()?;
     let mut inv = Invocation::new(args.iter().copied());
     inv.stdin = stdin.to_vec();
-    match l.run(&inv) {
-        Ok(o) => Some(o),
-        Err(e @ (LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) => {
-            loud(&format!(
-                "LANE: the outer machine stopped answering or died ({e}); retrying `ember {args:?}` once on a fresh one"
-            ));
-            Some(l.run(&inv).unwrap_or_else(|e| panic!("ember {args:?} (second try): {e}")))
-        }
-        Err(e) => panic!("ember {args:?}: {e}"),
-    }
+    Some(past_a_wedge(&format!("`ember {args:?}`"), || l.run(&inv)))
 }
 
-/// Runs `script` with /bin/sh on the lane's machine. As in [`ember_stdin`], a
-/// wedged or dead outer machine is the test machine failing, not ember: the
-/// script is run once more, loudly, on a fresh one (so scripts given here must
-/// be safe to run twice). Anything the script itself did is never retried.
+/// Runs `script` with /bin/sh on the lane's machine, with [`ember_stdin`]'s one retry (so scripts
+/// given here must be safe to run twice).
 fn lane_sh(l: &mut LinuxLane, what: &str, script: &str, timeout: std::time::Duration) -> Outcome {
     let inv = Invocation::new(["-c", script]);
-    let sh = std::path::Path::new("/bin/sh");
-    match l.run_program(sh, &inv, timeout) {
-        Ok(o) => o,
-        Err(e @ (LaneError::Wedged { .. } | LaneError::OuterMachine { .. })) => {
-            loud(&format!(
-                "LANE: the outer machine stopped answering or died ({e}); retrying {what} once on a fresh one"
-            ));
-            l.run_program(sh, &inv, timeout).unwrap_or_else(|e| panic!("{what} (second try): {e}"))
-        }
-        Err(e) => panic!("{what}: {e}"),
-    }
-}
-
-/// Says something on the real stderr, past the test harness's capture: a
-/// retry must be visible in CI's log even when the test then passes.
-fn loud(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
+    past_a_wedge(what, || l.run_program(std::path::Path::new("/bin/sh"), &inv, timeout))
 }
 
 fn show(o: &Outcome) -> String {

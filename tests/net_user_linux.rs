@@ -10,6 +10,8 @@
 //! an address no interface has: only passt's mapping of the gateway to the
 //! namespace's loopback lets the guest reach a server there.
 
+#[path = "common/lane_retry.rs"]
+mod lane_retry;
 #[path = "common/netns.rs"]
 mod netns;
 
@@ -18,7 +20,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use ember::guest::{GuestArtifacts, default_guest};
-use ember::lane::{Invocation, LinuxLane, Outcome};
+use ember::lane::{Invocation, LaneError, LinuxLane, Outcome};
+use lane_retry::{loud, machine_failed};
 
 static LANE: OnceLock<Option<Mutex<LinuxLane>>> = OnceLock::new();
 static GUEST: OnceLock<GuestArtifacts> = OnceLock::new();
@@ -48,11 +51,6 @@ fn lane() -> Option<MutexGuard<'static, LinuxLane>> {
     .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn loud(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{msg}");
-}
-
 fn show(o: &Outcome) -> String {
     format!("status {}\n--- stdout\n{}\n--- stderr\n{}", o.status, o.stdout_lossy(), o.stderr_lossy())
 }
@@ -78,24 +76,25 @@ IN="ip netns exec $NS"
 "#;
 
 /// Runs `script` (after [`SETUP`]) with /bin/sh on the lane's machine; one loud retry when the nested
-/// lane's emulated machine fails the run (see tests/linux_lane.rs), judged by `ok`.
+/// lane's emulated machine fails the run (`lane_retry`), judged by `ok`.
 fn lane_script(script: &str, ok: impl Fn(&Outcome) -> bool) -> Option<Outcome> {
     let mut l = lane()?;
     let full = format!("{SETUP}\nE={}\n{script}", env!("CARGO_BIN_EXE_ember"));
     let inv = Invocation::new(["-c", full.as_str()]);
-    let attempt = |l: &mut LinuxLane| {
-        l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400))
-            .map_err(|e| format!("the network script: {e}"))
-    };
+    let attempt = |l: &mut LinuxLane| l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400));
     let mut o = attempt(&mut l);
-    // A wedged or dead outer machine (an Err) is retried on a fresh one in either case.
-    let failed = |o: &Result<Outcome, String>| o.as_ref().map_or(true, |o| !ok(o));
-    if failed(&o) && (o.is_err() || !ember::lane::KvmFlavour::detect().runs_linux_directly()) {
-        let why = o.as_ref().map_or_else(|e| e.clone(), show);
+    // Retried once, loudly: an outer machine that wedged or died (`lane_retry`), or, in the nested lane
+    // only, a run that failed its check there. A lane timeout or any other lane error is a failure.
+    let retry = match &o {
+        Err(e) => machine_failed(e),
+        Ok(out) => !ok(out) && !ember::lane::KvmFlavour::detect().runs_linux_directly(),
+    };
+    if retry {
+        let why = o.as_ref().map_or_else(LaneError::to_string, show);
         loud(&format!("LANE: a --net user run failed in the nested lane; retrying once:\n{why}"));
         o = attempt(&mut l);
     }
-    Some(o.unwrap_or_else(|e| panic!("{e}")))
+    Some(o.unwrap_or_else(|e| panic!("the network script: {e}")))
 }
 
 /// The value after `tag` on a line of `out`.
