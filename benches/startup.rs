@@ -3,6 +3,10 @@
 //! same `-m`. Runs are interleaved (ember, qemu, ember, qemu, ...) so drift on a
 //! noisy machine hits both; we report medians, min, max, p95 and ratios.
 //!
+//! A third peer joins the interleaved runs: the floor, the same guest run by the least a KVM VMM can do
+//! (`startup/raw_kvm.rs`, this binary re-run as `--raw-kvm GUEST MIB CMDLINE`). ember above it is
+//! ember's own cost. The same pair then runs `ember bench`'s tiny-tier guest (`echo`, 32 MiB).
+//!
 //! Then: the host kernel's share (ember as the host's only VM, against ember while another VM is
 //! resident, against `/bin/true`), and where ember's own time goes (its `--timeline=json` events,
 //! medians).
@@ -22,6 +26,12 @@ use std::time::Duration;
 use ember::bench::measure::{Summary, launch, parse_timeline};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
+
+#[path = "startup/raw_kvm.rs"]
+mod raw_kvm;
+
+/// This binary, re-run as the floor peer: `startup --raw-kvm GUEST MIB CMDLINE`.
+const RAW_KVM_ARG: &str = "--raw-kvm";
 
 /// One measured run.
 #[derive(Clone, Copy, Debug)]
@@ -66,7 +76,27 @@ fn ember_cmd(guest: &Path) -> Command {
     c
 }
 
+fn raw_kvm_cmd(guest: &Path, mib: u32, cmdline: &str) -> Command {
+    let mut c = Command::new(std::env::current_exe().expect("this bench's own path"));
+    c.arg(RAW_KVM_ARG).arg(guest).arg(mib.to_string()).arg(cmdline);
+    c
+}
+
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(RAW_KVM_ARG) {
+        let (Some(guest), Some(mib), Some(cmdline)) = (argv.get(2), argv.get(3), argv.get(4)) else {
+            panic!("startup --raw-kvm GUEST MIB CMDLINE");
+        };
+        let mem = mib.parse::<usize>().expect("MIB") << 20;
+        std::process::exit(match raw_kvm::run(Path::new(guest), mem, cmdline) {
+            Ok(status) => i32::from(status),
+            Err(e) => {
+                eprintln!("raw-kvm: {e}");
+                125
+            }
+        });
+    }
     let runs: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(15);
     if !Path::new("/dev/kvm").exists() {
         eprintln!("SKIPPED: /dev/kvm absent — nothing to measure");
@@ -83,15 +113,19 @@ fn main() {
     for i in 0..runs + 2 {
         let e = measure(&mut ember_cmd(&guest));
         let q = have_qemu.then(|| measure(&mut qemu_cmd(&guest)));
+        let f = measure(&mut raw_kvm_cmd(&guest, 16, "bench"));
         if i >= 2 {
             samples.entry("ember").or_default().push(e);
+            samples.entry("raw-kvm floor").or_default().push(f);
             if let Some(q) = q {
                 samples.entry("qemu-microvm").or_default().push(q);
             }
         }
     }
 
-    println!("\n## Tiny guest: ember vs QEMU microvm ({runs} interleaved runs, 16 MiB, 1 vCPU)\n");
+    println!(
+        "\n## Tiny guest: ember vs QEMU microvm and the raw KVM floor ({runs} interleaved runs, 16 MiB, 1 vCPU)\n"
+    );
     println!(
         "| VMM | first byte ms (median) | min | max | p95 | exit ms (median) | min | max | p95 | peak RSS MiB (median) |"
     );
@@ -124,6 +158,53 @@ fn main() {
     } else {
         println!("\n(qemu-system-x86_64 not found: install qemu-system-x86 to compare)");
     }
+    {
+        let (es, fs) = (&samples["ember"], &samples["raw-kvm floor"]);
+        let pair = |f: fn(&Sample) -> f64| stats(es.iter().zip(fs).map(|(a, b)| f(a) / f(b)).collect()).0;
+        let above = |f: fn(&Sample) -> f64| stats(es.iter().zip(fs).map(|(a, b)| f(a) - f(b)).collect()).0;
+        println!(
+            "ember / raw-kvm floor (median of pairwise ratios): first byte {:.2}, exit {:.2}; \
+             ember above the floor (median of pairwise differences): {:+.2} ms first byte, {:+.2} ms exit",
+            pair(|s| ms(s.first_byte)),
+            pair(|s| ms(s.exit)),
+            above(|s| ms(s.first_byte)),
+            above(|s| ms(s.exit))
+        );
+    }
+
+    // The tiny tier's guest (`ember bench --tier tiny`: `echo`, 32 MiB, one line out): ember against
+    // the floor. A VMM cannot start and exit this guest faster here than the floor does.
+    let echo = dir.join("echo.elf");
+    let ok = Command::new(EMBER).args(["demo", "--save-guest"]).arg(&echo).args(["--guest", "echo"]).status();
+    assert!(ok.expect("ember").success());
+    let ember_echo = || {
+        let mut c = Command::new(EMBER);
+        c.args(["run", "--memory", "32M", "--cpus", "1", "--cmdline", "bench", "--kernel"]).arg(&echo);
+        c
+    };
+    let (mut es, mut fs) = (Vec::new(), Vec::new());
+    for i in 0..runs + 2 {
+        let e = measure(&mut ember_echo());
+        let f = measure(&mut raw_kvm_cmd(&echo, 32, "bench"));
+        if i >= 2 {
+            es.push(e);
+            fs.push(f);
+        }
+    }
+    println!("\n## The tiny tier's echo guest: ember against the raw KVM floor ({runs} interleaved runs, 32 MiB)\n");
+    println!("| | first byte ms (median) | p95 | exit ms (median) | p95 |");
+    println!("|---|---|---|---|---|");
+    for (name, s) in [("ember", &es), ("raw-kvm floor", &fs)] {
+        let fb = stats(s.iter().map(|x| ms(x.first_byte)).collect());
+        let ex = stats(s.iter().map(|x| ms(x.exit)).collect());
+        println!("| {name} | {:.2} | {:.2} | {:.2} | {:.2} |", fb.0, fb.3, ex.0, ex.3);
+    }
+    let pair = |f: fn(&Sample) -> f64| stats(es.iter().zip(&fs).map(|(a, b)| f(a) / f(b)).collect()).0;
+    println!(
+        "\nember / floor (median of pairwise ratios): first byte {:.2}, exit {:.2}",
+        pair(|s| ms(s.first_byte)),
+        pair(|s| ms(s.exit))
+    );
 
     // The host kernel's share. A VM's creation and teardown flip KVM static keys when it is the only
     // VM on the host (`preempt_notifier_key`, `kvm_has_noapic_vcpu`: lane/keeper.rs), and each flip

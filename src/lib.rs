@@ -42,7 +42,8 @@
 //! - [`timeline`]: timestamps of the boot, for `--timeline` and benchmarks.
 //! - [`stats`]: VM exits by reason, address and device (`--stats`, `--trace-exits`).
 //! - [`sandbox`]: what each thread may still do once set-up is done: a seccomp
-//!   filter per kind of thread, no capabilities, no new privileges.
+//!   filter per kind of thread (its call numbers behind a binary search:
+//!   `sandbox/dispatch.rs`), no capabilities, no new privileges.
 //!
 //! Pausing and snapshots:
 //! - [`pause`]: the handshake that parks every vCPU thread outside KVM_RUN.

@@ -1,7 +1,8 @@
 //! The sandbox every ember thread enters once set-up is done: no capabilities,
 //! `PR_SET_NO_NEW_PRIVS`, and a seccomp-BPF filter per kind of thread
 //! (seccomp(2), Documentation/userspace-api/seccomp_filter.rst; filters are
-//! compiled by rust-vmm's `seccompiler`).
+//! compiled by rust-vmm's `seccompiler`, and laid out behind a binary search
+//! on the call number by `dispatch.rs`).
 //!
 //! What the guest sees: nothing. What it changes: a guest that found a bug in
 //! a device and took over an ember thread can only make the system calls that
@@ -24,6 +25,7 @@
 //! /proc/sys/vm/overcommit_memory the first time it trims a heap, and copes
 //! with the failure.
 
+mod dispatch;
 mod syscalls;
 
 use std::cell::Cell;
@@ -124,18 +126,20 @@ pub fn enter(kind: ThreadKind, mode: SeccompMode) -> Result<(), SandboxError> {
 /// `open`/`openat` into EACCES, then its allow list (everything else traps).
 pub fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, SandboxError> {
     let err = |e| SandboxError::Compile(kind.name(), e);
-    let allow = SeccompFilter::new(rules(kind).map_err(err)?, SeccompAction::Trap, SeccompAction::Allow, arch())
-        .map_err(err)?;
+    // Behind a binary search on the call number (dispatch.rs): a vCPU thread's cold install takes
+    // ~95 µs instead of ~210 here, and a whole tiny-guest run 0.95x as long (250 interleaved pairs).
+    let allow =
+        dispatch::compile(rules(kind).map_err(err)?, SeccompAction::Trap, SeccompAction::Allow, arch()).map_err(err)?;
     let no_open: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_open, vec![]), (libc::SYS_openat, vec![])].into();
     let no_open = SeccompFilter::new(no_open, SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32), arch())
         .map_err(err)?;
     // The API thread creates the snapshot files a client names: it keeps open().
     if kind == ThreadKind::Api {
-        return Ok(vec![allow.try_into().map_err(err)?]);
+        return Ok(vec![allow]);
     }
     // In this order: seccompiler's apply_filter makes a prctl first, which the
     // allow list (installed last) would trap.
-    Ok(vec![no_open.try_into().map_err(err)?, allow.try_into().map_err(err)?])
+    Ok(vec![no_open.try_into().map_err(err)?, allow])
 }
 
 fn arch() -> TargetArch {
