@@ -106,8 +106,13 @@ pub struct VmOptions {
 /// Whether `cfg`'s kernel is a Linux guest that this host's KVM cannot run: the flavour, when so.
 fn needs_lane(cfg: &VmConfig) -> Option<KvmFlavour> {
     let linux = matches!(probe_kernel(&cfg.kernel), Ok(KernelFormat::BzImage | KernelFormat::Elf { linux_note: true }));
+    if !linux {
+        // Every KVM runs a freestanding guest: no need to look at this one (an open of /dev/kvm and
+        // sysfs lookups: a tiny guest's run 0.99x as long, 200 interleaved pairs).
+        return None;
+    }
     let flavour = KvmFlavour::detect();
-    (linux && matches!(flavour, KvmFlavour::Pvm | KvmFlavour::Other)).then_some(flavour)
+    matches!(flavour, KvmFlavour::Pvm | KvmFlavour::Other).then_some(flavour)
 }
 
 /// Runs the VM of `cfg` (built and validated from `req`) inside the Linux lane when this host's KVM
