@@ -5,7 +5,8 @@
 //!
 //! A third peer joins the interleaved runs: the floor, the same guest run by the least a KVM VMM can do
 //! (`startup/raw_kvm.rs`, this binary re-run as `--raw-kvm GUEST MIB CMDLINE`). ember above it is
-//! ember's own cost. The same pair then runs `ember bench`'s tiny-tier guest (`echo`, 32 MiB).
+//! ember's own cost. The same pair then runs `ember bench`'s tiny-tier guest (`echo`, 32 MiB), with
+//! `EMBER_BENCH_FIRECRACKER=PATH` Firecracker too (first byte only: it has no exit device).
 //!
 //! Then: the host kernel's share (ember as the host's only VM, against ember while another VM is
 //! resident, against `/bin/true`), and where ember's own time goes (its `--timeline=json` events,
@@ -20,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ember::bench::measure::{Summary, launch, parse_timeline};
@@ -74,6 +75,20 @@ fn ember_cmd(guest: &Path) -> Command {
     let mut c = Command::new(EMBER);
     c.args(["run", "--memory", "16M", "--cmdline", "bench", "--kernel"]).arg(guest);
     c
+}
+
+/// Launch to the first byte on stdout, in ms; then the process is killed (a VMM without an exit device).
+fn first_byte_then_kill(cmd: &mut Command) -> f64 {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let mut byte = [0u8; 1];
+    let n = child.stdout.as_mut().expect("piped stdout").read(&mut byte).expect("read stdout");
+    let t = ms(start.elapsed());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(n, 1, "{cmd:?} printed nothing");
+    t
 }
 
 fn raw_kvm_cmd(guest: &Path, mib: u32, cmdline: &str) -> Command {
@@ -182,13 +197,31 @@ fn main() {
         c.args(["run", "--memory", "32M", "--cpus", "1", "--cmdline", "bench", "--kernel"]).arg(&echo);
         c
     };
-    let (mut es, mut fs) = (Vec::new(), Vec::new());
+    // With EMBER_BENCH_FIRECRACKER (a binary built outside this repo, as for boot_compare), Firecracker
+    // boots the same PVH guest too. It has no exit device: only its first byte is timed.
+    let firecracker = std::env::var("EMBER_BENCH_FIRECRACKER").ok().filter(|p| !p.is_empty()).map(|fc| {
+        let config = dir.join("firecracker.json");
+        let json = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{}","boot_args":"bench"}},"drives":[],
+                "machine-config":{{"vcpu_count":1,"mem_size_mib":32}}}}"#,
+            echo.display()
+        );
+        std::fs::write(&config, json).expect("Firecracker's config");
+        move || {
+            let mut c = Command::new(&fc);
+            c.args(["--no-api", "--level", "Error", "--config-file"]).arg(&config);
+            c
+        }
+    });
+    let (mut es, mut fs, mut fcs) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs + 2 {
         let e = measure(&mut ember_echo());
         let f = measure(&mut raw_kvm_cmd(&echo, 32, "bench"));
+        let c = firecracker.as_ref().map(|fc| first_byte_then_kill(&mut fc()));
         if i >= 2 {
             es.push(e);
             fs.push(f);
+            fcs.extend(c);
         }
     }
     println!("\n## The tiny tier's echo guest: ember against the raw KVM floor ({runs} interleaved runs, 32 MiB)\n");
@@ -205,6 +238,15 @@ fn main() {
         pair(|s| ms(s.first_byte)),
         pair(|s| ms(s.exit))
     );
+    if !fcs.is_empty() {
+        let fb = |s: &[f64]| stats(s.to_vec()).0;
+        let ember_fb: Vec<f64> = es.iter().map(|x| ms(x.first_byte)).collect();
+        let ratio = stats(ember_fb.iter().zip(&fcs).map(|(a, b)| a / b).collect()).0;
+        println!(
+            "Firecracker, the same guest: first byte {:.2} ms (median); ember / Firecracker (pairwise): {ratio:.2}",
+            fb(&fcs)
+        );
+    }
 
     // The host kernel's share. A VM's creation and teardown flip KVM static keys when it is the only
     // VM on the host (`preempt_notifier_key`, `kvm_has_noapic_vcpu`: lane/keeper.rs), and each flip

@@ -44,7 +44,8 @@ fn exit_status_stdout_and_kvm_inside() {
     if nested() {
         let out = lane().run(&sh("cat /sys/module/kvm_amd/parameters/npt; uname -r")).unwrap();
         let npt = out.stdout_lossy();
-        assert!(npt.starts_with("Y\n") || npt.starts_with("1\n"), "kvm_amd npt: {npt}");
+        // Shadow paging: QEMU TCG's nested paging corrupts guests now and then (build-outer.sh).
+        assert!(npt.starts_with("N\n") || npt.starts_with("0\n"), "kvm_amd npt: {npt}");
     }
 }
 

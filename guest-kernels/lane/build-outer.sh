@@ -64,7 +64,11 @@ qemu="$(command -v qemu-system-x86_64 || true)"
 
 # --- 3. cache key ---------------------------------------------------------------------------------------
 # name[:params] in load order; each module's dependencies are added before it from modules.dep.
-wanted=(virtio_pci virtio_console 9pnet_virtio 9p irqbypass "kvm:nx_huge_pages=never" ccp "kvm_amd:npt=1")
+# kvm_amd npt=0: the inner guests run on shadow page tables, not on nested paging. QEMU 7.2's TCG
+# emulation of nested paging (AMD APM vol. 2, 15.25) corrupts a suspended guest's translation now and
+# then: a dmesg boot into `| cat` triple-faulted or hung in 8 of 40 loops with npt=1, 0 of 40 with
+# npt=0, whose boots took 1.12x as long (README, "Hosts whose KVM cannot run Linux"; issue #15).
+wanted=(virtio_pci virtio_console 9pnet_virtio 9p irqbypass "kvm:nx_huge_pages=never" ccp "kvm_amd:npt=0")
 # Loaded by the agent only when a run hands host taps to the machine (`net` on the control port): the
 # NIC driver, the inner taps and the bridges between them. Dependencies already loaded above are skipped.
 wanted_net=(virtio_net tun bridge)

@@ -3,7 +3,7 @@
 //! On a host with hardware virtualization (`kvm_intel`, `kvm_amd`) that machine is the host itself and
 //! an invocation is a plain child process. On a host whose KVM is software (`kvm_pvm`) or missing,
 //! Linux guests cannot run directly, so the lane boots an *outer machine* once — QEMU TCG with an
-//! emulated AMD SVM CPU running Debian's stock kernel with `kvm_amd npt=1` — and runs each invocation
+//! emulated AMD SVM CPU running Debian's stock kernel with `kvm_amd npt=0` — and runs each invocation
 //! inside it, where `/dev/kvm` is real KVM. The outer machine sees the host's files at the same paths
 //! (read-only root over 9p; writable: `/tmp` for [`LinuxLane`], exactly the paths a run names for the
 //! warm machine of `ember run`), so arguments need no translation. Host taps named by
@@ -372,7 +372,7 @@ impl LinuxLane {
             GuestHost::Nested { machine, boots, last_boot } => {
                 let release = machine.as_ref().map_or("(stopped)", |m| m.release.as_str());
                 format!(
-                    "nested: QEMU TCG {}, kvm_amd npt=1, {} GiB, {} vCPUs, outer kernel {release}, booted in {:.1} s{}; host: {}",
+                    "nested: QEMU TCG {}, kvm_amd npt=0, {} GiB, {} vCPUs, outer kernel {release}, booted in {:.1} s{}; host: {}",
                     self.config.cpu_model,
                     f64::from(self.config.memory_mib) / 1024.0,
                     self.config.cpus,

@@ -1,5 +1,5 @@
 //! The nested lane's outer machine: a QEMU TCG machine with an emulated AMD SVM CPU, inside which
-//! `/dev/kvm` is real KVM (`kvm_amd npt=1`) and ember boots Linux guests.
+//! `/dev/kvm` is real KVM (`kvm_amd npt=0`: shadow paging, see guest-kernels/lane/build-outer.sh) and ember boots Linux guests.
 //!
 //! What the outer machine is (built by `guest-kernels/lane/build-outer.sh`, embedded here):
 //! Debian's stock kernel, an initramfs with busybox, the virtio/9p/kvm modules and `init` (the agent).
