@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ember::guest::{GuestArtifacts, default_guest};
 use ember::lane::{Invocation, LaneError, LinuxLane, Outcome};
-use lane_retry::{loud, past_a_wedge};
+use lane_retry::{loud, once_more_if_the_lane_failed, past_a_wedge};
 
 static LANE: OnceLock<Option<Mutex<LinuxLane>>> = OnceLock::new();
 static GUEST: OnceLock<GuestArtifacts> = OnceLock::new();
@@ -295,29 +295,17 @@ exit $rc
 "#
     );
     let inv = Invocation::new(["-c", script.as_str()]);
-    let attempt = |l: &mut LinuxLane| {
-        l.run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(400))
-            .map_err(|e| format!("the network script: {e}"))
-    };
-    let transferred =
-        |o: &Result<Outcome, String>| o.as_ref().is_ok_and(|o| o.status == 0 && o.stdout_lossy().contains("sent"));
-    let mut o = attempt(&mut l);
-    if !transferred(&o) && !ember::lane::KvmFlavour::detect().runs_linux_directly() {
-        // In the nested lane the inner guest runs on QEMU's software emulation
-        // of SVM; under this much traffic it was seen, rarely, to stall or
-        // triple-fault, and once (CI, stop 18) the outer machine itself died,
-        // where the same device code passes in the fast lane and on every
-        // other run (4 of 4 in a row here under a kernel build's load). Once,
-        // loudly, the run is repeated (on a fresh outer machine if it died);
-        // a second failure fails the test.
-        let why = match &o {
-            Ok(o) => show(o),
-            Err(e) => e.clone(),
-        };
-        loud(&format!("LANE: the {mib} MiB transfer failed in the nested lane; retrying once:\n{why}"));
-        o = attempt(&mut l);
-    }
-    let o = o.unwrap_or_else(|e| panic!("{e}"));
+    let attempt = || l.run_program(std::path::Path::new("/bin/sh"), &inv, std::time::Duration::from_secs(400));
+    let transferred = |o: &Outcome| o.status == 0 && o.stdout_lossy().contains("sent");
+    // In the nested lane the inner guest runs on QEMU's software emulation
+    // of SVM; under this much traffic it was seen, rarely, to stall or
+    // triple-fault (before the lane's KVM ran guests on shadow paging), and
+    // once (CI, stop 18) the outer machine itself died, where the same device
+    // code passes in the fast lane and on every other run. Once, loudly, the
+    // run is repeated (on a fresh outer machine if it died); a second failure
+    // fails the test.
+    let o = once_more_if_the_lane_failed(&format!("the {mib} MiB transfer"), attempt, transferred, show)
+        .unwrap_or_else(|e| panic!("the network script: {e}"));
     drop(l);
     assert_eq!(o.status, 0, "{}", show(&o));
     let out = o.stdout_lossy().replace("\r\n", "\n");

@@ -20,8 +20,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use ember::guest::{GuestArtifacts, default_guest};
-use ember::lane::{Invocation, LaneError, LinuxLane, Outcome};
-use lane_retry::{loud, machine_failed};
+use ember::lane::{Invocation, LinuxLane, Outcome};
+use lane_retry::once_more_if_the_lane_failed;
 
 static LANE: OnceLock<Option<Mutex<LinuxLane>>> = OnceLock::new();
 static GUEST: OnceLock<GuestArtifacts> = OnceLock::new();
@@ -81,19 +81,10 @@ fn lane_script(script: &str, ok: impl Fn(&Outcome) -> bool) -> Option<Outcome> {
     let mut l = lane()?;
     let full = format!("{SETUP}\nE={}\n{script}", env!("CARGO_BIN_EXE_ember"));
     let inv = Invocation::new(["-c", full.as_str()]);
-    let attempt = |l: &mut LinuxLane| l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400));
-    let mut o = attempt(&mut l);
-    // Retried once, loudly: an outer machine that wedged or died (`lane_retry`), or, in the nested lane
-    // only, a run that failed its check there. A lane timeout or any other lane error is a failure.
-    let retry = match &o {
-        Err(e) => machine_failed(e),
-        Ok(out) => !ok(out) && !ember::lane::KvmFlavour::detect().runs_linux_directly(),
-    };
-    if retry {
-        let why = o.as_ref().map_or_else(LaneError::to_string, show);
-        loud(&format!("LANE: a --net user run failed in the nested lane; retrying once:\n{why}"));
-        o = attempt(&mut l);
-    }
+    let attempt = || l.run_program(Path::new("/bin/sh"), &inv, Duration::from_secs(400));
+    // Retried once, loudly (`lane_retry`): an outer machine that wedged or died, or, in the nested lane
+    // only, a run that failed its check there.
+    let o = once_more_if_the_lane_failed("a --net user run", attempt, ok, show);
     Some(o.unwrap_or_else(|e| panic!("the network script: {e}")))
 }
 

@@ -6,7 +6,7 @@
 //! exit code) is never retried here; a lane timeout is a failure.
 #![allow(dead_code)] // each user needs a different subset
 
-use ember::lane::LaneError;
+use ember::lane::{LaneError, Outcome};
 
 /// Whether `e` is the outer machine failing (wedged or dead), not the run in it.
 pub fn machine_failed(e: &LaneError) -> bool {
@@ -26,6 +26,29 @@ pub fn past_a_wedge<T>(what: &str, mut run: impl FnMut() -> Result<T, LaneError>
         }
         Err(e) => panic!("{what}: {e}"),
     }
+}
+
+/// `attempt()`, and once more, loudly, when the outer machine wedged or died, or, in the nested lane
+/// only, when the run came back but failed `ok` (heavy I/O under QEMU's software SVM: each caller says
+/// what it saw). `show` renders a failed run for the log. A lane timeout or any other lane error is
+/// returned as it is, never retried; `attempt` must be safe to repeat.
+pub fn once_more_if_the_lane_failed(
+    what: &str,
+    mut attempt: impl FnMut() -> Result<Outcome, LaneError>,
+    ok: impl Fn(&Outcome) -> bool,
+    show: impl Fn(&Outcome) -> String,
+) -> Result<Outcome, LaneError> {
+    let o = attempt();
+    let retry = match &o {
+        Err(e) => machine_failed(e),
+        Ok(out) => !ok(out) && !ember::lane::KvmFlavour::detect().runs_linux_directly(),
+    };
+    if !retry {
+        return o;
+    }
+    let why = o.as_ref().map_or_else(LaneError::to_string, show);
+    loud(&format!("LANE: {what} failed in the nested lane; retrying once:\n{why}"));
+    attempt()
 }
 
 /// Says something on the real stderr, past the test harness's capture: a retry must be visible in
