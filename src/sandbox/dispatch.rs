@@ -48,16 +48,18 @@ pub fn compile(
     let arch_check: BpfProgram = filter(BTreeMap::new())?.try_into()?;
     let prefix = arch_check.len() - 1;
     let nrs: Vec<u32> = rules.keys().map(|&n| n as u32).collect();
-    // Each call alone: arch check, A = nr, its block, RET mismatch. The block and the RET are kept.
+    // Each call alone: arch check, A = nr, its block, RET mismatch. The block and the RET are kept,
+    // and the load of the number once, for the tree.
     let mut blocks = Vec::with_capacity(rules.len());
+    let mut load_nr = None;
     for (nr, chain) in rules {
-        let one: BpfProgram = filter(BTreeMap::from([(nr, chain)]))?.try_into()?;
-        blocks.push(one[prefix + 1..].to_vec());
+        let mut one: BpfProgram = filter(BTreeMap::from([(nr, chain)]))?.try_into()?;
+        blocks.push(one.split_off(prefix + 1));
+        load_nr = one.pop();
     }
     let mut program = arch_check[..prefix].to_vec();
     // A = seccomp_data.nr (the instruction right after the arch check in every one-call program).
-    let one: BpfProgram = filter(BTreeMap::from([(nrs[0] as i64, vec![])]))?.try_into()?;
-    program.push(one[prefix].clone());
+    program.extend(load_nr);
     let tree_len = 2 * nrs.len() - 1;
     let tree_start = program.len();
     tree(&nrs, &mut program);
