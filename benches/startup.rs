@@ -78,16 +78,30 @@ fn ember_cmd(guest: &Path) -> Command {
 }
 
 /// Launch to the first byte on stdout, in ms; then the process is killed (a VMM without an exit device).
+/// A VMM that prints nothing within 30 s is killed too, and the bench fails saying so, instead of
+/// waiting on the pipe for ever.
 fn first_byte_then_kill(cmd: &mut Command) -> f64 {
     use std::io::Read;
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
     let start = std::time::Instant::now();
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let (got_byte, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watch.recv_timeout(PATIENCE).is_err() {
+            // SAFETY: kill(2) on our own child, not yet reaped (the main thread waits for this
+            // thread before it calls wait()), so the pid still names it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
     let mut byte = [0u8; 1];
     let n = child.stdout.as_mut().expect("piped stdout").read(&mut byte).expect("read stdout");
     let t = ms(start.elapsed());
+    let _ = got_byte.send(());
+    watchdog.join().expect("watchdog");
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(n, 1, "{cmd:?} printed nothing");
+    assert_eq!(n, 1, "{cmd:?} printed nothing (killed after {} s)", PATIENCE.as_secs());
     t
 }
 
