@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ember::bench::measure::{Summary, launch, parse_timeline};
+use ember::bench::measure::{Summary, launch, pairwise_ratio, parse_timeline};
 
 const EMBER: &str = env!("CARGO_BIN_EXE_ember");
 
@@ -71,10 +71,16 @@ fn qemu_cmd(guest: &Path) -> Command {
     c
 }
 
-fn ember_cmd(guest: &Path) -> Command {
+fn ember_cmd(guest: &Path, mib: u32) -> Command {
     let mut c = Command::new(EMBER);
-    c.args(["run", "--memory", "16M", "--cmdline", "bench", "--kernel"]).arg(guest);
+    c.args(["run", "--memory", &format!("{mib}M"), "--cmdline", "bench", "--kernel"]).arg(guest);
     c
+}
+
+/// The median of the pairwise ratios a[i] / b[i] of one measure of two interleaved sample sets.
+fn pairwise(a: &[Sample], b: &[Sample], f: fn(&Sample) -> f64) -> f64 {
+    let (a, b): (Vec<f64>, Vec<f64>) = (a.iter().map(f).collect(), b.iter().map(f).collect());
+    pairwise_ratio(&a, &b).expect("at least one run").median
 }
 
 /// Launch to the first byte on stdout, in ms; then the process is killed (a VMM without an exit device).
@@ -140,7 +146,7 @@ fn main() {
 
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     for i in 0..runs + 2 {
-        let e = measure(&mut ember_cmd(&guest));
+        let e = measure(&mut ember_cmd(&guest, 16));
         let q = have_qemu.then(|| measure(&mut qemu_cmd(&guest)));
         let f = measure(&mut raw_kvm_cmd(&guest, 16, "bench"));
         if i >= 2 {
@@ -173,7 +179,7 @@ fn main() {
     if let (Some(e), Some(q)) = (medians.get("ember"), medians.get("qemu-microvm")) {
         // Pairwise ratios (run i of ember against run i of qemu), then their median.
         let (es, qs) = (&samples["ember"], &samples["qemu-microvm"]);
-        let pair = |f: fn(&Sample) -> f64| stats(es.iter().zip(qs).map(|(a, b)| f(a) / f(b)).collect()).0;
+        let pair = |f: fn(&Sample) -> f64| pairwise(es, qs, f);
         println!(
             "\nember / qemu-microvm (median of pairwise ratios): first byte {:.2}, exit {:.2}, peak RSS {:.2}",
             pair(|s| ms(s.first_byte)),
@@ -189,7 +195,7 @@ fn main() {
     }
     {
         let (es, fs) = (&samples["ember"], &samples["raw-kvm floor"]);
-        let pair = |f: fn(&Sample) -> f64| stats(es.iter().zip(fs).map(|(a, b)| f(a) / f(b)).collect()).0;
+        let pair = |f: fn(&Sample) -> f64| pairwise(es, fs, f);
         let above = |f: fn(&Sample) -> f64| stats(es.iter().zip(fs).map(|(a, b)| f(a) - f(b)).collect()).0;
         println!(
             "ember / raw-kvm floor (median of pairwise ratios): first byte {:.2}, exit {:.2}; \
@@ -206,11 +212,6 @@ fn main() {
     let echo = dir.join("echo.elf");
     let ok = Command::new(EMBER).args(["demo", "--save-guest"]).arg(&echo).args(["--guest", "echo"]).status();
     assert!(ok.expect("ember").success());
-    let ember_echo = || {
-        let mut c = Command::new(EMBER);
-        c.args(["run", "--memory", "32M", "--cpus", "1", "--cmdline", "bench", "--kernel"]).arg(&echo);
-        c
-    };
     // With EMBER_BENCH_FIRECRACKER (a binary built outside this repo, as for boot_compare), Firecracker
     // boots the same PVH guest too. It has no exit device: only its first byte is timed.
     let firecracker = std::env::var("EMBER_BENCH_FIRECRACKER").ok().filter(|p| !p.is_empty()).map(|fc| {
@@ -229,7 +230,7 @@ fn main() {
     });
     let (mut es, mut fs, mut fcs) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs + 2 {
-        let e = measure(&mut ember_echo());
+        let e = measure(&mut ember_cmd(&echo, 32));
         let f = measure(&mut raw_kvm_cmd(&echo, 32, "bench"));
         let c = firecracker.as_ref().map(|fc| first_byte_then_kill(&mut fc()));
         if i >= 2 {
@@ -246,16 +247,15 @@ fn main() {
         let ex = stats(s.iter().map(|x| ms(x.exit)).collect());
         println!("| {name} | {:.2} | {:.2} | {:.2} | {:.2} |", fb.0, fb.3, ex.0, ex.3);
     }
-    let pair = |f: fn(&Sample) -> f64| stats(es.iter().zip(&fs).map(|(a, b)| f(a) / f(b)).collect()).0;
     println!(
         "\nember / floor (median of pairwise ratios): first byte {:.2}, exit {:.2}",
-        pair(|s| ms(s.first_byte)),
-        pair(|s| ms(s.exit))
+        pairwise(&es, &fs, |s| ms(s.first_byte)),
+        pairwise(&es, &fs, |s| ms(s.exit))
     );
     if !fcs.is_empty() {
         let fb = |s: &[f64]| stats(s.to_vec()).0;
         let ember_fb: Vec<f64> = es.iter().map(|x| ms(x.first_byte)).collect();
-        let ratio = stats(ember_fb.iter().zip(&fcs).map(|(a, b)| a / b).collect()).0;
+        let ratio = pairwise_ratio(&ember_fb, &fcs).expect("at least one run").median;
         println!(
             "Firecracker, the same guest: first byte {:.2} ms (median); ember / Firecracker (pairwise): {ratio:.2}",
             fb(&fcs)
@@ -271,9 +271,9 @@ fn main() {
     let mut resident = Vec::new();
     let mut process = Vec::new();
     for _ in 0..runs {
-        alone.push(ms(measure(&mut ember_cmd(&guest)).exit));
+        alone.push(ms(measure(&mut ember_cmd(&guest, 16)).exit));
         let held = ember::lane::keeper::hold().expect("two idle VMs");
-        resident.push(ms(measure(&mut ember_cmd(&guest)).exit));
+        resident.push(ms(measure(&mut ember_cmd(&guest, 16)).exit));
         drop(held);
         let l = launch(Command::new("/bin/true").arg("x"), "", None, |_| {}).expect("spawn /bin/true");
         process.push(ms(l.exit));
@@ -283,7 +283,7 @@ fn main() {
     println!("| ember, the only VM | ember, another VM resident | /bin/true |");
     println!("|---|---|---|");
     println!("| {a:.2} | {r:.2} | {p:.2} |");
-    let pair = stats(resident.iter().zip(&alone).map(|(r, a)| r / a).collect()).0;
+    let pair = pairwise_ratio(&resident, &alone).expect("at least one run").median;
     println!("\nresident / alone (median of pairwise ratios): {pair:.2}; static-key flips cost about {:.2} ms", a - r);
 
     // Where ember's time goes, from its own timeline.
